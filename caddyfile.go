@@ -1,0 +1,145 @@
+package connlimit
+
+import (
+	"strconv"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/mholt/caddy-l4/layer4"
+)
+
+// UnmarshalCaddyfile sets up the Handler from Caddyfile tokens. Syntax:
+//
+//	connection_limit [<max_connections>] {
+//		max_connections <n>
+//		max_waiting <n>
+//		wait_timeout <duration>
+//		order fifo|lifo
+//		zone <name>
+//		key <placeholder expression>
+//		priority <n>
+//		keep_half_closed
+//		overflow {
+//			<handler> [<args...>]
+//		}
+//	}
+//
+// max_connections is required, on the first line or in the block (not both).
+// max_waiting: 0 (default) no bound, -1 nobody waits. wait_timeout: 0
+// (default) no timeout.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume the handler name
+	seen := make(map[string]bool)
+	once := func(name string) error {
+		if seen[name] {
+			return d.Errf("connection_limit: duplicate option '%s'", name)
+		}
+		seen[name] = true
+		return nil
+	}
+	intArg := func(name string, min int) (int, error) {
+		if !d.NextArg() {
+			return 0, d.Errf("connection_limit: option '%s' needs a value", name)
+		}
+		n, err := strconv.Atoi(d.Val())
+		if err != nil {
+			return 0, d.Errf("connection_limit: option '%s': '%s' is not an integer", name, d.Val())
+		}
+		if n < min {
+			return 0, d.Errf("connection_limit: option '%s' must be at least %d, got %d", name, min, n)
+		}
+		return n, nil
+	}
+	noMore := func(name string) error {
+		if d.NextArg() {
+			return d.Errf("connection_limit: option '%s': unexpected argument '%s'", name, d.Val())
+		}
+		return nil
+	}
+
+	if d.NextArg() {
+		d.Prev()
+		_ = once("max_connections")
+		n, err := intArg("max_connections", 1)
+		if err != nil {
+			return err
+		}
+		h.MaxConnections = n
+		if err := noMore("max_connections"); err != nil {
+			return err
+		}
+	}
+
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		name := d.Val()
+		if err := once(name); err != nil {
+			return err
+		}
+		var err error
+		switch name {
+		case "max_connections":
+			h.MaxConnections, err = intArg(name, 1)
+		case "max_waiting":
+			h.MaxWaiting, err = intArg(name, -1)
+		case "priority":
+			h.Priority, err = intArg(name, -int(^uint(0)>>1)-1)
+		case "wait_timeout":
+			if !d.NextArg() {
+				return d.Errf("connection_limit: option '%s' needs a value", name)
+			}
+			dur, perr := caddy.ParseDuration(d.Val())
+			if perr != nil {
+				return d.Errf("connection_limit: option '%s': %v", name, perr)
+			}
+			if dur < 0 {
+				return d.Errf("connection_limit: option '%s' must not be negative, got %s", name, d.Val())
+			}
+			h.WaitTimeout = caddy.Duration(dur)
+		case "order":
+			if !d.NextArg() {
+				return d.Errf("connection_limit: option '%s' needs a value", name)
+			}
+			if v := d.Val(); v != "fifo" && v != "lifo" {
+				return d.Errf("connection_limit: option '%s' must be fifo or lifo, got '%s'", name, v)
+			}
+			h.Order = d.Val()
+		case "zone", "key":
+			if !d.NextArg() {
+				return d.Errf("connection_limit: option '%s' needs a value", name)
+			}
+			if name == "zone" {
+				h.Zone = d.Val()
+			} else {
+				h.Key = d.Val()
+			}
+		case "keep_half_closed":
+			h.KeepHalfClosed = true
+		case "overflow":
+			if d.NextArg() {
+				return d.Errf("connection_limit: option '%s' takes a block of handlers, not '%s'", name, d.Val())
+			}
+			if err := layer4.ParseCaddyfileNestedHandlers(d, &h.OverflowRaw); err != nil {
+				return err
+			}
+			if len(h.OverflowRaw) == 0 {
+				return d.Errf("connection_limit: option '%s' needs at least one handler in its block", name)
+			}
+			continue
+		default:
+			return d.Errf("connection_limit: unknown option '%s'", name)
+		}
+		if err != nil {
+			return err
+		}
+		if err := noMore(name); err != nil {
+			return err
+		}
+	}
+	if h.MaxConnections == 0 {
+		return d.Err("connection_limit: max_connections is required")
+	}
+	return nil
+}
+
+// Interface guard
+var _ caddyfile.Unmarshaler = (*Handler)(nil)

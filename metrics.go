@@ -1,0 +1,92 @@
+package connlimit
+
+import (
+	"errors"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// The collectors live at package level, for the life of the process:
+// Caddy hands each loaded config a fresh registry, and they are registered
+// into every one of them, so that their values carry over reloads instead
+// of starting again at zero. Per-key values never become labels.
+var (
+	metricActive = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "active",
+		Help: "Connections let through to the next handler and not yet finished.",
+	}, []string{"zone"})
+	metricWaiting = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "waiting",
+		Help: "Connections waiting, unread, for a slot.",
+	}, []string{"zone"})
+	metricAdmitted = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "admitted_total",
+		Help: "Connections let through, at once or after waiting.",
+	}, []string{"zone"})
+	metricRejected = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "rejected_total",
+		Help: "Connections refused (handed to overflow, or closed), by reason.",
+	}, []string{"zone", "reason"})
+	metricAbandoned = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "abandoned_total",
+		Help: "Waiting connections whose client went away before a slot freed.",
+	}, []string{"zone"})
+	metricWait = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "wait_seconds",
+		Help:    "Time each admitted connection waited (0 for those admitted at once).",
+		Buckets: []float64{0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300},
+	}, []string{"zone"})
+
+	allCollectors = []prometheus.Collector{metricActive, metricWaiting, metricAdmitted, metricRejected, metricAbandoned, metricWait}
+)
+
+// registerMetrics registers the collectors into reg; having them there
+// already is success.
+func registerMetrics(reg prometheus.Registerer) error {
+	if reg == nil {
+		return nil
+	}
+	for _, c := range allCollectors {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if !errors.As(err, &are) {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// zoneMetrics is the Observer of one zone: the children of its label,
+// looked up once, so that each event costs an atomic add.
+type zoneMetrics struct {
+	active, waiting prometheus.Gauge
+	admitted        prometheus.Counter
+	rejected        [numReasons]prometheus.Counter
+	abandoned       prometheus.Counter
+	wait            prometheus.Observer
+}
+
+func newZoneMetrics(zone string) Observer {
+	m := &zoneMetrics{
+		active:    metricActive.WithLabelValues(zone),
+		waiting:   metricWaiting.WithLabelValues(zone),
+		admitted:  metricAdmitted.WithLabelValues(zone),
+		abandoned: metricAbandoned.WithLabelValues(zone),
+		wait:      metricWait.WithLabelValues(zone),
+	}
+	for _, r := range Reasons {
+		m.rejected[r] = metricRejected.WithLabelValues(zone, r.String())
+	}
+	return m
+}
+
+func (m *zoneMetrics) ActiveDelta(d int)  { m.active.Add(float64(d)) }
+func (m *zoneMetrics) WaitingDelta(d int) { m.waiting.Add(float64(d)) }
+func (m *zoneMetrics) Abandoned()         { m.abandoned.Inc() }
+func (m *zoneMetrics) Rejected(r Reason)  { m.rejected[r].Inc() }
+func (m *zoneMetrics) Admitted(waited time.Duration) {
+	m.admitted.Inc()
+	m.wait.Observe(waited.Seconds())
+}

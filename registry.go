@@ -1,0 +1,203 @@
+package connlimit
+
+import (
+	"fmt"
+	"sort"
+	"sync"
+)
+
+// Registry holds every zone of the process: the named ones, shared by all
+// handlers that name them across routes, servers and config reloads, and
+// the private zone of each handler that names none. It is the only state
+// that outlives a config. Like the rest of the engine, it knows nothing of
+// Caddy: an owner is any comparable value that identifies one loaded
+// config (the handler uses its config's context).
+//
+// Settings: a config that is loaded while another one is running is first
+// provisioned and only then started, and a config that fails to start (or
+// is only validated) is provisioned and cleaned up without ever serving.
+// So a new user's settings do not take hold when it registers while users
+// from other configs are registered: they take hold once all older users
+// are gone (the old config was cleaned up after the new one started), and
+// a user that is released unused leaves the settings as they were. The
+// settings in force are always those of the newest confirmed user.
+type Registry struct {
+	mu      sync.Mutex
+	gen     uint64
+	named   map[string]*zoneEntry
+	private []*zoneEntry
+	newObs  func(zone string) Observer
+}
+
+type zoneEntry struct {
+	zone  *Zone
+	users []*zoneUser // oldest first
+}
+
+type zoneUser struct {
+	owner     any
+	gen       uint64
+	limits    Limits
+	refs      int
+	confirmed bool
+}
+
+// NewRegistry returns an empty registry; newObs (may be nil) makes the
+// Observer of each new zone.
+func NewRegistry(newObs func(zone string) Observer) *Registry {
+	return &Registry{named: make(map[string]*zoneEntry), newObs: newObs}
+}
+
+func (r *Registry) observer(name string) Observer {
+	if r.newObs == nil {
+		return nil
+	}
+	return r.newObs(name)
+}
+
+// Use registers one handler of config owner that uses the zone name (""
+// for a private zone of its own) with limits l, and returns the zone and
+// the function that unregisters it (call it exactly once, when the handler
+// is cleaned up). Two handlers of one config that name the same zone with
+// different limits are an error.
+func (r *Registry) Use(name string, owner any, l Limits) (*Zone, func(), error) {
+	if err := l.Validate(); err != nil {
+		return nil, nil, err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.sweep()
+	r.gen++
+	if name == "" {
+		e := &zoneEntry{zone: NewZone("", l, r.observer(""))}
+		u := &zoneUser{owner: owner, gen: r.gen, limits: l, refs: 1, confirmed: true}
+		e.users = append(e.users, u)
+		r.private = append(r.private, e)
+		return e.zone, r.releaser(e, u), nil
+	}
+	e := r.named[name]
+	if e == nil {
+		e = &zoneEntry{zone: NewZone(name, l, r.observer(name))}
+		r.named[name] = e
+	}
+	for _, u := range e.users {
+		if u.owner != owner {
+			continue
+		}
+		if u.limits != l {
+			return nil, nil, fmt.Errorf("zone %q is configured twice in one config with different settings (%s); every handler of a zone must have the same max_connections, max_waiting, wait_timeout and order",
+				name, limitsDiff(u.limits, l))
+		}
+		u.refs++
+		return e.zone, r.releaser(e, u), nil
+	}
+	u := &zoneUser{owner: owner, gen: r.gen, limits: l, refs: 1, confirmed: len(e.users) == 0}
+	e.users = append(e.users, u)
+	if u.confirmed {
+		e.zone.SetLimits(l)
+	}
+	return e.zone, r.releaser(e, u), nil
+}
+
+func limitsDiff(a, b Limits) string {
+	switch {
+	case a.MaxConnections != b.MaxConnections:
+		return fmt.Sprintf("max_connections %d and %d", a.MaxConnections, b.MaxConnections)
+	case a.MaxWaiting != b.MaxWaiting:
+		return fmt.Sprintf("max_waiting %d and %d", a.MaxWaiting, b.MaxWaiting)
+	case a.WaitTimeout != b.WaitTimeout:
+		return fmt.Sprintf("wait_timeout %s and %s", a.WaitTimeout, b.WaitTimeout)
+	default:
+		return fmt.Sprintf("order %s and %s", a.Order, b.Order)
+	}
+}
+
+func (r *Registry) releaser(e *zoneEntry, u *zoneUser) func() {
+	var once sync.Once
+	return func() { once.Do(func() { r.release(e, u) }) }
+}
+
+func (r *Registry) release(e *zoneEntry, u *zoneUser) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if u.refs--; u.refs > 0 {
+		return
+	}
+	for i, v := range e.users {
+		if v == u {
+			e.users = append(e.users[:i], e.users[i+1:]...)
+			break
+		}
+	}
+	if len(e.users) == 0 {
+		// Nobody configures the zone any more: its connections drain
+		// under the last settings, and a pause must not strand them.
+		e.zone.SetPaused(false)
+		r.sweep()
+		return
+	}
+	// An older or a failed config went away: whatever remains is running.
+	var newest *zoneUser
+	for _, v := range e.users {
+		v.confirmed = true
+		if newest == nil || v.gen > newest.gen {
+			newest = v
+		}
+	}
+	e.zone.SetLimits(newest.limits)
+}
+
+// sweep forgets zones that no config uses and that hold no connection.
+// Lock held.
+func (r *Registry) sweep() {
+	drained := func(e *zoneEntry) bool {
+		if len(e.users) > 0 {
+			return false
+		}
+		a, w := e.zone.Counts()
+		return a == 0 && w == 0
+	}
+	for name, e := range r.named {
+		if drained(e) {
+			delete(r.named, name)
+		}
+	}
+	kept := r.private[:0]
+	for _, e := range r.private {
+		if !drained(e) {
+			kept = append(kept, e)
+		}
+	}
+	clear(r.private[len(kept):])
+	r.private = kept
+}
+
+// Zone returns the named zone, if it is known.
+func (r *Registry) Zone(name string) (*Zone, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.sweep()
+	e, ok := r.named[name]
+	if !ok {
+		return nil, false
+	}
+	return e.zone, true
+}
+
+// Zones returns the named zones sorted by name, then the private zones in
+// the order they were made. Zones that no config uses any more are listed
+// until their connections are gone.
+func (r *Registry) Zones() []*Zone {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.sweep()
+	zs := make([]*Zone, 0, len(r.named)+len(r.private))
+	for _, e := range r.named {
+		zs = append(zs, e.zone)
+	}
+	sort.Slice(zs, func(i, j int) bool { return zs[i].name < zs[j].name })
+	for _, e := range r.private {
+		zs = append(zs, e.zone)
+	}
+	return zs
+}

@@ -1,0 +1,262 @@
+package connlimit
+
+import (
+	"errors"
+	"net"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// How a waiting connection sleeps. None of them adds a goroutine: the
+// connection's own goroutine (the one caddy-l4 runs for it) does the
+// waiting, and a zone wakes it through the Waker methods of connWait.
+type waitMode uint8
+
+const (
+	// modeSocket: a stream with a socket underneath (on Linux). The
+	// goroutine parks in Go's network poller watching the socket without
+	// reading (watchSocket); the zone wakes it by moving the socket's read
+	// deadline into the past, and a wait_timeout is the read deadline
+	// itself. A client that closes or resets is noticed at once.
+	modeSocket waitMode = iota
+	// modePacket: a UDP flow of caddy-l4. Its packets are read into a
+	// small buffer while it waits, so that caddy-l4's packet loop, shared
+	// by every client of the listener, never blocks on it; they are
+	// replayed to the next handler. Woken through read deadlines too.
+	modePacket
+	// modeChannel: anything else (no socket underneath, or a platform
+	// without socket watching). It waits on a channel and a timer; a
+	// client that left is noticed by the next handler.
+	modeChannel
+)
+
+// Bounds of the packets kept for a waiting UDP flow; later ones are
+// dropped, as a full socket buffer would.
+const (
+	maxHeldPackets = 32
+	maxHeldBytes   = 256 << 10
+	udpReadBuffer  = 9000 // caddy-l4's own datagram buffer size
+)
+
+// aLongTimeAgo is a read deadline that has passed: setting it wakes a
+// goroutine blocked reading (or watching) the connection.
+var aLongTimeAgo = time.Unix(1, 0)
+
+// connWait is one connection's Waiter and the Waker that wakes it.
+type connWait struct {
+	Waiter
+	mode           waitMode
+	target         net.Conn        // deadlines are set here
+	raw            syscall.RawConn // modeSocket only
+	sig            Signal          // modeChannel only
+	keepHalfClosed bool
+
+	held      [][]byte // modePacket: packets read while waiting
+	heldBytes int
+	dropped   int
+}
+
+var connWaitPool = sync.Pool{New: func() any { return new(connWait) }}
+
+func getConnWait() *connWait { return connWaitPool.Get().(*connWait) }
+
+func putConnWait(c *connWait) {
+	sig := c.sig
+	*c = connWait{sig: sig}
+	connWaitPool.Put(c)
+}
+
+// prepare picks how c waits for conn, the connection as the handler sees
+// it (possibly wrapped by TLS or PROXY protocol handlers before it).
+func (c *connWait) prepare(conn net.Conn, keepHalfClosed bool) {
+	c.keepHalfClosed = keepHalfClosed
+	c.target = conn
+	if isPacketFlow(conn) {
+		c.mode = modePacket
+		return
+	}
+	if canWatch {
+		if sc, ok := underlyingSocket(conn); ok {
+			if raw, err := sc.(syscall.Conn).SyscallConn(); err == nil {
+				c.mode, c.target, c.raw = modeSocket, sc, raw
+				return
+			}
+		}
+	}
+	c.mode = modeChannel
+	if c.sig == nil {
+		c.sig = NewSignal()
+	}
+}
+
+// isPacketFlow tells caddy-l4's UDP flows from streams: their remote
+// address is a UDP one and they are not a socket of their own.
+func isPacketFlow(conn net.Conn) bool {
+	if _, ok := conn.(syscall.Conn); ok {
+		return false
+	}
+	_, udp := conn.RemoteAddr().(*net.UDPAddr)
+	return udp
+}
+
+// underlyingSocket unwraps TLS (NetConn) and PROXY protocol (Raw) wrappers
+// down to a connection with a socket.
+func underlyingSocket(conn net.Conn) (net.Conn, bool) {
+	for range 8 {
+		switch c := conn.(type) {
+		case syscall.Conn:
+			return conn, true
+		case interface{ NetConn() net.Conn }:
+			conn = c.NetConn()
+		case interface{ Raw() net.Conn }:
+			conn = c.Raw()
+		default:
+			return nil, false
+		}
+	}
+	return nil, false
+}
+
+// Wake implements Waker.
+func (c *connWait) Wake() {
+	if c.mode == modeChannel {
+		c.sig.Wake()
+		return
+	}
+	_ = c.target.SetReadDeadline(aLongTimeAgo)
+}
+
+// Arm implements Waker.
+func (c *connWait) Arm(deadline time.Time) {
+	switch c.mode {
+	case modeChannel:
+		return
+	case modePacket:
+		// caddy-l4's UDP flows keep read deadlines in whole seconds
+		// (rounded down): round up, so that they never fire early.
+		if !deadline.IsZero() {
+			deadline = deadline.Truncate(time.Second).Add(time.Second)
+		}
+	}
+	_ = c.target.SetReadDeadline(deadline)
+}
+
+// wait blocks until the queued waiter is admitted, refused (timed out) or
+// abandoned by its client. On return nothing of the zone refers to c.
+func (c *connWait) wait(z *Zone) (out Outcome, r Reason, abandoned bool) {
+	switch c.mode {
+	case modeSocket:
+		out, r, abandoned = c.waitSocket(z)
+	case modePacket:
+		out, r, abandoned = c.waitPacket(z)
+	default:
+		out, r = c.waitChannel(z)
+	}
+	if c.mode != modeChannel {
+		// No Wake or Arm can follow an outcome: clear the deadline the
+		// zone left, for the next handler.
+		_ = c.target.SetReadDeadline(time.Time{})
+	}
+	return out, r, abandoned
+}
+
+func (c *connWait) waitSocket(z *Zone) (Outcome, Reason, bool) {
+	for {
+		gone, err := watchSocket(c.raw, c.keepHalfClosed)
+		if !gone && !errors.Is(err, os.ErrDeadlineExceeded) {
+			gone = true // the connection was closed under us
+		}
+		if !gone {
+			// Woken: look once more, so that a client that left
+			// just now is not handed on.
+			gone = socketGone(c.raw, c.keepHalfClosed)
+		}
+		if gone && z.Abandon(&c.Waiter) {
+			return Rejected, ReasonNone, true
+		}
+		if out, r, _ := z.Poll(&c.Waiter, time.Now()); out != Queued {
+			return out, r, false
+		}
+	}
+}
+
+func (c *connWait) waitPacket(z *Zone) (Outcome, Reason, bool) {
+	buf := make([]byte, udpReadBuffer)
+	for {
+		n, err := c.target.Read(buf)
+		if n > 0 {
+			c.hold(buf[:n])
+		}
+		switch {
+		case err == nil:
+			continue
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			if out, r, _ := z.Poll(&c.Waiter, time.Now()); out != Queued {
+				return out, r, false
+			}
+		default:
+			// The flow went idle (caddy-l4's idle_timeout) or closed.
+			if z.Abandon(&c.Waiter) {
+				return Rejected, ReasonNone, true
+			}
+			out, r, _ := z.Poll(&c.Waiter, time.Now())
+			return out, r, false
+		}
+	}
+}
+
+func (c *connWait) hold(p []byte) {
+	if len(c.held) >= maxHeldPackets || c.heldBytes+len(p) > maxHeldBytes {
+		c.dropped++
+		return
+	}
+	c.held = append(c.held, append([]byte(nil), p...))
+	c.heldBytes += len(p)
+}
+
+func (c *connWait) waitChannel(z *Zone) (Outcome, Reason) {
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for {
+		out, r, deadline := z.Poll(&c.Waiter, time.Now())
+		if out != Queued {
+			return out, r
+		}
+		var expired <-chan time.Time
+		if !deadline.IsZero() {
+			if timer == nil {
+				timer = time.NewTimer(time.Until(deadline))
+			} else {
+				timer.Reset(time.Until(deadline))
+			}
+			expired = timer.C
+		}
+		select {
+		case <-c.sig:
+		case <-expired:
+		}
+	}
+}
+
+// replayConn hands the packets held while waiting to the next handler,
+// one per Read, before reading on from the flow.
+type replayConn struct {
+	net.Conn
+	held [][]byte
+}
+
+func (rc *replayConn) Read(p []byte) (int, error) {
+	if len(rc.held) > 0 {
+		n := copy(p, rc.held[0])
+		rc.held[0] = nil
+		rc.held = rc.held[1:]
+		return n, nil
+	}
+	return rc.Conn.Read(p)
+}

@@ -1,0 +1,17 @@
+//go:build !linux
+
+package connlimit
+
+import "syscall"
+
+// canWatch is false here: a waiting client that leaves is noticed only
+// when the next handler reads from its connection after admission.
+const canWatch = false
+
+func watchSocket(syscall.RawConn, bool) (bool, error) {
+	panic("connlimit: watchSocket without platform support")
+}
+
+func socketGone(syscall.RawConn, bool) bool { return false }
+
+func socketUntouched(syscall.RawConn) bool { return false }
