@@ -23,8 +23,8 @@ import (
 	_ "github.com/mholt/caddy-l4/modules/l4echo"
 	_ "github.com/mholt/caddy-l4/modules/l4proxy"
 	_ "github.com/mholt/caddy-l4/modules/l4proxyprotocol"
-	_ "github.com/mholt/caddy-l4/modules/l4subroute"
 	_ "github.com/mholt/caddy-l4/modules/l4remoteiplist"
+	_ "github.com/mholt/caddy-l4/modules/l4subroute"
 )
 
 // This file is the end-to-end test bench: real Caddy loaded in-process,
