@@ -55,6 +55,7 @@ type backend struct {
 	gate chan struct{} // nil: no gate
 
 	mu       sync.Mutex
+	byID     map[string]chan struct{} // per-connection gates
 	active   int
 	peak     int
 	total    int
@@ -69,7 +70,7 @@ func newBackend(t testing.TB, gated bool) *backend {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &backend{t: t, ln: ln, arrivals: make(chan string, 10000)}
+	b := &backend{t: t, ln: ln, arrivals: make(chan string, 10000), byID: map[string]chan struct{}{}}
 	if gated {
 		b.gate = make(chan struct{}, 10000)
 	}
@@ -128,10 +129,15 @@ func (b *backend) handle(c net.Conn) {
 	b.mu.Lock()
 	b.order = append(b.order, id)
 	b.mu.Unlock()
+	own := b.idGate(id)
 	b.arrivals <- id
 	if b.gate != nil {
-		if _, ok := <-b.gate; !ok {
-			return
+		select {
+		case _, ok := <-b.gate:
+			if !ok {
+				return
+			}
+		case <-own:
 		}
 	}
 	switch mode {
@@ -152,7 +158,21 @@ func (b *backend) handle(c net.Conn) {
 	}
 }
 
-// let lets n gated connections go on.
+func (b *backend) idGate(id string) chan struct{} {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	ch, ok := b.byID[id]
+	if !ok {
+		ch = make(chan struct{}, 1)
+		b.byID[id] = ch
+	}
+	return ch
+}
+
+// letID lets the connection named id go on.
+func (b *backend) letID(id string) { b.idGate(id) <- struct{}{} }
+
+// let lets n gated connections go on, whichever they are.
 func (b *backend) let(n int) {
 	for range n {
 		b.gate <- struct{}{}
@@ -266,7 +286,7 @@ func (c *client) expectClosed(within time.Duration) {
 // its answer and closes it, which frees its slot.
 func finish(b *backend, c *client) {
 	c.t.Helper()
-	b.let(1)
+	b.letID(c.id)
 	c.expectLine("ok "+c.id, 5*time.Second)
 	_ = c.conn.Close()
 }
@@ -386,6 +406,8 @@ func adminDo(t testing.TB, method, url, contentType string, body []byte) (int, [
 	if contentType != "" {
 		req.Header.Set("Content-Type", contentType)
 	}
+	// Each load replaces the admin server: never reuse a connection.
+	req.Close = true
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatalf("%s %s: %v", method, url, err)
