@@ -1,0 +1,216 @@
+package connlimit
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	_ "github.com/caddyserver/caddy/v2/modules/metrics"
+)
+
+// scrape reads the admin /metrics and returns the connection_limit series,
+// keyed by name and labels as printed (e.g. `..._active{zone="ops"}`).
+func scrape(t *testing.T, admin string) map[string]float64 {
+	t.Helper()
+	code, body := adminDo(t, http.MethodGet, "http://"+admin+"/metrics", "", nil)
+	if code != http.StatusOK {
+		t.Fatalf("/metrics: %d %s", code, body)
+	}
+	m := map[string]float64{}
+	sc := bufio.NewScanner(bytes.NewReader(body))
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, "caddy_layer4_connection_limit_") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err != nil {
+			t.Fatalf("metrics line %q: %v", line, err)
+		}
+		m[line[:i]] = v
+	}
+	return m
+}
+
+// expectMetrics checks the series of zone ops against want (names without
+// the common prefix, labels after the zone).
+func expectMetrics(t *testing.T, admin, zone string, want map[string]float64) {
+	t.Helper()
+	got := scrape(t, admin)
+	for k, v := range want {
+		name, extra, _ := strings.Cut(k, "|")
+		series := fmt.Sprintf(`caddy_layer4_connection_limit_%s{zone="%s"}`, name, zone)
+		switch {
+		case strings.HasPrefix(extra, "le="): // histogram buckets put le last
+			series = fmt.Sprintf(`caddy_layer4_connection_limit_%s{zone="%s",%s}`, name, zone, extra)
+		case extra != "":
+			series = fmt.Sprintf(`caddy_layer4_connection_limit_%s{%s,zone="%s"}`, name, extra, zone)
+		}
+		if got[series] != v {
+			t.Errorf("%s = %v, want %v", series, got[series], v)
+		}
+	}
+}
+
+func getZone(t *testing.T, admin, zone string) zoneJSON {
+	t.Helper()
+	code, body := adminDo(t, http.MethodGet, "http://"+admin+"/connection_limit/"+zone, "", nil)
+	if code != http.StatusOK {
+		t.Fatalf("GET zone %s: %d %s", zone, code, body)
+	}
+	var z zoneJSON
+	if err := json.Unmarshal(body, &z); err != nil {
+		t.Fatalf("%v: %s", err, body)
+	}
+	return z
+}
+
+func expectZone(t *testing.T, z zoneJSON, active, waiting int, admitted, rejected, abandoned uint64, paused bool) {
+	t.Helper()
+	if z.Active != active || z.Waiting != waiting || z.Admitted != admitted || z.Rejected != rejected || z.Abandoned != abandoned || z.Paused != paused {
+		t.Fatalf("zone %s: active %d waiting %d admitted %d rejected %d abandoned %d paused %v; want %d %d %d %d %d %v",
+			z.Zone, z.Active, z.Waiting, z.Admitted, z.Rejected, z.Abandoned, z.Paused,
+			active, waiting, admitted, rejected, abandoned, paused)
+	}
+}
+
+// One scenario read through /metrics and the admin endpoints at every
+// step: limit reached, waiters, each kind of refusal, an abandoned waiter,
+// a pause and resume with waiters queued, and reloads in between.
+func TestMetricsAndAdminAPI(t *testing.T) {
+	be := newBackend(t, true)
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	// Counters live as long as the process: a zone of its own per run.
+	ops := fmt.Sprintf("ops%d", time.Now().UnixNano())
+	cfg := func(fields obj) obj {
+		f := obj{"max_connections": 2, "zone": ops}
+		for k, v := range fields {
+			f[k] = v
+		}
+		return l4Config(admin, listen, limit(f), proxyTo(be.addr()))
+	}
+	loadConfig(t, cfg(obj{"max_waiting": 2}))
+	defer stopCaddy(t)
+
+	clients := map[string]*client{}
+	connect := func(id string) *client {
+		c := dial(t, listen, id)
+		c.hello("")
+		clients[id] = c
+		return c
+	}
+	connect("h1")
+	connect("h2")
+	be.waitArrivals(2, 5*time.Second)
+	connect("w1")
+	waitCounts(t, ops, 2, 1)
+	connect("w2")
+	waitCounts(t, ops, 2, 2)
+	refused := func(id string) {
+		c := dial(t, listen, id)
+		c.hello("")
+		c.expectClosed(5 * time.Second)
+	}
+	refused("full") // queue_full
+
+	z := getZone(t, admin, ops)
+	expectZone(t, z, 2, 2, 2, 1, 0, false)
+	if len(z.Waiters) != 2 || z.Waiters[0].RemoteAddr != clients["w1"].conn.LocalAddr().String() || z.Waiters[1].RemoteAddr != clients["w2"].conn.LocalAddr().String() {
+		t.Fatalf("waiters %+v, want w1 then w2", z.Waiters)
+	}
+	if z.OldestWait <= 0 || z.Waiters[0].Waited < z.Waiters[1].Waited || z.WaitersShownMax != maxListedWaiters || z.WaitersTruncated {
+		t.Fatalf("zone view %+v", z)
+	}
+	expectMetrics(t, admin, ops, map[string]float64{
+		"active": 2, "waiting": 2, "admitted_total": 2, "abandoned_total": 0,
+		"rejected_total|reason=\"queue_full\"": 1, "rejected_total|reason=\"no_waiting\"": 0,
+		"wait_seconds_count": 2, "wait_seconds_bucket|le=\"0.0001\"": 2,
+	})
+
+	// A waiter leaves: abandoned.
+	_ = clients["w2"].conn.Close()
+	delete(clients, "w2")
+	waitCounts(t, ops, 2, 1)
+
+	// Pause: a freed slot admits nobody; resume admits at once.
+	if code, body := adminDo(t, http.MethodPost, "http://"+admin+"/connection_limit/"+ops+"/pause", "", nil); code != http.StatusOK || !strings.Contains(string(body), `"paused":true`) {
+		t.Fatalf("pause: %d %s", code, body)
+	}
+	finish(be, clients["h1"])
+	delete(clients, "h1")
+	connect("w3")
+	waitCounts(t, ops, 1, 2)
+	be.noArrival(200 * time.Millisecond)
+	expectZone(t, getZone(t, admin, ops), 1, 2, 2, 1, 1, true)
+
+	// A reload keeps the pause, the counts and the metrics.
+	loadConfig(t, cfg(obj{"max_waiting": -1}))
+	expectZone(t, getZone(t, admin, ops), 1, 2, 2, 1, 1, true)
+	refused("nowait") // no_waiting
+	if code, body := adminDo(t, http.MethodPost, "http://"+admin+"/connection_limit/"+ops+"/resume", "", nil); code != http.StatusOK {
+		t.Fatalf("resume: %d %s", code, body)
+	}
+	if id := be.waitArrivals(1, time.Second)[0]; id != "w1" {
+		t.Fatalf("%s admitted after resume, want w1", id)
+	}
+	expectZone(t, getZone(t, admin, ops), 2, 1, 3, 2, 1, false)
+
+	// A wait_timeout that the remaining waiter has already outlived.
+	time.Sleep(60 * time.Millisecond)
+	loadConfig(t, cfg(obj{"wait_timeout": "50ms"}))
+	clients["w3"].expectClosed(5 * time.Second) // wait_timeout
+	delete(clients, "w3")
+	expectZone(t, getZone(t, admin, ops), 2, 0, 3, 3, 1, false)
+	expectMetrics(t, admin, ops, map[string]float64{
+		"active": 2, "waiting": 0, "admitted_total": 3, "abandoned_total": 1,
+		"rejected_total|reason=\"queue_full\"":   1,
+		"rejected_total|reason=\"no_waiting\"":   1,
+		"rejected_total|reason=\"wait_timeout\"": 1,
+		"wait_seconds_count":                     3,
+	})
+
+	for id, c := range clients {
+		finish(be, c)
+		delete(clients, id)
+	}
+	waitCounts(t, ops, 0, 0)
+	expectMetrics(t, admin, ops, map[string]float64{"active": 0, "waiting": 0, "admitted_total": 3})
+
+	// The list shows the zone; errors are JSON with the right status.
+	code, body := adminDo(t, http.MethodGet, "http://"+admin+"/connection_limit/", "", nil)
+	var list struct{ Zones []zoneJSON }
+	if err := json.Unmarshal(body, &list); code != http.StatusOK || err != nil {
+		t.Fatalf("list: %d %s %v", code, body, err)
+	}
+	found := false
+	for _, z := range list.Zones {
+		found = found || (z.Zone == ops && z.Admitted == 3 && z.MaxConnections == 2)
+	}
+	if !found {
+		t.Fatalf("zone ops not in %s", body)
+	}
+	for _, tc := range []struct {
+		method, path string
+		code         int
+	}{
+		{http.MethodGet, "/connection_limit/nonesuch", http.StatusNotFound},
+		{http.MethodPost, "/connection_limit/nonesuch/pause", http.StatusNotFound},
+		{http.MethodPost, "/connection_limit/" + ops + "", http.StatusMethodNotAllowed},
+		{http.MethodGet, "/connection_limit/" + ops + "/pause", http.StatusMethodNotAllowed},
+		{http.MethodDelete, "/connection_limit/", http.StatusMethodNotAllowed},
+		{http.MethodPost, "/connection_limit/" + ops + "/frobnicate", http.StatusNotFound},
+	} {
+		code, body := adminDo(t, tc.method, "http://"+admin+tc.path, "", nil)
+		if code != tc.code || !strings.Contains(string(body), `"error"`) {
+			t.Errorf("%s %s: %d %s, want %d with a JSON error", tc.method, tc.path, code, body, tc.code)
+		}
+	}
+}
