@@ -397,24 +397,33 @@ func waitCounts(t testing.TB, zone string, active, waiting int) {
 }
 
 // adminDo sends a request to the admin API and returns status and body.
+// Every load, even one that fails, replaces Caddy's admin server and shuts
+// the old one down in the background, so a request can meet the closing
+// listener: it is sent again on a transport error (no answer came).
 func adminDo(t testing.TB, method, url, contentType string, body []byte) (int, []byte) {
 	t.Helper()
-	req, err := http.NewRequest(method, url, bytes.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
+	var lastErr error
+	for range 5 {
+		req, err := http.NewRequest(method, url, bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if contentType != "" {
+			req.Header.Set("Content-Type", contentType)
+		}
+		req.Close = true // never reuse a connection to a replaced server
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			lastErr = err
+			time.Sleep(20 * time.Millisecond)
+			continue
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, b
 	}
-	if contentType != "" {
-		req.Header.Set("Content-Type", contentType)
-	}
-	// Each load replaces the admin server: never reuse a connection.
-	req.Close = true
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, url, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, b
+	t.Fatalf("%s %s: %v", method, url, lastErr)
+	return 0, nil
 }
 
 // adaptCaddyfile adapts a Caddyfile to JSON.

@@ -5,8 +5,10 @@ package connlimit
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -213,26 +215,38 @@ func (h *Handler) serve(cx *layer4.Connection, cw *connWait, next layer4.Handler
 		cw.held = nil
 	}
 
-	done := func() {
+	if inListenerWrapper(cx) {
+		return h.serveHTTP(cx, cw, next)
+	}
+	defer func() {
 		h.zone.Release(&cw.Waiter)
 		putConnWait(cw)
-	}
-	if inListenerWrapper(cx) {
-		rc := &releaseOnClose{Conn: cx.Conn, done: done}
-		cx.Conn = rc
-		err := next.Handle(cx)
-		if err != nil && err.Error() == errHijackedText {
-			return err // the HTTP server owns it now; freed on Close
-		}
-		rc.free()
-		return err
-	}
-
-	defer done()
+	}()
 	start := time.Now()
 	err := next.Handle(cx)
 	if err == nil && time.Since(start) < placementCheckWithin {
 		h.checkPlacement(cx)
+	}
+	return err
+}
+
+// serveHTTP is serve in front of Caddy's HTTP server (caddy-l4 as a
+// listener wrapper). There the route's handlers return at once, and the
+// connection is handed to the HTTP server after they did, so the slot
+// cannot be freed when next returns: it is held by the connection itself
+// and freed when the HTTP server closes it, or when a read finds the
+// client gone. If next failed, or the client is already gone, it is freed
+// at once. Should the connection be dropped without being closed through
+// the wrapper (a later route takes it and fails), the slot is freed when
+// the connection is garbage: it can be held too long, never forever.
+func (h *Handler) serveHTTP(cx *layer4.Connection, cw *connWait, next layer4.Handler) error {
+	slot := &heldSlot{zone: h.zone, w: &cw.Waiter}
+	rc := &releaseOnClose{Conn: cx.Conn, slot: slot}
+	runtime.AddCleanup(rc, (*heldSlot).free, slot)
+	cx.Conn = rc
+	err := next.Handle(cx)
+	if err != nil || !clientStillThere(rc.Conn) {
+		slot.free()
 	}
 	return err
 }
@@ -297,12 +311,7 @@ func (h *Handler) checkPlacement(cx *layer4.Connection) {
 	if h.warnedPlacement.Load() {
 		return
 	}
-	sc, ok := underlyingSocket(cx.Conn)
-	if !ok {
-		return
-	}
-	raw, err := sc.(syscall.Conn).SyscallConn()
-	if err != nil || !socketUntouched(raw) {
+	if untouched, known := socketUntouchedConn(cx.Conn); !known || !untouched {
 		return
 	}
 	if h.warnedPlacement.CompareAndSwap(false, true) {
@@ -348,35 +357,73 @@ func setRemotePlaceholders(repl *caddy.Replacer, addr net.Addr) {
 	}
 }
 
-// errHijackedText is the text of the error caddy-l4's listener wrapper
-// returns once it handed the connection to Caddy's HTTP server.
-const errHijackedText = "hijacked connection"
-
 // inListenerWrapper reports whether caddy-l4 runs as a listener wrapper
-// (caddy.listeners.layer4): its chain then ends by handing the connection
-// to the HTTP server and returns at once.
+// (caddy.listeners.layer4) of Caddy's HTTP server.
 func inListenerWrapper(cx *layer4.Connection) bool {
 	return cx.Context.Value(caddy.CtxKey("listener")) != nil
 }
 
-// releaseOnClose frees the slot when the connection is closed.
-type releaseOnClose struct {
-	net.Conn
-	done  func()
+// clientStillThere reports whether the client is connected and has not
+// finished sending; true where that cannot be told.
+func clientStillThere(conn net.Conn) bool {
+	untouched, known := socketUntouchedConn(conn)
+	return untouched || !known
+}
+
+// socketUntouchedConn is socketUntouched for the socket under conn; known
+// is false where there is none, or the platform cannot tell.
+func socketUntouchedConn(conn net.Conn) (untouched, known bool) {
+	sc, ok := underlyingSocket(conn)
+	if !ok || !canWatch {
+		return false, false
+	}
+	raw, err := sc.(syscall.Conn).SyscallConn()
+	if err != nil {
+		return false, true
+	}
+	return socketUntouched(raw), true
+}
+
+// heldSlot is a slot held by a connection rather than by a goroutine; it
+// is freed once, whoever frees it first.
+type heldSlot struct {
+	zone  *Zone
+	w     *Waiter
 	freed atomic.Bool
 }
 
-func (c *releaseOnClose) free() {
-	if c.freed.CompareAndSwap(false, true) {
-		c.done()
+func (s *heldSlot) free() {
+	if s.freed.CompareAndSwap(false, true) {
+		s.zone.Release(s.w)
 	}
+}
+
+// releaseOnClose frees its slot when the connection is closed, or when a
+// read finds it ended.
+type releaseOnClose struct {
+	net.Conn
+	slot *heldSlot
+}
+
+// Read reads, and frees the slot once the client is gone.
+func (c *releaseOnClose) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil && !isTimeout(err) {
+		c.slot.free()
+	}
+	return n, err
 }
 
 // Close closes the connection and frees its slot.
 func (c *releaseOnClose) Close() error {
 	err := c.Conn.Close()
-	c.free()
+	c.slot.free()
 	return err
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // Interface guards
