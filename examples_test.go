@@ -1,0 +1,128 @@
+package connlimit
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/standard"
+	"github.com/mholt/caddy-l4/layer4"
+)
+
+// Every config under examples/ loads as written (with the admin endpoint
+// moved to a free port) and serves a client through its limit.
+func TestExamplesRun(t *testing.T) {
+	for _, tc := range []struct{ file, addr, want string }{
+		{"Caddyfile", "127.0.0.1:5433", "hello from the backend"},
+		{"overflow.json", "127.0.0.1:5434", "hello from the backend"},
+		{"per-ip.Caddyfile", "127.0.0.1:5435", "hello from the backend"},
+		{"http-listener-wrapper.Caddyfile", "127.0.0.1:8080", "hello from Caddy's HTTP server"},
+	} {
+		t.Run(tc.file, func(t *testing.T) {
+			raw, err := os.ReadFile(filepath.Join("examples", tc.file))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.HasSuffix(tc.file, ".json") {
+				if raw, err = adaptCaddyfile(t, string(raw)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var cfg map[string]any
+			if err := json.Unmarshal(raw, &cfg); err != nil {
+				t.Fatal(err)
+			}
+			admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+			cfg["admin"] = obj{"listen": admin}
+			cfg["logging"] = testLogging()
+			loadConfig(t, cfg)
+			defer stopCaddy(t)
+
+			for i := range 3 { // more clients than some limits: all served
+				got := httpOverTCP(t, tc.addr)
+				if !strings.Contains(got, tc.want) {
+					t.Fatalf("request %d: answer %q, want %q", i, got, tc.want)
+				}
+			}
+			code, body := adminDo(t, http.MethodGet, "http://"+admin+"/connection_limit/", "", nil)
+			if code != http.StatusOK || !strings.Contains(string(body), `"admitted":`) {
+				t.Fatalf("admin: %d %s", code, body)
+			}
+		})
+	}
+}
+
+// httpOverTCP sends one HTTP/1.0 request over a raw TCP connection (as a
+// database client would send its first message) and returns the body.
+func httpOverTCP(t *testing.T, addr string) string {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "GET / HTTP/1.0\r\nHost: %s\r\n\r\n", addr)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("%s: %v", addr, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// xcaddy.json, the build manifest, names the versions go.mod pins.
+func TestXcaddyManifestMatchesGoMod(t *testing.T) {
+	raw, err := os.ReadFile("xcaddy.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m struct {
+		Caddy        string `json:"caddy"`
+		Dependencies []struct {
+			Module, Version, Replace string
+		} `json:"dependencies"`
+	}
+	if err := json.Unmarshal(raw, &m); err != nil {
+		t.Fatal(err)
+	}
+	gomod, err := os.ReadFile("go.mod")
+	if err != nil {
+		t.Fatal(err)
+	}
+	required := map[string]string{}
+	for _, line := range strings.Split(string(gomod), "\n") {
+		f := strings.Fields(strings.TrimPrefix(strings.TrimSpace(line), "require "))
+		if len(f) >= 2 && strings.Contains(f[0], ".") {
+			required[f[0]] = f[1]
+		}
+	}
+	if got := required["github.com/caddyserver/caddy/v2"]; got != m.Caddy {
+		t.Errorf("xcaddy.json caddy %s, go.mod requires %s", m.Caddy, got)
+	}
+	found := map[string]bool{}
+	for _, d := range m.Dependencies {
+		found[d.Module] = true
+		switch {
+		case d.Module == "github.com/l4-connlimit/connlimit":
+			if d.Replace != "." {
+				t.Errorf("xcaddy.json must build this module from the checkout (replace \".\"), got %q", d.Replace)
+			}
+		case required[d.Module] != d.Version:
+			t.Errorf("xcaddy.json %s %s, go.mod requires %q", d.Module, d.Version, required[d.Module])
+		}
+	}
+	if !found["github.com/mholt/caddy-l4"] || !found["github.com/l4-connlimit/connlimit"] {
+		t.Errorf("xcaddy.json must list caddy-l4 and this module: %s", raw)
+	}
+	_ = layer4.MaxMatchingBytes // caddy-l4 is what go.mod pins
+}
