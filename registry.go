@@ -136,7 +136,13 @@ func (r *Registry) release(e *zoneEntry, u *zoneUser) {
 		r.sweep()
 		return
 	}
-	// An older or a failed config went away: whatever remains is running.
+	if !u.confirmed {
+		// A config that never ran (it failed, or was only validated):
+		// the settings in force stay as they were.
+		return
+	}
+	// A running config went away after the next one started: whatever
+	// remains is running, and the newest settings take hold.
 	var newest *zoneUser
 	for _, v := range e.users {
 		v.confirmed = true
