@@ -310,7 +310,6 @@ type Zone struct {
 	mu      sync.Mutex
 	limits  Limits
 	paused  bool
-	retired bool // no loaded config uses the zone any more
 	def     keyState
 	keys    map[string]*keyState // key values other than ""
 	spare   []*keyState          // freed key states, for reuse
