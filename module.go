@@ -174,7 +174,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	}
 	cw.Priority = h.Priority
 	cw.Remote = cx.RemoteAddr()
-	cw.prepare(cx.Conn, h.KeepHalfClosed)
+	cw.prepare(cx.Conn, h.KeepHalfClosed, len(cx.MatchingBytes()) > 0)
 
 	out, reason := h.zone.Acquire(&cw.Waiter, cw, time.Now())
 	abandoned := false
@@ -243,8 +243,10 @@ func (h *Handler) serveHTTP(cx *layer4.Connection, cw *connWait, next layer4.Han
 	slot := &heldSlot{zone: h.zone, w: &cw.Waiter}
 	rc := &releaseOnClose{Conn: cx.Conn, slot: slot}
 	runtime.AddCleanup(rc, (*heldSlot).free, slot)
-	cx.Conn = rc
-	err := next.Handle(cx)
+	// The HTTP server gets a copy of cx: caddy-l4 reads cx's byte counts
+	// for a log line after handing the connection over, and the copy's
+	// counts are the ones the HTTP server's reads and writes update.
+	err := next.Handle(cx.Wrap(rc))
 	if err != nil || !clientStillThere(rc.Conn) {
 		slot.free()
 	}

@@ -7,6 +7,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/mholt/caddy-l4/layer4"
 )
 
 // How a waiting connection sleeps. None of them adds a goroutine: the
@@ -52,6 +54,7 @@ type connWait struct {
 	raw            syscall.RawConn // modeSocket only
 	sig            Signal          // modeChannel only
 	keepHalfClosed bool
+	sentBefore     bool // client bytes were read from the socket before us
 
 	held      [][]byte // modePacket: packets read while waiting
 	heldBytes int
@@ -70,15 +73,23 @@ func putConnWait(c *connWait) {
 
 // prepare picks how c waits for conn, the connection as the handler sees
 // it (possibly wrapped by TLS or PROXY protocol handlers before it).
-func (c *connWait) prepare(conn net.Conn, keepHalfClosed bool) {
+// sentBefore tells that bytes of the client were already read from the
+// socket before this handler (by caddy-l4's matchers, kept for replay).
+func (c *connWait) prepare(conn net.Conn, keepHalfClosed, sentBefore bool) {
 	c.keepHalfClosed = keepHalfClosed
+	c.sentBefore = sentBefore
 	c.target = conn
 	if isPacketFlow(conn) {
 		c.mode = modePacket
 		return
 	}
 	if canWatch {
-		if sc, ok := underlyingSocket(conn); ok {
+		// A wrapper may hold bytes it already read from the socket (the
+		// request behind a PROXY header, say): the socket then shows a
+		// half-close after them as a bare FIN, which means abandonment.
+		// So with keep_half_closed, a wrapped waiter waits on a channel.
+		_, bare := conn.(syscall.Conn)
+		if sc, ok := underlyingSocket(conn); ok && (bare || !keepHalfClosed) {
 			if raw, err := sc.(syscall.Conn).SyscallConn(); err == nil {
 				c.mode, c.target, c.raw = modeSocket, sc, raw
 				return
@@ -102,12 +113,15 @@ func isPacketFlow(conn net.Conn) bool {
 }
 
 // underlyingSocket unwraps TLS (NetConn) and PROXY protocol (Raw) wrappers
-// down to a connection with a socket.
+// down to a connection with a socket. Those wrap the *layer4.Connection
+// they were handed, which holds the socket in its Conn field.
 func underlyingSocket(conn net.Conn) (net.Conn, bool) {
 	for range 8 {
 		switch c := conn.(type) {
 		case syscall.Conn:
 			return conn, true
+		case *layer4.Connection:
+			conn = c.Conn
 		case interface{ NetConn() net.Conn }:
 			conn = c.NetConn()
 		case interface{ Raw() net.Conn }:
@@ -164,14 +178,14 @@ func (c *connWait) wait(z *Zone) (out Outcome, r Reason, abandoned bool) {
 
 func (c *connWait) waitSocket(z *Zone) (Outcome, Reason, bool) {
 	for {
-		gone, err := watchSocket(c.raw, c.keepHalfClosed)
+		gone, err := watchSocket(c.raw, c.keepHalfClosed, c.sentBefore)
 		if !gone && !errors.Is(err, os.ErrDeadlineExceeded) {
 			gone = true // the connection was closed under us
 		}
 		if !gone {
 			// Woken: look once more, so that a client that left
 			// just now is not handed on.
-			gone = socketGone(c.raw, c.keepHalfClosed)
+			gone = socketGone(c.raw, c.keepHalfClosed, c.sentBefore)
 		}
 		if gone && z.Abandon(&c.Waiter) {
 			return Rejected, ReasonNone, true

@@ -19,18 +19,18 @@ const canWatch = true
 // byte: the poller wakes it on every new segment, FIN or RST, and each time
 // it looks at the socket with a zero-copy MSG_PEEK and, when bytes are
 // pending, the TCP state.
-func watchSocket(rc syscall.RawConn, keepHalfClosed bool) (gone bool, err error) {
+func watchSocket(rc syscall.RawConn, keepHalfClosed, sentBefore bool) (gone bool, err error) {
 	err = rc.Read(func(fd uintptr) bool {
-		gone = peerGone(fd, keepHalfClosed)
+		gone = peerGone(fd, keepHalfClosed, sentBefore)
 		return gone
 	})
 	return gone, err
 }
 
 // socketGone looks at the socket once, without waiting.
-func socketGone(rc syscall.RawConn, keepHalfClosed bool) bool {
+func socketGone(rc syscall.RawConn, keepHalfClosed, sentBefore bool) bool {
 	var gone bool
-	if err := rc.Control(func(fd uintptr) { gone = peerGone(fd, keepHalfClosed) }); err != nil {
+	if err := rc.Control(func(fd uintptr) { gone = peerGone(fd, keepHalfClosed, sentBefore) }); err != nil {
 		return true
 	}
 	return gone
@@ -72,11 +72,13 @@ func tcpState(fd uintptr) int {
 
 // peerGone decides whether a waiting client has left:
 //   - nothing pending and connected (EAGAIN): still there;
-//   - end of stream with nothing pending (FIN before any byte): gone;
 //   - an error such as ECONNRESET: gone;
+//   - end of stream with nothing pending: gone, unless keepHalfClosed and
+//     the client's bytes were read before (sentBefore): then it sent its
+//     request and half-closed;
 //   - bytes pending: gone if the connection was reset (state CLOSE), or if
 //     the client closed its side (state CLOSE_WAIT) unless keepHalfClosed.
-func peerGone(fd uintptr, keepHalfClosed bool) bool {
+func peerGone(fd uintptr, keepHalfClosed, sentBefore bool) bool {
 	n, errno := peek(fd)
 	switch {
 	case errno == unix.EAGAIN || errno == unix.EINTR:
@@ -84,7 +86,7 @@ func peerGone(fd uintptr, keepHalfClosed bool) bool {
 	case errno != 0:
 		return true
 	case n == 0:
-		return true
+		return !(keepHalfClosed && sentBefore)
 	}
 	switch tcpState(fd) {
 	case tcpClose:

@@ -8,10 +8,10 @@ import "syscall"
 // when the next handler reads from its connection after admission.
 const canWatch = false
 
-func watchSocket(syscall.RawConn, bool) (bool, error) {
+func watchSocket(syscall.RawConn, bool, bool) (bool, error) {
 	panic("connlimit: watchSocket without platform support")
 }
 
-func socketGone(syscall.RawConn, bool) bool { return false }
+func socketGone(syscall.RawConn, bool, bool) bool { return false }
 
 func socketUntouched(syscall.RawConn) bool { return false }
