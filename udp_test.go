@@ -1,0 +1,383 @@
+package connlimit
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// End-to-end tests of UDP flows: a waiting flow must not stall the other
+// flows of its listener (caddy-l4 reads every packet of a listener in one
+// loop), keeps its first packets for when it is admitted, and is abandoned
+// when it goes quiet.
+
+// e2eUDPEcho is a UDP echo server that records which peers (the proxy's
+// upstream sockets, one per admitted flow) and which payloads it saw.
+type e2eUDPEcho struct {
+	pc *net.UDPConn
+
+	mu       sync.Mutex
+	peers    map[string]bool
+	payloads map[string]bool
+	done     chan struct{}
+}
+
+func newE2EUDPEcho(t *testing.T) *e2eUDPEcho {
+	t.Helper()
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &e2eUDPEcho{pc: pc, peers: map[string]bool{}, payloads: map[string]bool{}, done: make(chan struct{})}
+	go func() {
+		defer close(e.done)
+		buf := make([]byte, 9000)
+		for {
+			n, addr, err := pc.ReadFromUDP(buf)
+			if err != nil {
+				return
+			}
+			e.mu.Lock()
+			e.peers[addr.String()] = true
+			e.payloads[string(buf[:n])] = true
+			e.mu.Unlock()
+			_, _ = pc.WriteToUDP(buf[:n], addr)
+		}
+	}()
+	t.Cleanup(func() {
+		_ = pc.Close()
+		<-e.done
+	})
+	return e
+}
+
+func (e *e2eUDPEcho) addr() string { return e.pc.LocalAddr().String() }
+
+func (e *e2eUDPEcho) seen() (peers int, payloads map[string]bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	payloads = make(map[string]bool, len(e.payloads))
+	for p := range e.payloads {
+		payloads[p] = true
+	}
+	return len(e.peers), payloads
+}
+
+// e2eFreeUDPPort returns a UDP port on 127.0.0.1 that was free a moment ago.
+func e2eFreeUDPPort(t *testing.T) int {
+	t.Helper()
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	return pc.LocalAddr().(*net.UDPAddr).Port
+}
+
+// e2eUDPConfig is a UDP layer4 server with a short idle_timeout (flows end
+// after that long without a packet from the client), limiting and
+// proxying to the echo server.
+func e2eUDPConfig(port int, echo *e2eUDPEcho, fields obj, idle string) obj {
+	cfg := l4Config("", fmt.Sprintf("udp/127.0.0.1:%d", port), limit(fields), proxyTo("udp/"+echo.addr()))
+	srv := cfg["apps"].(obj)["layer4"].(obj)["servers"].(obj)["test"].(obj)
+	srv["idle_timeout"] = idle
+	return cfg
+}
+
+// e2eUDPFlow is one UDP client: one socket, so one flow.
+type e2eUDPFlow struct {
+	t    *testing.T
+	name string
+	conn *net.UDPConn
+}
+
+func e2eDialUDP(t *testing.T, port int, name string) *e2eUDPFlow {
+	t.Helper()
+	c, err := net.DialUDP("udp", nil, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return &e2eUDPFlow{t: t, name: name, conn: c}
+}
+
+func (f *e2eUDPFlow) send(s string) {
+	if _, err := f.conn.Write([]byte(s)); err != nil {
+		f.t.Errorf("flow %s: write: %v", f.name, err)
+	}
+}
+
+// recv returns the next datagram, or "" and the error if none came within.
+func (f *e2eUDPFlow) recv(within time.Duration) (string, error) {
+	_ = f.conn.SetReadDeadline(time.Now().Add(within))
+	buf := make([]byte, 9000)
+	n, err := f.conn.Read(buf)
+	if err != nil {
+		return "", err
+	}
+	return string(buf[:n]), nil
+}
+
+func (f *e2eUDPFlow) expect(want string, within time.Duration) {
+	f.t.Helper()
+	if got, err := f.recv(within); got != want {
+		f.t.Fatalf("flow %s: got %q (err %v), want %q", f.name, got, err, want)
+	}
+}
+
+// keepSending sends next() every interval until stop is closed; the
+// returned channel is closed once it stopped.
+func (f *e2eUDPFlow) keepSending(interval time.Duration, next func() string, stop <-chan struct{}) <-chan struct{} {
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		tick := time.NewTicker(interval)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				f.send(next())
+			}
+		}
+	}()
+	return stopped
+}
+
+// With two slots taken, a third flow waits and blasts packets; the flows
+// being served keep getting their echoes promptly, the waiting flow gets
+// nothing until a slot frees, and then the first 32 packets it sent while
+// waiting (the bound) are replayed to the backend in order.
+func TestUDPWaitingFlowDoesNotStallOthers(t *testing.T) {
+	const zone = "udp-flows"
+	echo := newE2EUDPEcho(t)
+	port := e2eFreeUDPPort(t)
+	loadConfig(t, e2eUDPConfig(port, echo, obj{"max_connections": 2, "zone": zone}, "2s"))
+	defer stopCaddy(t)
+
+	// A holds a slot as long as it keeps sending (idle_timeout 2s).
+	a := e2eDialUDP(t, port, "A")
+	a.send("A-0")
+	a.expect("A-0", 5*time.Second)
+	stopA := make(chan struct{})
+	aStopped := a.keepSending(100*time.Millisecond, func() string { return "A-ka" }, stopA)
+	defer func() {
+		select {
+		case <-stopA:
+		default:
+			close(stopA)
+		}
+		<-aStopped
+	}()
+
+	// B holds the other one, pinging all along; its round trips are
+	// recorded.
+	b := e2eDialUDP(t, port, "B")
+	b.send("B-first")
+	b.expect("B-first", 5*time.Second)
+	var bmu sync.Mutex
+	bSent := map[string]time.Time{}
+	var bReplies []time.Time
+	var bMaxRTT time.Duration
+	stopB := make(chan struct{})
+	bSeq := 0
+	bStopped := b.keepSending(50*time.Millisecond, func() string {
+		bmu.Lock()
+		defer bmu.Unlock()
+		bSeq++
+		s := fmt.Sprintf("B-%d", bSeq)
+		bSent[s] = time.Now()
+		return s
+	}, stopB)
+	bReader := make(chan struct{})
+	go func() {
+		defer close(bReader)
+		for {
+			s, err := b.recv(10 * time.Second)
+			if err != nil {
+				return
+			}
+			bmu.Lock()
+			if sent, ok := bSent[s]; ok {
+				bReplies = append(bReplies, time.Now())
+				if rtt := time.Since(sent); rtt > bMaxRTT {
+					bMaxRTT = rtt
+				}
+			}
+			bmu.Unlock()
+		}
+	}()
+	defer func() {
+		select {
+		case <-stopB:
+		default:
+			close(stopB)
+		}
+		<-bStopped
+		_ = b.conn.SetReadDeadline(time.Now())
+		<-bReader
+	}()
+	waitCounts(t, zone, 2, 0)
+
+	// C waits and sends 40 packets, far more than caddy-l4's 5-packet
+	// channel per flow, then keeps sending so that it does not go idle.
+	c := e2eDialUDP(t, port, "C")
+	const burst, bound = 40, maxHeldPackets
+	for i := range burst {
+		c.send(fmt.Sprintf("C-%02d", i))
+	}
+	burstEnd := time.Now()
+	cSeq := burst
+	var cmu sync.Mutex
+	stopC := make(chan struct{})
+	cStopped := c.keepSending(150*time.Millisecond, func() string {
+		cmu.Lock()
+		defer cmu.Unlock()
+		s := fmt.Sprintf("C-%02d", cSeq)
+		cSeq++
+		return s
+	}, stopC)
+	defer func() {
+		select {
+		case <-stopC:
+		default:
+			close(stopC)
+		}
+		<-cStopped
+	}()
+	waitCounts(t, zone, 2, 1)
+
+	// While C waits, B is served as before, and C gets nothing.
+	if s, err := c.recv(600 * time.Millisecond); err == nil {
+		t.Fatalf("waiting flow C got %q before it was admitted", s)
+	}
+	if a, w := zoneCounts(zone); a != 2 || w != 1 {
+		t.Fatalf("zone has %d active and %d waiting, want 2 and 1", a, w)
+	}
+	bmu.Lock()
+	repliesWhileCWaits := 0
+	for _, at := range bReplies {
+		if at.After(burstEnd) {
+			repliesWhileCWaits++
+		}
+	}
+	bmu.Unlock()
+	if repliesWhileCWaits < 3 {
+		t.Fatalf("flow B got %d echoes while C waited and blasted, want it served all along", repliesWhileCWaits)
+	}
+	if peers, payloads := echo.seen(); peers != 2 || payloads["C-00"] {
+		t.Fatalf("backend saw %d flows (C-00 seen: %v), want only A and B", peers, payloads["C-00"])
+	}
+
+	// A goes quiet: after idle_timeout its flow ends and C is admitted.
+	close(stopA)
+	<-aStopped
+	aQuiet := time.Now()
+	var got []int
+	for len(got) < bound {
+		s, err := c.recv(5 * time.Second)
+		if err != nil {
+			t.Fatalf("flow C: only %v echoed after A left (%v)", got, err)
+		}
+		n, err := strconv.Atoi(strings.TrimPrefix(s, "C-"))
+		if err != nil {
+			t.Fatalf("flow C got %q", s)
+		}
+		got = append(got, n)
+	}
+	t.Logf("flow C admitted and replayed %s after A went quiet (idle_timeout 2s)", time.Since(aQuiet))
+	for i, n := range got {
+		if n != i {
+			t.Fatalf("flow C's first echoes are %v, want the packets sent while waiting, 0..%d, in order", got, bound-1)
+		}
+	}
+	close(stopC)
+	<-cStopped
+	// What came later was sent after admission: nothing of the dropped
+	// rest of the burst, and in order.
+	c.send("C-live")
+	last := bound - 1
+	for {
+		s, err := c.recv(5 * time.Second)
+		if err != nil {
+			t.Fatalf("flow C: no echo of C-live (%v)", err)
+		}
+		if s == "C-live" {
+			break
+		}
+		n, err := strconv.Atoi(strings.TrimPrefix(s, "C-"))
+		if err != nil || n < burst || n <= last {
+			t.Fatalf("flow C got %q after %d: packets %d..%d (over the bound) must have been dropped, the rest in order", s, last, bound, burst-1)
+		}
+		last = n
+	}
+
+	bmu.Lock()
+	maxRTT := bMaxRTT
+	bmu.Unlock()
+	t.Logf("flow B: slowest echo %s while C waited", maxRTT)
+	if maxRTT > 2*time.Second {
+		t.Fatalf("flow B's echoes took up to %s: stalled by the waiting flow", maxRTT)
+	}
+	if peers, _ := echo.seen(); peers != 3 {
+		t.Fatalf("backend saw %d flows, want 3", peers)
+	}
+	close(stopB)
+	<-bStopped
+	waitCounts(t, zone, 0, 0)
+	if s := e2eSnapshot(t, zone); s.Counters.Admitted != 3 || s.Counters.Abandoned != 0 {
+		t.Fatalf("admitted %d, abandoned %d; want 3 and 0", s.Counters.Admitted, s.Counters.Abandoned)
+	}
+}
+
+// A waiting flow that goes quiet for idle_timeout has left: it is
+// abandoned, and its packets never reach the backend.
+func TestUDPQuietWaiterIsAbandoned(t *testing.T) {
+	const zone = "udp-quiet"
+	echo := newE2EUDPEcho(t)
+	port := e2eFreeUDPPort(t)
+	loadConfig(t, e2eUDPConfig(port, echo, obj{"max_connections": 1, "zone": zone}, "1s"))
+	defer stopCaddy(t)
+
+	a := e2eDialUDP(t, port, "A")
+	a.send("A-0")
+	a.expect("A-0", 5*time.Second)
+	stopA := make(chan struct{})
+	aStopped := a.keepSending(100*time.Millisecond, func() string { return "A-ka" }, stopA)
+	defer func() {
+		select {
+		case <-stopA:
+		default:
+			close(stopA)
+		}
+		<-aStopped
+	}()
+
+	c := e2eDialUDP(t, port, "C")
+	sent := time.Now()
+	c.send("C-0")
+	waitCounts(t, zone, 1, 1)
+	took := e2eWaitingDrop(t, zone, 1, 0, sent, 6*time.Second)
+	t.Logf("quiet UDP waiter abandoned %s after its only packet (idle_timeout 1s)", took)
+	if took < 900*time.Millisecond {
+		t.Fatalf("waiter dropped %s after its packet, before idle_timeout", took)
+	}
+	if s := e2eSnapshot(t, zone); s.Counters.Abandoned != 1 {
+		t.Fatalf("abandoned %d, want 1", s.Counters.Abandoned)
+	}
+
+	close(stopA)
+	<-aStopped
+	waitCounts(t, zone, 0, 0)
+	// The same client again: a new flow, admitted at once.
+	c.send("C-again")
+	c.expect("C-again", 5*time.Second)
+	if peers, payloads := echo.seen(); peers != 2 || payloads["C-0"] {
+		t.Fatalf("backend saw %d flows (C-0 seen: %v); the abandoned one must not reach it", peers, payloads["C-0"])
+	}
+}
