@@ -30,7 +30,9 @@ func main() {
 	args := m.Caddy
 	for _, d := range m.Dependencies {
 		if d.Replace != "" {
-			args += fmt.Sprintf(" --with %s=%s", d.Module, d.Replace)
+			// a version with the replacement, or `go get` asks the
+			// module proxy for a module it has never seen
+			args += fmt.Sprintf(" --with %s@%s=%s", d.Module, d.Version, d.Replace)
 		} else {
 			args += fmt.Sprintf(" --with %s@%s", d.Module, d.Version)
 		}
