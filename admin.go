@@ -57,10 +57,14 @@ type zoneJSON struct {
 	Rejected         uint64            `json:"rejected"`
 	RejectedByReason map[string]uint64 `json:"rejected_by_reason"`
 	Abandoned        uint64            `json:"abandoned"`
+}
 
-	Waiters          []waiterJSON `json:"waiters,omitempty"`
-	WaitersShownMax  int          `json:"waiters_shown_max,omitempty"`
-	WaitersTruncated bool         `json:"waiters_truncated,omitempty"`
+// zoneDetailJSON is the one-zone view: the zone and its waiters.
+type zoneDetailJSON struct {
+	zoneJSON
+	Waiters          []waiterJSON `json:"waiters"`
+	WaitersShownMax  int          `json:"waiters_shown_max"`
+	WaitersTruncated bool         `json:"waiters_truncated"`
 }
 
 type waiterJSON struct {
@@ -116,7 +120,7 @@ func (a AdminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 		s := z.Snapshot(time.Now(), maxListedWaiters)
-		v := zoneView(s)
+		v := zoneDetailJSON{zoneJSON: zoneView(s)}
 		v.Waiters = make([]waiterJSON, 0, len(s.Waiters))
 		for _, wi := range s.Waiters {
 			v.Waiters = append(v.Waiters, waiterJSON{RemoteAddr: wi.Remote, Key: wi.Key, Priority: wi.Priority, Waited: wi.Waited.Seconds()})

@@ -59,20 +59,23 @@ func expectMetrics(t *testing.T, admin, zone string, want map[string]float64) {
 	}
 }
 
-func getZone(t *testing.T, admin, zone string) zoneJSON {
+func getZone(t *testing.T, admin, zone string) zoneDetailJSON {
 	t.Helper()
 	code, body := adminDo(t, http.MethodGet, "http://"+admin+"/connection_limit/"+zone, "", nil)
 	if code != http.StatusOK {
 		t.Fatalf("GET zone %s: %d %s", zone, code, body)
 	}
-	var z zoneJSON
+	if !strings.Contains(string(body), `"waiters":[`) {
+		t.Fatalf("GET zone %s: no waiters list in %s", zone, body)
+	}
+	var z zoneDetailJSON
 	if err := json.Unmarshal(body, &z); err != nil {
 		t.Fatalf("%v: %s", err, body)
 	}
 	return z
 }
 
-func expectZone(t *testing.T, z zoneJSON, active, waiting int, admitted, rejected, abandoned uint64, paused bool) {
+func expectZone(t *testing.T, z zoneDetailJSON, active, waiting int, admitted, rejected, abandoned uint64, paused bool) {
 	t.Helper()
 	if z.Active != active || z.Waiting != waiting || z.Admitted != admitted || z.Rejected != rejected || z.Abandoned != abandoned || z.Paused != paused {
 		t.Fatalf("zone %s: active %d waiting %d admitted %d rejected %d abandoned %d paused %v; want %d %d %d %d %d %v",
