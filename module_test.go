@@ -5,10 +5,13 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	_ "github.com/caddyserver/caddy/v2/modules/logging"
 )
 
 // The backend never sees more than max_connections at once; the rest wait
@@ -200,4 +203,43 @@ func TestSlotFreedWhenNextHandlerFails(t *testing.T) {
 	}
 	wg.Wait()
 	waitCounts(t, "", 0, 0)
+}
+
+// connection_limit as the last handler of its route does not hold the
+// limit (caddy-l4's route chain returns at once): a warning says so.
+func TestWarnsWhenNothingServesAfterIt(t *testing.T) {
+	logFile := t.TempDir() + "/caddy.log"
+	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	withLog := func(cfg obj) obj {
+		cfg["logging"] = obj{"logs": obj{"default": obj{
+			"level":  "WARN",
+			"writer": obj{"output": "file", "filename": logFile},
+		}}}
+		return cfg
+	}
+	// Placed right, with proxy after it: no warning, even for quick
+	// connections.
+	be := newBackend(t, false)
+	loadConfig(t, withLog(l4Config("", listen, limit(obj{"max_connections": 1, "zone": "placed"}), proxyTo(be.addr()))))
+	for i := range 5 {
+		c := dial(t, listen, fmt.Sprintf("ok%d", i))
+		c.hello("")
+		c.expectLine("ok "+c.id, 5*time.Second)
+		_ = c.conn.Close()
+	}
+	waitCounts(t, "placed", 0, 0)
+	if b, _ := os.ReadFile(logFile); strings.Contains(string(b), "returned without serving") {
+		t.Fatalf("warned with proxy after connection_limit:\n%s", b)
+	}
+
+	loadConfig(t, withLog(l4Config("", listen, limit(obj{"max_connections": 1, "zone": "misplaced"}))))
+	defer stopCaddy(t)
+	c := dial(t, listen, "c")
+	c.hello("")
+	_, _ = c.readLine(time.Second)
+	waitFor(t, 5*time.Second, "the misplacement warning", func() bool {
+		b, _ := os.ReadFile(logFile)
+		return strings.Contains(string(b), "returned without serving the connection") &&
+			strings.Contains(string(b), `"zone":"misplaced"`)
+	})
 }
