@@ -88,6 +88,7 @@ type Handler struct {
 	lastRefusalWarn atomic.Int64
 	refusedSince    atomic.Int64
 	warnedPlacement atomic.Bool
+	lastPlacement   atomic.Int64 // when the placement was last checked
 }
 
 // CaddyModule returns the Caddy module information.
@@ -305,12 +306,22 @@ func (h *Handler) logEvent(msg string, cx *layer4.Connection, cw *connWait, fiel
 // for not having served the connection at all.
 const placementCheckWithin = 5 * time.Millisecond
 
+// placementCheckEvery samples the check: a misplaced handler shows on
+// every connection, so one look a second is enough and keeps the syscall
+// off the hot path.
+const placementCheckEvery = time.Second
+
 // checkPlacement warns (once per handler) when the next handler returned
 // at once without serving the connection: then connection_limit is the
 // last handler of its route, the route's chain ended at once, and the
 // limit does not hold while the connection is served.
 func (h *Handler) checkPlacement(cx *layer4.Connection) {
 	if h.warnedPlacement.Load() {
+		return
+	}
+	now := time.Now().UnixNano()
+	last := h.lastPlacement.Load()
+	if now-last < int64(placementCheckEvery) || !h.lastPlacement.CompareAndSwap(last, now) {
 		return
 	}
 	if untouched, known := socketUntouchedConn(cx.Conn); !known || !untouched {
