@@ -192,6 +192,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 		if !cw.Enqueued().IsZero() {
 			waited = time.Since(cw.Enqueued())
 		}
+		cw.replayHeld(cx) // a UDP flow's packets go to overflow too
 		putConnWait(cw)
 		return h.refuse(cx, reason, waited)
 	}
@@ -211,10 +212,7 @@ func (h *Handler) serve(cx *layer4.Connection, cw *connWait, next layer4.Handler
 	repl.Set(replWaitedMS, waited.Milliseconds())
 	repl.Set(replPosition, cw.Position())
 	h.logEvent("admitted", cx, cw, zap.Duration("waited", waited), zap.Int("position", cw.Position()))
-	if len(cw.held) > 0 {
-		cx.Conn = &replayConn{Conn: cx.Conn, held: cw.held}
-		cw.held = nil
-	}
+	cw.replayHeld(cx)
 
 	if inListenerWrapper(cx) {
 		return h.serveHTTP(cx, cw, next)

@@ -381,3 +381,41 @@ func TestUDPQuietWaiterIsAbandoned(t *testing.T) {
 		t.Fatalf("backend saw %d flows (C-0 seen: %v); the abandoned one must not reach it", peers, payloads["C-0"])
 	}
 }
+
+// A UDP flow refused after waiting (wait_timeout) is handed to overflow
+// with the packets it sent while it waited, in order.
+func TestUDPRefusedFlowTakesItsPacketsToOverflow(t *testing.T) {
+	const zone = "udp-overflow"
+	echo := newE2EUDPEcho(t)
+	spill := newE2EUDPEcho(t)
+	port := e2eFreeUDPPort(t)
+	loadConfig(t, e2eUDPConfig(port, echo, obj{
+		"max_connections": 1, "zone": zone, "wait_timeout": "500ms",
+		"overflow": []obj{proxyTo("udp/" + spill.addr())},
+	}, "5s"))
+	defer stopCaddy(t)
+
+	a := e2eDialUDP(t, port, "A") // holds the slot
+	a.send("A-0")
+	a.expect("A-0", 5*time.Second)
+
+	c := e2eDialUDP(t, port, "C")
+	c.send("C-0")
+	waitCounts(t, zone, 1, 1)
+	c.send("C-1")
+	c.send("C-2")
+	// Refused at the wait_timeout (rounded up to a whole second for UDP
+	// flows), then its three packets reach the spill-over server, in order.
+	for _, want := range []string{"C-0", "C-1", "C-2"} {
+		c.expect(want, 5*time.Second)
+	}
+	if peers, payloads := spill.seen(); peers != 1 || !payloads["C-0"] || !payloads["C-2"] {
+		t.Fatalf("spill-over saw %d flows, payloads %v", peers, payloads)
+	}
+	if _, payloads := echo.seen(); payloads["C-0"] {
+		t.Fatal("the refused flow reached the limited backend")
+	}
+	if s := e2eSnapshot(t, zone); s.Counters.Rejected[ReasonWaitTimeout] != 1 {
+		t.Fatalf("wait_timeout refusals %d, want 1", s.Counters.Rejected[ReasonWaitTimeout])
+	}
+}

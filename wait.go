@@ -258,6 +258,14 @@ func (c *connWait) waitChannel(z *Zone) (Outcome, Reason) {
 	}
 }
 
+// replayHeld makes the packets held while waiting the first that cx reads.
+func (c *connWait) replayHeld(cx *layer4.Connection) {
+	if len(c.held) > 0 {
+		cx.Conn = &replayConn{Conn: cx.Conn, held: c.held}
+		c.held = nil
+	}
+}
+
 // replayConn hands the packets held while waiting to the next handler,
 // one per Read, before reading on from the flow.
 type replayConn struct {
