@@ -184,14 +184,11 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	}
 	switch {
 	case abandoned:
-		h.logEvent("abandoned while waiting", cx, cw, zap.Duration("waited", time.Since(cw.Enqueued())))
+		h.logEvent("abandoned while waiting", cx, cw, zap.Duration("waited", cw.Waited(time.Now())))
 		putConnWait(cw)
 		return cx.Close()
 	case out == Rejected:
-		waited := time.Duration(0)
-		if !cw.Enqueued().IsZero() {
-			waited = time.Since(cw.Enqueued())
-		}
+		waited := cw.Waited(time.Now())
 		cw.replayHeld(cx) // a UDP flow's packets go to overflow too
 		putConnWait(cw)
 		return h.refuse(cx, reason, waited)
@@ -204,10 +201,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 // or, when caddy-l4 runs as a listener wrapper of Caddy's HTTP server, when
 // the HTTP server closes the connection.
 func (h *Handler) serve(cx *layer4.Connection, cw *connWait, next layer4.Handler) error {
-	var waited time.Duration
-	if !cw.Enqueued().IsZero() {
-		waited = time.Since(cw.Enqueued())
-	}
+	waited := cw.Waited(time.Now())
 	repl := cx.Replacer()
 	repl.Set(replWaitedMS, waited.Milliseconds())
 	repl.Set(replPosition, cw.Position())

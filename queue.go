@@ -176,8 +176,14 @@ type Waiter struct {
 // the next to be admitted), or 0 if it was admitted at once.
 func (w *Waiter) Position() int { return w.position }
 
-// Enqueued is when the waiter joined the waiting list (zero if it never did).
-func (w *Waiter) Enqueued() time.Time { return w.enqueued }
+// Waited is how long the waiter has been (or was) in line by now; 0 if it
+// never joined the waiting list.
+func (w *Waiter) Waited(now time.Time) time.Duration {
+	if w.enqueued.IsZero() {
+		return 0
+	}
+	return now.Sub(w.enqueued)
+}
 
 // level is the waiting list of one priority within one key: a doubly
 // linked list, admitted from the head for FIFO and from the tail for LIFO.

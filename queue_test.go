@@ -334,8 +334,8 @@ func TestZoneAdmitsUpToMax(t *testing.T) {
 	var cs []*qw
 	for i := range 3 {
 		c := admit(t, z, i, "", t0)
-		if c.w.Position() != 0 || !c.w.Enqueued().IsZero() {
-			t.Errorf("admitted at once: Position %d, Enqueued %v", c.w.Position(), c.w.Enqueued())
+		if c.w.Position() != 0 || c.w.Waited(at(time.Hour)) != 0 {
+			t.Errorf("admitted at once: Position %d, Waited %v", c.w.Position(), c.w.Waited(at(time.Hour)))
 		}
 		if c.k.Wakes() != 0 || len(c.k.Arms()) != 0 {
 			t.Errorf("admitted at once, yet the waker was used: %d wakes, arms %v", c.k.Wakes(), c.k.Arms())
@@ -369,8 +369,8 @@ func TestQueueFIFOOrder(t *testing.T) {
 		if c.w.Position() != i+1 {
 			t.Errorf("waiter %d: Position %d, want %d", i, c.w.Position(), i+1)
 		}
-		if !c.w.Enqueued().Equal(at(time.Duration(i) * time.Millisecond)) {
-			t.Errorf("waiter %d: Enqueued %v", i, c.w.Enqueued())
+		if got, want := c.w.Waited(at(time.Second)), time.Second-time.Duration(i)*time.Millisecond; got != want {
+			t.Errorf("waiter %d: Waited %v at t0+1s, want %v", i, got, want)
 		}
 		cs = append(cs, c)
 	}
