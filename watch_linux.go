@@ -17,8 +17,7 @@ const canWatch = true
 // client of rc has gone (it returns true) or the connection's read deadline
 // passes (it returns false and the deadline error). It never consumes a
 // byte: the poller wakes it on every new segment, FIN or RST, and each time
-// it looks at the socket with a zero-copy MSG_PEEK and, when bytes are
-// pending, the TCP state.
+// it asks the socket's state with one non-blocking ppoll for POLLRDHUP.
 func watchSocket(rc syscall.RawConn, keepHalfClosed, sentBefore bool) (gone bool, err error) {
 	err = rc.Read(func(fd uintptr) bool {
 		gone = peerGone(fd, keepHalfClosed, sentBefore)
@@ -37,62 +36,54 @@ func socketGone(rc syscall.RawConn, keepHalfClosed, sentBefore bool) bool {
 }
 
 // socketUntouched reports whether the client is still connected and has
-// not finished sending: nothing was read to its end. A handler that
-// returns while this holds did not serve the connection.
+// not finished sending. A handler that returns while this holds did not
+// serve the connection.
 func socketUntouched(rc syscall.RawConn) bool {
 	untouched := false
 	_ = rc.Control(func(fd uintptr) {
-		n, errno := peek(fd)
-		untouched = errno == unix.EAGAIN || (errno == 0 && n > 0 && tcpState(fd) == tcpEstablished)
+		ev, ok := pollState(fd)
+		untouched = ok && ev&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) == 0
 	})
 	return untouched
 }
 
-func peek(fd uintptr) (int, syscall.Errno) {
+// pollState returns the socket's poll events without waiting: POLLRDHUP
+// once the peer has sent its FIN (even with bytes still pending), POLLHUP
+// and POLLERR once it reset or both sides closed. One system call, no
+// allocation; ok is false if it was interrupted.
+func pollState(fd uintptr) (revents int16, ok bool) {
+	pfd := unix.PollFd{Fd: int32(fd), Events: unix.POLLIN | unix.POLLRDHUP}
+	var now unix.Timespec // zero: do not wait
+	_, _, errno := syscall.Syscall6(unix.SYS_PPOLL, uintptr(unsafe.Pointer(&pfd)), 1,
+		uintptr(unsafe.Pointer(&now)), 0, 0, 0)
+	return pfd.Revents, errno == 0
+}
+
+// peek reports whether a byte is pending, without consuming it.
+func peek(fd uintptr) bool {
 	var b [1]byte
 	n, _, errno := syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
 		uintptr(unix.MSG_PEEK|unix.MSG_DONTWAIT), 0, 0)
-	return int(n), errno
-}
-
-// Linux TCP states (include/net/tcp_states.h).
-const (
-	tcpEstablished = 1
-	tcpClose       = 7
-	tcpCloseWait   = 8
-)
-
-func tcpState(fd uintptr) int {
-	info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-	if err != nil {
-		return -1 // not TCP (a Unix socket): unknown
-	}
-	return int(info.State)
+	return errno == 0 && n > 0
 }
 
 // peerGone decides whether a waiting client has left:
-//   - nothing pending and connected (EAGAIN): still there;
-//   - an error such as ECONNRESET: gone;
-//   - end of stream with nothing pending: gone, unless keepHalfClosed and
-//     the client's bytes were read before (sentBefore): then it sent its
-//     request and half-closed;
-//   - bytes pending: gone if the connection was reset (state CLOSE), or if
-//     the client closed its side (state CLOSE_WAIT) unless keepHalfClosed.
+//   - reset, or both sides closed (POLLHUP, POLLERR): gone;
+//   - connected, and not closed its side (no POLLRDHUP): still there;
+//   - closed its sending side (FIN): gone, unless keepHalfClosed and the
+//     client sent bytes first (read by caddy-l4's matchers, sentBefore, or
+//     still pending in the socket): then it half-closed after its request.
 func peerGone(fd uintptr, keepHalfClosed, sentBefore bool) bool {
-	n, errno := peek(fd)
+	ev, ok := pollState(fd)
 	switch {
-	case errno == unix.EAGAIN || errno == unix.EINTR:
+	case !ok:
+		return false // interrupted: looked at again on the next wake-up
+	case ev&(unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0:
+		return true
+	case ev&unix.POLLRDHUP == 0:
 		return false
-	case errno != 0:
+	case !keepHalfClosed:
 		return true
-	case n == 0:
-		return !(keepHalfClosed && sentBefore)
 	}
-	switch tcpState(fd) {
-	case tcpClose:
-		return true
-	case tcpCloseWait:
-		return !keepHalfClosed
-	}
-	return false
+	return !sentBefore && !peek(fd)
 }
