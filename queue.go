@@ -486,6 +486,44 @@ func (z *Zone) Poll(w *Waiter, now time.Time) (Outcome, Reason, time.Time) {
 	return Rejected, ReasonNone, time.Time{}
 }
 
+// Wait blocks the goroutine of a waiter that was queued with Signal s as
+// its Waker until it is admitted (it then holds the slot: call Release)
+// or refused (its wait timed out). If gone is closed first, the client
+// left: the waiter is abandoned and abandoned is true. Wait keeps its own
+// timer for the deadline that Poll returns.
+func (z *Zone) Wait(w *Waiter, s Signal, gone <-chan struct{}) (out Outcome, r Reason, abandoned bool) {
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for {
+		out, r, deadline := z.Poll(w, time.Now())
+		if out != Queued {
+			return out, r, false
+		}
+		var expired <-chan time.Time
+		if !deadline.IsZero() {
+			if timer == nil {
+				timer = time.NewTimer(time.Until(deadline))
+			} else {
+				timer.Reset(time.Until(deadline))
+			}
+			expired = timer.C
+		}
+		select {
+		case <-s:
+		case <-expired:
+		case <-gone:
+			if z.Abandon(w) {
+				return Rejected, ReasonNone, true
+			}
+			gone = nil // admitted meanwhile: Poll says so
+		}
+	}
+}
+
 // Deadline is when the queued waiter w times out under the zone's current
 // wait_timeout (zero: never).
 func (z *Zone) Deadline(w *Waiter) time.Time {

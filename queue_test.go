@@ -855,42 +855,6 @@ func TestQueueWaitTimeoutChange(t *testing.T) {
 	}
 }
 
-// waitLike waits the way a real connection does: Poll, then sleep on the
-// Signal or a timer until the deadline Poll returned. A receive on leave
-// makes it abandon the wait.
-func waitLike(z *Zone, w *Waiter, sig Signal, leave <-chan time.Time) (out Outcome, r Reason, abandoned bool) {
-	var timer *time.Timer
-	defer func() {
-		if timer != nil {
-			timer.Stop()
-		}
-	}()
-	for {
-		out, r, deadline := z.Poll(w, time.Now())
-		if out != Queued {
-			return out, r, false
-		}
-		var expired <-chan time.Time
-		if !deadline.IsZero() {
-			if timer == nil {
-				timer = time.NewTimer(time.Until(deadline))
-			} else {
-				timer.Reset(time.Until(deadline))
-			}
-			expired = timer.C
-		}
-		select {
-		case <-sig:
-		case <-expired:
-		case <-leave:
-			if z.Abandon(w) {
-				return Rejected, ReasonNone, true
-			}
-			leave = nil
-		}
-	}
-}
-
 func TestQueueWaitTimeoutGoroutine(t *testing.T) {
 	const timeout = 100 * time.Millisecond
 	z, _ := newTestZone(t, Limits{MaxConnections: 1, WaitTimeout: timeout})
@@ -911,7 +875,7 @@ func TestQueueWaitTimeoutGoroutine(t *testing.T) {
 		}
 		ch := make(chan result, 1)
 		go func() {
-			out, r, _ := waitLike(z, w, sig, nil)
+			out, r, _ := z.Wait(w, sig, nil)
 			ch <- result{out, r, time.Since(start)}
 		}()
 		return ch, w
@@ -1770,13 +1734,14 @@ func runStress(t *testing.T, cfg stressConfig) {
 					}
 					rejected[r].Add(1)
 				case Queued:
-					var leave <-chan time.Time
+					var leave chan struct{}
 					if rand.IntN(3) == 0 {
-						timer := time.NewTimer(time.Duration(rand.IntN(15000)) * time.Microsecond)
+						l := make(chan struct{})
+						leave = l
+						timer := time.AfterFunc(time.Duration(rand.IntN(15000))*time.Microsecond, func() { close(l) })
 						defer timer.Stop()
-						leave = timer.C
 					}
-					out, r, ab := waitLike(z, w, sig, leave)
+					out, r, ab := z.Wait(w, sig, leave)
 					switch {
 					case ab:
 						abandoned.Add(1)

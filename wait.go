@@ -166,7 +166,7 @@ func (c *connWait) wait(z *Zone) (out Outcome, r Reason, abandoned bool) {
 	case modePacket:
 		out, r, abandoned = c.waitPacket(z)
 	default:
-		out, r = c.waitChannel(z)
+		out, r, _ = z.Wait(&c.Waiter, c.sig, nil)
 	}
 	if c.mode != modeChannel {
 		// No Wake or Arm can follow an outcome: clear the deadline the
@@ -228,34 +228,6 @@ func (c *connWait) hold(p []byte) {
 	}
 	c.held = append(c.held, append([]byte(nil), p...))
 	c.heldBytes += len(p)
-}
-
-func (c *connWait) waitChannel(z *Zone) (Outcome, Reason) {
-	var timer *time.Timer
-	defer func() {
-		if timer != nil {
-			timer.Stop()
-		}
-	}()
-	for {
-		out, r, deadline := z.Poll(&c.Waiter, time.Now())
-		if out != Queued {
-			return out, r
-		}
-		var expired <-chan time.Time
-		if !deadline.IsZero() {
-			if timer == nil {
-				timer = time.NewTimer(time.Until(deadline))
-			} else {
-				timer.Reset(time.Until(deadline))
-			}
-			expired = timer.C
-		}
-		select {
-		case <-c.sig:
-		case <-expired:
-		}
-	}
 }
 
 // replayHeld makes the packets held while waiting the first that cx reads.
