@@ -396,7 +396,7 @@ func (rep *report) profileBreakdown(c *config, w func(string, ...any)) {
 	}{
 		{"all of Caddy", nil},
 		{"connection_limit's own code (its Handle minus the proxy)", []string{"-focus=" + focusOwn, "-ignore=" + ignoreProxy}},
-		{"… of which watching the waiting socket (MSG_PEEK, TCP_INFO)", []string{`-focus=connlimit\.(peerGone|socketGone|socketUntouched)`}},
+		{"… of which watching the waiting socket (ppoll)", []string{`-focus=connlimit\.(peerGone|socketGone|socketUntouched)`}},
 		{"caddy-l4 proxy handler (dial, copy, close)", []string{`-focus=l4proxy\.`}},
 		{"Go GC (background mark, assists, sweep)", []string{`-focus=runtime\.(gcBgMarkWorker|gcAssistAlloc|bgsweep)`}},
 		{"… of which scanning goroutine stacks", []string{`-focus=runtime\.scanstack`}},
