@@ -205,7 +205,8 @@ func (h *Handler) serve(cx *layer4.Connection, cw *connWait, next layer4.Handler
 	repl := cx.Replacer()
 	repl.Set(replWaitedMS, waited.Milliseconds())
 	repl.Set(replPosition, cw.Position())
-	h.logEvent("admitted", cx, cw, zap.Duration("waited", waited), zap.Int("position", cw.Position()))
+	h.logEvent("admitted", cx, cw, zap.Duration("waited", waited), zap.Int("position", cw.Position()),
+		zap.Int("udp_packets_dropped_while_waiting", cw.dropped))
 	cw.replayHeld(cx)
 
 	if inListenerWrapper(cx) {
