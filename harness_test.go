@@ -282,6 +282,16 @@ func (c *client) expectClosed(within time.Duration) {
 	}
 }
 
+// takeSlot connects a client named id, sends its line, and waits until it
+// is at the backend: it holds a slot until finish.
+func takeSlot(t testing.TB, b *backend, addr, id string) *client {
+	t.Helper()
+	c := dial(t, addr, id)
+	c.hello("")
+	b.waitArrivals(1, 5*time.Second)
+	return c
+}
+
 // finish lets the client's connection through the backend's gate, reads
 // its answer and closes it, which frees its slot.
 func finish(b *backend, c *client) {

@@ -65,9 +65,7 @@ func TestWaitingBytesArriveIntact(t *testing.T) {
 	loadConfig(t, l4Config("", listen, limit(obj{"max_connections": 1}), proxyTo(be.addr())))
 	defer stopCaddy(t)
 
-	holder := dial(t, listen, "holder")
-	holder.hello("")
-	be.waitArrivals(1, 5*time.Second)
+	holder := takeSlot(t, be, listen, "holder")
 
 	payload := make([]byte, 96<<10)
 	_, _ = rand.Read(payload)
@@ -93,9 +91,7 @@ func admissionOrder(t *testing.T, order string) []string {
 	loadConfig(t, l4Config("", listen, limit(obj{"max_connections": 1, "order": order}), proxyTo(be.addr())))
 	defer stopCaddy(t)
 
-	holder := dial(t, listen, "holder")
-	holder.hello("")
-	be.waitArrivals(1, 5*time.Second)
+	holder := takeSlot(t, be, listen, "holder")
 	waiters := map[string]*client{}
 	for i := 1; i <= 5; i++ {
 		c := dial(t, listen, fmt.Sprintf("w%d", i))
@@ -154,9 +150,7 @@ func TestRefusals(t *testing.T) {
 				loadConfig(t, l4Config("", listen, limit(fields), proxyTo(be.addr())))
 				defer stopCaddy(t)
 
-				holder := dial(t, listen, "holder")
-				holder.hello("")
-				be.waitArrivals(1, 5*time.Second)
+				takeSlot(t, be, listen, "holder")
 				for i := range tc.queued {
 					dial(t, listen, fmt.Sprintf("q%d", i)).hello("")
 				}

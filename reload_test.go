@@ -128,9 +128,7 @@ func TestBadConfigLeavesRunningOne(t *testing.T) {
 	loadConfig(t, good)
 	defer stopCaddy(t)
 
-	holder := dial(t, listen, "holder")
-	holder.hello("")
-	be.waitArrivals(1, 5*time.Second)
+	holder := takeSlot(t, be, listen, "holder")
 	w := dial(t, listen, "waiter")
 	w.hello("")
 	waitCounts(t, "bad", 1, 1)
@@ -183,9 +181,7 @@ func TestReloadWithoutZoneServesOldWaiters(t *testing.T) {
 	loadConfig(t, cfg(0))
 	defer stopCaddy(t)
 
-	holder := dial(t, listen, "holder")
-	holder.hello("")
-	be.waitArrivals(1, 5*time.Second)
+	holder := takeSlot(t, be, listen, "holder")
 	old := dial(t, listen, "old-waiter")
 	old.hello("")
 	waitCounts(t, "", 1, 1)
