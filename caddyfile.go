@@ -19,6 +19,7 @@ import (
 //		key <placeholder expression>
 //		priority <n>
 //		keep_half_closed
+//		release return|close_write
 //		overflow {
 //			<handler> [<args...>]
 //		}
@@ -114,6 +115,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "keep_half_closed":
 			h.KeepHalfClosed = true
+		case "release":
+			if !d.NextArg() {
+				return d.Errf("connection_limit: option '%s' needs a value", name)
+			}
+			if v := d.Val(); v != "return" && v != "close_write" {
+				return d.Errf("connection_limit: option '%s' must be return or close_write, got '%s'", name, v)
+			}
+			h.Release = d.Val()
 		case "overflow":
 			if d.NextArg() {
 				return d.Errf("connection_limit: option '%s' takes a block of handlers, not '%s'", name, d.Val())

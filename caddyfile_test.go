@@ -84,8 +84,9 @@ func TestCaddyfileAdaptsToJSON(t *testing.T) {
 					key {l4.conn.remote_ip}
 					priority 10
 					keep_half_closed
+					release close_write
 				}`,
-			`{"handler":"connection_limit","max_connections":1,"zone":"per_ip","key":"{l4.conn.remote_ip}","priority":10,"keep_half_closed":true}`},
+			`{"handler":"connection_limit","max_connections":1,"zone":"per_ip","key":"{l4.conn.remote_ip}","priority":10,"keep_half_closed":true,"release":"close_write"}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, err := adaptCaddyfile(t, caddyfileFor("", "127.0.0.1:5000", tc.route))
@@ -139,6 +140,12 @@ func TestCaddyfileErrors(t *testing.T) {
 		{`connection_limit 1 {
 					order
 				}`, "'order' needs a value"},
+		{`connection_limit 1 {
+					release early
+				}`, "'release' must be return or close_write, got 'early'"},
+		{`connection_limit 1 {
+					release
+				}`, "'release' needs a value"},
 		{`connection_limit 1 {
 					frobnicate 1
 				}`, "unknown option 'frobnicate'"},

@@ -49,6 +49,7 @@ func freePort(t testing.TB) int {
 //	"<id>\n"       answers "ok <id>\n" and echoes until EOF
 //	"<id> hash\n"  reads to EOF and answers "<id> <n> <sha256 hex>\n"
 //	"<id> hash <n>\n"  reads n bytes and answers the same
+//	"<id> close\n" answers "ok <id>\n" and closes at once
 type backend struct {
 	t    testing.TB
 	ln   net.Listener
@@ -148,6 +149,8 @@ func (b *backend) handle(c net.Conn) {
 	case "":
 		fmt.Fprintf(c, "ok %s\n", id)
 		_, _ = io.Copy(c, br)
+	case "close":
+		fmt.Fprintf(c, "ok %s\n", id)
 	default:
 		var want int64
 		_, _ = fmt.Sscanf(mode, "hash %d", &want)

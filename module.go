@@ -79,10 +79,26 @@ type Handler struct {
 	// abandoned. See the README on half-closed clients.
 	KeepHalfClosed bool `json:"keep_half_closed,omitempty"`
 
+	// When a served connection frees its slot: "return" (the default)
+	// when the next handler returns, that is for `proxy` once both the
+	// backend and the client have closed; "close_write" as soon as the
+	// next handler shuts its sending side to the client (`proxy` does so
+	// once every backend has finished sending, and then waits for the
+	// client to close), or when it returns, whichever comes first. With
+	// close_write the next waiter does not wait for the previous client to
+	// read the end of its reply and close, as with HAProxy's server
+	// maxconn; but a backend that half-closes and goes on reading can then
+	// be handed more than max_connections connections. Connections that
+	// cannot be half-closed (UDP, TLS terminated after connection_limit,
+	// Caddy's HTTP server as listener wrapper) free it as with "return".
+	Release string `json:"release,omitempty"`
+
 	zone     *Zone
 	release  func()
 	overflow layer4.Handler
 	logger   *zap.Logger
+
+	releaseAtCloseWrite bool
 
 	// state of the rate-limited warnings
 	lastRefusalWarn atomic.Int64
@@ -145,6 +161,13 @@ func (h *Handler) limits() (Limits, error) {
 	default:
 		return l, fmt.Errorf("order: must be fifo or lifo, got %q", h.Order)
 	}
+	switch strings.ToLower(h.Release) {
+	case "", "return":
+	case "close_write":
+		h.releaseAtCloseWrite = true
+	default:
+		return l, fmt.Errorf("release: must be return or close_write, got %q", h.Release)
+	}
 	if h.MaxConnections == 0 {
 		return l, fmt.Errorf("max_connections: required, and at least 1")
 	}
@@ -197,7 +220,8 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 }
 
 // serve hands an admitted connection to the next handler and frees its
-// slot exactly once, when that handler returns (by error, panic or not),
+// slot exactly once, when that handler returns (by error, panic or not)
+// or, with release close_write, when it shuts its sending side first,
 // or, when caddy-l4 runs as a listener wrapper of Caddy's HTTP server, when
 // the HTTP server closes the connection.
 func (h *Handler) serve(cx *layer4.Connection, cw *connWait, next layer4.Handler) error {
@@ -212,10 +236,21 @@ func (h *Handler) serve(cx *layer4.Connection, cw *connWait, next layer4.Handler
 	if inListenerWrapper(cx) {
 		return h.serveHTTP(cx, cw, next)
 	}
+	var early *heldSlot // release close_write: CloseWrite may free the slot first
 	defer func() {
-		h.zone.Release(&cw.Waiter)
+		if early != nil {
+			early.free()
+		} else {
+			h.zone.Release(&cw.Waiter)
+		}
 		putConnWait(cw)
 	}()
+	if conn, ok := cx.Conn.(closeWriter); ok && h.releaseAtCloseWrite {
+		early = &heldSlot{zone: h.zone, w: &cw.Waiter}
+		orig := cx.Conn
+		cx.Conn = &releaseOnCloseWrite{Conn: orig, cw: conn, slot: early}
+		defer func() { cx.Conn = orig }()
+	}
 	start := time.Now()
 	err := next.Handle(cx)
 	if err == nil && time.Since(start) < placementCheckWithin {
@@ -426,6 +461,31 @@ func (c *releaseOnClose) Close() error {
 	c.slot.free()
 	return err
 }
+
+// closeWriter is a connection whose sending side can be shut on its own.
+type closeWriter interface {
+	CloseWrite() error
+}
+
+// releaseOnCloseWrite frees its slot when the next handler shuts the
+// sending side of the connection (release close_write). It unwraps
+// (NetConn) to the connection it wraps, so that a later connection_limit
+// still watches the socket while it waits.
+type releaseOnCloseWrite struct {
+	net.Conn
+	cw   closeWriter
+	slot *heldSlot
+}
+
+// CloseWrite shuts the sending side, then frees the slot.
+func (c *releaseOnCloseWrite) CloseWrite() error {
+	err := c.cw.CloseWrite()
+	c.slot.free()
+	return err
+}
+
+// NetConn returns the wrapped connection.
+func (c *releaseOnCloseWrite) NetConn() net.Conn { return c.Conn }
 
 func isTimeout(err error) bool {
 	var ne net.Error

@@ -141,6 +141,7 @@ func TestBadConfigLeavesRunningOne(t *testing.T) {
 		{obj{"max_connections": 5, "max_waiting": -2, "zone": "bad"}, "max_waiting"},
 		{obj{"max_connections": 5, "wait_timeout": "-1s", "zone": "bad"}, "wait_timeout"},
 		{obj{"max_connections": 5, "order": "random", "zone": "bad"}, "order"},
+		{obj{"max_connections": 5, "release": "early", "zone": "bad"}, "release"},
 		{obj{"max_connections": 5, "zone": "a/b"}, "zone"},
 		{obj{"max_connections": 5, "zone": "bad", "overflow": []obj{{"handler": "nonesuch"}}}, "overflow"},
 	} {
