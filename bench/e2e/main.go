@@ -21,6 +21,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -308,7 +309,7 @@ func (c *config) run() *report {
 		for round := 1; round <= c.scaleRounds; round++ {
 			done := map[[2]int]bool{}
 			for _, req := range c.scaleNs {
-				for _, k := range []sysKind{sysConnlimit, sysHAProxy} {
+				for _, k := range c.scaleSystems() {
 					n := min(req, scaleCap(k, rep.rlimit))
 					if done[[2]int{int(k), n}] {
 						continue // capped to a size already run
@@ -330,7 +331,7 @@ func (c *config) run() *report {
 	}
 	if c.profile && doTput {
 		for _, wl := range workloads {
-			for _, k := range []sysKind{sysConnlimit, sysPlainL} {
+			for _, k := range c.wanted(sysConnlimit, sysConnlimitCW, sysPlainL) {
 				what := fmt.Sprintf("profile %s %s", wl.key, k)
 				if !fits(runEst+10*time.Second, what) {
 					continue
@@ -343,6 +344,23 @@ func (c *config) run() *report {
 	}
 	rep.elapsed = time.Since(c.start)
 	return rep
+}
+
+// wanted returns those of ks that were asked for (-systems).
+func (c *config) wanted(ks ...sysKind) []sysKind {
+	var out []sysKind
+	for _, k := range ks {
+		if slices.Contains(c.systems, k) {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// scaleSystems are the systems of the scale runs: the connection_limit
+// variants and HAProxy, of those asked for.
+func (c *config) scaleSystems() []sysKind {
+	return c.wanted(sysConnlimit, sysConnlimitCW, sysHAProxy)
 }
 
 // scaleCap is the most waiters a system can hold under the open-file

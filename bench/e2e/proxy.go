@@ -21,17 +21,21 @@ import (
 type sysKind int
 
 const (
-	sysConnlimit sysKind = iota // Caddy: connection_limit, then proxy
-	sysHAProxy                  // HAProxy TCP mode, server maxconn L (its queue)
-	sysPolling                  // Caddy: proxy, upstream max_connections L, try_duration/try_interval
-	sysPlain                    // Caddy: proxy, no limit, C clients
-	sysPlainL                   // Caddy: proxy, no limit, only L clients
+	sysConnlimit   sysKind = iota // Caddy: connection_limit, then proxy
+	sysHAProxy                    // HAProxy TCP mode, server maxconn L (its queue)
+	sysPolling                    // Caddy: proxy, upstream max_connections L, try_duration/try_interval
+	sysPlain                      // Caddy: proxy, no limit, C clients
+	sysPlainL                     // Caddy: proxy, no limit, only L clients
+	sysConnlimitCW                // Caddy: connection_limit with release close_write, then proxy
 )
 
-var allSystems = []sysKind{sysConnlimit, sysHAProxy, sysPolling, sysPlain, sysPlainL}
+var allSystems = []sysKind{sysConnlimit, sysConnlimitCW, sysHAProxy, sysPolling, sysPlain, sysPlainL}
+
+// limiters are the connection_limit variants, each compared with the others.
+var limiters = []sysKind{sysConnlimit, sysConnlimitCW}
 
 func (k sysKind) String() string {
-	return [...]string{"connlimit", "haproxy", "l4-polling", "l4-plain", "l4-plain-L"}[k]
+	return [...]string{"connlimit", "haproxy", "l4-polling", "l4-plain", "l4-plain-L", "connlimit-cw"}[k]
 }
 
 func (k sysKind) label() string {
@@ -41,13 +45,16 @@ func (k sysKind) label() string {
 		"caddy-l4 proxy max_connections + try_* (polling)",
 		"caddy-l4 proxy, no limit, C clients",
 		"caddy-l4 proxy, no limit, L clients (floor)",
+		"Caddy connection_limit (release close_write) + proxy",
 	}[k]
 }
 
 func (k sysKind) isCaddy() bool { return k != sysHAProxy }
 
 // limited: the system keeps at most L connections at the backend.
-func (k sysKind) limited() bool { return k == sysConnlimit || k == sysHAProxy || k == sysPolling }
+func (k sysKind) limited() bool { return k.isConnlimit() || k == sysHAProxy || k == sysPolling }
+
+func (k sysKind) isConnlimit() bool { return k == sysConnlimit || k == sysConnlimitCW }
 
 // proxyProc is a running proxy process.
 type proxyProc struct {
@@ -216,11 +223,12 @@ func caddyConfig(spec procSpec, listen, admin string) []byte {
 	proxy := map[string]any{"handler": "proxy", "upstreams": []any{upstream}}
 	var handle []any
 	switch spec.kind {
-	case sysConnlimit:
-		handle = []any{
-			map[string]any{"handler": "connection_limit", "max_connections": spec.limit, "zone": "bench"},
-			proxy,
+	case sysConnlimit, sysConnlimitCW:
+		limit := map[string]any{"handler": "connection_limit", "max_connections": spec.limit, "zone": "bench"}
+		if spec.kind == sysConnlimitCW {
+			limit["release"] = "close_write"
 		}
+		handle = []any{limit, proxy}
 	case sysPolling:
 		upstream["max_connections"] = spec.limit
 		proxy["load_balancing"] = map[string]any{

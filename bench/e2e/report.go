@@ -203,28 +203,33 @@ func (rep *report) markdown(c *config) string {
 				fmtF(median(floats(rs, func(r tputResult) float64 { return r.otherCores })), 2),
 				gap50, gap99, fmtF(maxOf(peak), 0), fail, threads)
 		}
-		w("\nPer round, connection_limit against the others:\n\n")
-		w("| round | conn/s ÷ HAProxy | p99 ÷ HAProxy | gap p50 ÷ HAProxy | CPU µs/conn − plain-L | CPU µs/conn − HAProxy |\n|---|---|---|---|---|---|\n")
-		for round := 1; round <= c.rounds; round++ {
-			a, ok1 := rep.byRound(wl.key, sysConnlimit, round)
-			h, ok2 := rep.byRound(wl.key, sysHAProxy, round)
-			pl, ok3 := rep.byRound(wl.key, sysPlainL, round)
-			if !ok1 {
+		for _, v := range limiters {
+			if len(rep.runs(wl.key, v)) == 0 {
 				continue
 			}
-			cells := []string{"–", "–", "–", "–", "–"}
-			if ok2 {
-				cells[0] = fmtF(a.rate/h.rate, 3)
-				cells[1] = fmtF(float64(a.p99)/float64(h.p99), 3)
-				if h.gapP50 > 0 {
-					cells[2] = fmtF(float64(a.gapP50)/float64(h.gapP50), 3)
+			w("\nPer round, %s against the others:\n\n", v.label())
+			w("| round | conn/s ÷ HAProxy | p99 ÷ HAProxy | gap p50 ÷ HAProxy | CPU µs/conn − plain-L | CPU µs/conn − HAProxy |\n|---|---|---|---|---|---|\n")
+			for round := 1; round <= c.rounds; round++ {
+				a, ok1 := rep.byRound(wl.key, v, round)
+				h, ok2 := rep.byRound(wl.key, sysHAProxy, round)
+				pl, ok3 := rep.byRound(wl.key, sysPlainL, round)
+				if !ok1 {
+					continue
 				}
-				cells[4] = fmtF(a.cpuPerConn-h.cpuPerConn, 1)
+				cells := []string{"–", "–", "–", "–", "–"}
+				if ok2 {
+					cells[0] = fmtF(a.rate/h.rate, 3)
+					cells[1] = fmtF(float64(a.p99)/float64(h.p99), 3)
+					if h.gapP50 > 0 {
+						cells[2] = fmtF(float64(a.gapP50)/float64(h.gapP50), 3)
+					}
+					cells[4] = fmtF(a.cpuPerConn-h.cpuPerConn, 1)
+				}
+				if ok3 {
+					cells[3] = fmtF(a.cpuPerConn-pl.cpuPerConn, 1)
+				}
+				w("| %d | %s |\n", round, strings.Join(cells, " | "))
 			}
-			if ok3 {
-				cells[3] = fmtF(a.cpuPerConn-pl.cpuPerConn, 1)
-			}
-			w("| %d | %s |\n", round, strings.Join(cells, " | "))
 		}
 		w("\n")
 	}
@@ -235,7 +240,7 @@ func (rep *report) markdown(c *config) string {
 		w("| system | waiters | rounds | queued (proxy's count) | RSS/waiter | RSS before → after | Go stack/waiter | Go heap in use/waiter | goroutines/waiter | idle CPU (stat / schedstat) | first admitted after | drain | drain rate | in FIFO order | adjacent inversions | max displacement |\n")
 		w("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 		for _, n := range c.scaleNs {
-			for _, k := range []sysKind{sysConnlimit, sysHAProxy} {
+			for _, k := range []sysKind{sysConnlimit, sysConnlimitCW, sysHAProxy} {
 				rs := rep.scaleRuns(n, k)
 				if len(rs) == 0 {
 					continue
@@ -349,7 +354,7 @@ func (rep *report) markdown(c *config) string {
 			}
 			w("CPU profile of Caddy, %s, %s (%.0f conn/s, %s µs/conn), `go tool pprof -top`:\n\n```\n%s```\n\n",
 				r.wl.key, r.kind, r.rate, fmtF(r.cpuPerConn, 1), clipLines(c.profileTop(r.profileNote), 38))
-			if r.kind == sysConnlimit {
+			if r.kind.isConnlimit() {
 				w("Same, only connection_limit's own code (`-cum -focus=%s -ignore=%s`: its Handle minus the proxy it calls):\n\n```\n%s```\n\n",
 					focusOwn, ignoreProxy, clipLines(c.profileTop(r.profileNote, "-cum", "-focus="+focusOwn, "-ignore="+ignoreProxy), 40))
 			}
@@ -410,7 +415,7 @@ func (rep *report) profileBreakdown(c *config, w func(string, ...any)) {
 	}
 	var cols []col
 	for _, wl := range workloads {
-		for _, k := range []sysKind{sysConnlimit, sysPlainL} {
+		for _, k := range []sysKind{sysConnlimit, sysConnlimitCW, sysPlainL} {
 			for _, r := range rep.prof {
 				if r.wl.key != wl.key || r.kind != k || !strings.HasSuffix(r.profileNote, ".pb.gz") || r.completed == 0 {
 					continue
@@ -495,68 +500,71 @@ func (rep *report) targets(c *config, w func(string, ...any)) {
 	gap := func(r tputResult) float64 { return float64(r.gapP50) }
 	cpu := func(r tputResult) float64 { return r.cpuPerConn }
 
-	if len(rep.runs("limit", sysConnlimit)) > 0 {
-		tr := median(rep.ratios("limit", sysConnlimit, sysHAProxy, rate))
-		pr := median(rep.ratios("limit", sysConnlimit, sysHAProxy, p99))
-		w("- Limit-bound, throughput and p99 at least as good as HAProxy's: throughput ratio %s (per round %s), p99 ratio %s (per round %s) → %s\n",
-			fmtF(tr, 3), fmtList(rep.ratios("limit", sysConnlimit, sysHAProxy, rate)), fmtF(pr, 3),
-			fmtList(rep.ratios("limit", sysConnlimit, sysHAProxy, p99)), verdict(tr >= 1 && pr <= 1))
-	}
-	if len(rep.runs("handoff", sysConnlimit)) > 0 {
-		gr := median(rep.ratios("handoff", sysConnlimit, sysHAProxy, gap))
-		tr := median(rep.ratios("handoff", sysConnlimit, sysHAProxy, rate))
-		w("- Handoff-bound, gap p50 no worse than HAProxy's and throughput ≥ 0.9× HAProxy's: gap p50 %s vs %s (ratio %s, per round %s), throughput ratio %s (per round %s) → %s\n",
-			medDur(durs(rep.runs("handoff", sysConnlimit), func(r tputResult) time.Duration { return r.gapP50 })),
-			medDur(durs(rep.runs("handoff", sysHAProxy), func(r tputResult) time.Duration { return r.gapP50 })),
-			fmtF(gr, 3), fmtList(rep.ratios("handoff", sysConnlimit, sysHAProxy, gap)),
-			fmtF(tr, 3), fmtList(rep.ratios("handoff", sysConnlimit, sysHAProxy, rate)), verdict(gr <= 1 && tr >= 0.9))
-	}
-	for _, wl := range workloads {
-		d := rep.diffs(wl.key, sysConnlimit, sysPlainL, cpu)
-		if len(d) == 0 {
-			continue
+	for _, v := range limiters {
+		name := v.label()
+		if len(rep.runs("limit", v)) > 0 {
+			tr := median(rep.ratios("limit", v, sysHAProxy, rate))
+			pr := median(rep.ratios("limit", v, sysHAProxy, p99))
+			w("- %s. Limit-bound, throughput and p99 at least as good as HAProxy's: throughput ratio %s (per round %s), p99 ratio %s (per round %s) → %s\n",
+				name, fmtF(tr, 3), fmtList(rep.ratios("limit", v, sysHAProxy, rate)), fmtF(pr, 3),
+				fmtList(rep.ratios("limit", v, sysHAProxy, p99)), verdict(tr >= 1 && pr <= 1))
 		}
-		m := median(d)
-		w("- Limiter CPU ≤ 10 µs/conn above plain caddy-l4 driven by L clients, %s: %s µs/conn (connection_limit %s, plain-L %s; per round %s) → %s\n",
-			wl.key, fmtF(m, 1),
-			fmtF(median(floats(rep.runs(wl.key, sysConnlimit), cpu)), 1),
-			fmtF(median(floats(rep.runs(wl.key, sysPlainL), cpu)), 1), fmtList(d), verdict(m <= 10))
-	}
-	for _, n := range c.scaleNs {
-		cr, hr := rep.scaleRuns(n, sysConnlimit), rep.scaleRuns(n, sysHAProxy)
-		if len(cr) == 0 {
-			continue
+		if len(rep.runs("handoff", v)) > 0 {
+			gr := median(rep.ratios("handoff", v, sysHAProxy, gap))
+			tr := median(rep.ratios("handoff", v, sysHAProxy, rate))
+			w("- %s. Handoff-bound, gap p50 no worse than HAProxy's and throughput ≥ 0.9× HAProxy's: gap p50 %s vs %s (ratio %s, per round %s), throughput ratio %s (per round %s) → %s\n",
+				name, medDur(durs(rep.runs("handoff", v), func(r tputResult) time.Duration { return r.gapP50 })),
+				medDur(durs(rep.runs("handoff", sysHAProxy), func(r tputResult) time.Duration { return r.gapP50 })),
+				fmtF(gr, 3), fmtList(rep.ratios("handoff", v, sysHAProxy, gap)),
+				fmtF(tr, 3), fmtList(rep.ratios("handoff", v, sysHAProxy, rate)), verdict(gr <= 1 && tr >= 0.9))
 		}
-		hnote := ""
-		if len(hr) == 0 { // capped to a size already run: use HAProxy's largest
-			for _, r := range rep.scale {
-				if r.kind == sysHAProxy && (len(hr) == 0 || r.n > hr[0].n) {
-					hr = []scaleResult{r}
+		for _, wl := range workloads {
+			d := rep.diffs(wl.key, v, sysPlainL, cpu)
+			if len(d) == 0 {
+				continue
+			}
+			m := median(d)
+			w("- %s. Limiter CPU ≤ 10 µs/conn above plain caddy-l4 driven by L clients, %s: %s µs/conn (connection_limit %s, plain-L %s; per round %s) → %s\n",
+				name, wl.key, fmtF(m, 1),
+				fmtF(median(floats(rep.runs(wl.key, v), cpu)), 1),
+				fmtF(median(floats(rep.runs(wl.key, sysPlainL), cpu)), 1), fmtList(d), verdict(m <= 10))
+		}
+		for _, n := range c.scaleNs {
+			cr, hr := rep.scaleRuns(n, v), rep.scaleRuns(n, sysHAProxy)
+			if len(cr) == 0 {
+				continue
+			}
+			hnote := ""
+			if len(hr) == 0 { // capped to a size already run: use HAProxy's largest
+				for _, r := range rep.scale {
+					if r.kind == sysHAProxy && (len(hr) == 0 || r.n > hr[0].n) {
+						hr = []scaleResult{r}
+					}
+				}
+				if len(hr) > 0 {
+					n := hr[0].n
+					hr = rep.scaleRuns(hr[0].requested, sysHAProxy)
+					hnote = fmt.Sprintf("; HAProxy: its %d-waiter runs, it cannot hold more under this fd limit", n)
 				}
 			}
-			if len(hr) > 0 {
-				n := hr[0].n
-				hr = rep.scaleRuns(hr[0].requested, sysHAProxy)
-				hnote = fmt.Sprintf("; HAProxy: its %d-waiter runs, it cannot hold more under this fd limit", n)
+			m := median(sfloats(cr, func(r scaleResult) float64 { return r.perWaiter }))
+			hm := median(sfloats(hr, func(r scaleResult) float64 { return r.perWaiter }))
+			w("- %s. Memory per waiting connection ≤ 8 KiB RSS on the Caddy process, %d waiters: %s B = %s KiB (HAProxy %s KiB%s) → %s\n",
+				name, cr[0].n, fmtF(m, 0), fmtF(m/1024, 2), fmtF(hm/1024, 2), hnote, verdict(m <= 8192))
+			dr := median(sfloats(cr, func(r scaleResult) float64 { return r.drainRate }))
+			hd := median(sfloats(hr, func(r scaleResult) float64 { return r.drainRate }))
+			allInOrder := true
+			inOrder, opened, zoneSame, zoneN := 0, 0, 0, 0
+			for _, r := range cr {
+				allInOrder = allInOrder && r.inOrder == r.opened && r.err == nil
+				inOrder += r.inOrder
+				opened += r.opened
+				zoneSame += r.zoneSame
+				zoneN += len(r.zoneHead)
 			}
+			w("- %s. Drain after the holder leaves (L=1) at least as fast as HAProxy, in order, %d waiters: %s/s vs HAProxy %s/s (ratio %s%s); admitted in client (TCP accept) order: %d of %d; admitted in the zone's queue order: %d of the first %d checked → %s\n",
+				name, cr[0].n, fmtF(dr, 0), fmtF(hd, 0), fmtF(dr/hd, 3), hnote, inOrder, opened, zoneSame, zoneN, verdict(dr >= hd && allInOrder))
 		}
-		m := median(sfloats(cr, func(r scaleResult) float64 { return r.perWaiter }))
-		hm := median(sfloats(hr, func(r scaleResult) float64 { return r.perWaiter }))
-		w("- Memory per waiting connection ≤ 8 KiB RSS on the Caddy process, %d waiters: %s B = %s KiB (HAProxy %s KiB%s) → %s\n",
-			cr[0].n, fmtF(m, 0), fmtF(m/1024, 2), fmtF(hm/1024, 2), hnote, verdict(m <= 8192))
-		dr := median(sfloats(cr, func(r scaleResult) float64 { return r.drainRate }))
-		hd := median(sfloats(hr, func(r scaleResult) float64 { return r.drainRate }))
-		allInOrder := true
-		inOrder, opened, zoneSame, zoneN := 0, 0, 0, 0
-		for _, r := range cr {
-			allInOrder = allInOrder && r.inOrder == r.opened && r.err == nil
-			inOrder += r.inOrder
-			opened += r.opened
-			zoneSame += r.zoneSame
-			zoneN += len(r.zoneHead)
-		}
-		w("- Drain after the holder leaves (L=1) at least as fast as HAProxy, in order, %d waiters: %s/s vs HAProxy %s/s (ratio %s%s); admitted in client (TCP accept) order: %d of %d; admitted in the zone's queue order: %d of the first %d checked → %s\n",
-			cr[0].n, fmtF(dr, 0), fmtF(hd, 0), fmtF(dr/hd, 3), hnote, inOrder, opened, zoneSame, zoneN, verdict(dr >= hd && allInOrder))
 	}
 	if pr := rep.runs("limit", sysPolling); len(pr) > 0 {
 		ours := median(durs(rep.runs("limit", sysConnlimit), func(r tputResult) time.Duration { return r.gapP50 }))
