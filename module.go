@@ -212,7 +212,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 		return cx.Close()
 	case out == Rejected:
 		waited := cw.Waited(time.Now())
-		cw.replayHeld(cx) // a UDP flow's packets go to overflow too
+		cx = cw.replayHeld(cx) // a UDP flow's packets go to overflow too
 		putConnWait(cw)
 		return h.refuse(cx, reason, waited)
 	}
@@ -231,7 +231,7 @@ func (h *Handler) serve(cx *layer4.Connection, cw *connWait, next layer4.Handler
 	repl.Set(replPosition, cw.Position())
 	h.logEvent("admitted", cx, cw, zap.Duration("waited", waited), zap.Int("position", cw.Position()),
 		zap.Int("udp_packets_dropped_while_waiting", cw.dropped))
-	cw.replayHeld(cx)
+	cx = cw.replayHeld(cx)
 
 	if inListenerWrapper(cx) {
 		return h.serveHTTP(cx, cw, next)

@@ -419,3 +419,58 @@ func TestUDPRefusedFlowTakesItsPacketsToOverflow(t *testing.T) {
 		t.Fatalf("wait_timeout refusals %d, want 1", s.Counters.Rejected[ReasonWaitTimeout])
 	}
 }
+
+// Matchers before and after the limit on a UDP route, with a flow that
+// waited and sent more packets meanwhile: the packets a matcher before the
+// limit read, those held while waiting, and the later ones all reach the
+// backend in order and as separate datagrams, and a matcher after the
+// limit (in a subroute) matches the flow. caddy-l4 handles a UDP flow's
+// connection as one over its own packet type, so a matcher after the
+// limit must not find anything else under it (it would panic).
+func TestUDPMatchersAroundAWaitingFlow(t *testing.T) {
+	for _, before := range []bool{false, true} {
+		t.Run(fmt.Sprintf("matcher_before_%v", before), func(t *testing.T) {
+			zone := fmt.Sprintf("udp-matchers-%v", before)
+			echo := newE2EUDPEcho(t)
+			port := e2eFreeUDPPort(t)
+			match := func(pattern string) []obj {
+				return []obj{{"regexp": obj{"pattern": pattern, "count": 2}}}
+			}
+			route := obj{"handle": []obj{
+				limit(obj{"max_connections": 1, "zone": zone}),
+				{"handler": "subroute", "routes": []obj{{
+					"match":  match("^[AC]-"),
+					"handle": []obj{proxyTo("udp/" + echo.addr())},
+				}}},
+			}}
+			if before {
+				route["match"] = match("^[A-Z]-")
+			}
+			cfg := l4ConfigRoutes("", fmt.Sprintf("udp/127.0.0.1:%d", port), route)
+			cfg["apps"].(obj)["layer4"].(obj)["servers"].(obj)["test"].(obj)["idle_timeout"] = "1s"
+			loadConfig(t, cfg)
+			defer stopCaddy(t)
+
+			a := e2eDialUDP(t, port, "A") // holds the slot until it goes quiet
+			a.send("A-0")
+			a.expect("A-0", 5*time.Second)
+
+			c := e2eDialUDP(t, port, "C")
+			c.send("C-0")
+			waitCounts(t, zone, 1, 1)
+			// Sent well after A's last packet, so that A's flow reaches
+			// the idle_timeout (and frees the slot) well before C's.
+			time.Sleep(300 * time.Millisecond)
+			c.send("C-1")
+			c.send("C-2")
+			for _, want := range []string{"C-0", "C-1", "C-2"} { // after A's idle_timeout
+				c.expect(want, 5*time.Second)
+			}
+			c.send("C-3")
+			c.expect("C-3", 5*time.Second)
+			if peers, _ := echo.seen(); peers != 2 {
+				t.Fatalf("backend saw %d flows, want 2", peers)
+			}
+		})
+	}
+}

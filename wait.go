@@ -230,12 +230,33 @@ func (c *connWait) hold(p []byte) {
 	c.heldBytes += len(p)
 }
 
-// replayHeld makes the packets held while waiting the first that cx reads.
-func (c *connWait) replayHeld(cx *layer4.Connection) {
-	if len(c.held) > 0 {
-		cx.Conn = &replayConn{Conn: cx.Conn, held: c.held}
-		c.held = nil
+// replayHeld returns the connection to hand on after the wait: cx itself,
+// or, when packets were held, a copy of cx (cx.Wrap) that reads, one
+// datagram per Read, the datagrams cx had already buffered (read by
+// matchers before this handler), then the held ones, then the flow.
+//
+// A copy, and not cx with its Conn replaced: caddy-l4 treats the
+// connection of a UDP flow as one over its own packet type, and a matcher
+// after this handler would panic on anything else under it. The copy is
+// an ordinary connection to caddy-l4; reading cx's buffered datagrams here
+// keeps their boundaries, which the copy would not know.
+func (c *connWait) replayHeld(cx *layer4.Connection) *layer4.Connection {
+	if len(c.held) == 0 {
+		return cx
 	}
+	var frames [][]byte
+	for left := len(cx.MatchingBytes()); left > 0; {
+		buf := make([]byte, udpReadBuffer)
+		n, err := cx.Read(buf)
+		if n <= 0 || err != nil {
+			break
+		}
+		frames = append(frames, buf[:n:n])
+		left -= n
+	}
+	rc := &replayConn{Conn: cx.Conn, held: append(frames, c.held...)}
+	c.held = nil
+	return cx.Wrap(rc)
 }
 
 // replayConn hands the packets held while waiting to the next handler,
