@@ -88,7 +88,12 @@ func (c *connWait) prepare(conn net.Conn, keepHalfClosed, sentBefore bool) {
 		// request behind a PROXY header, say): the socket then shows a
 		// half-close after them as a bare FIN, which means abandonment.
 		// So with keep_half_closed, a wrapped waiter waits on a channel.
-		_, bare := conn.(syscall.Conn)
+		// releaseOnCloseWrite (a limit before this one) holds no bytes.
+		inner := conn
+		if r, ok := inner.(*releaseOnCloseWrite); ok {
+			inner = r.Conn
+		}
+		_, bare := inner.(syscall.Conn)
 		if sc, ok := underlyingSocket(conn); ok && (bare || !keepHalfClosed) {
 			if raw, err := sc.(syscall.Conn).SyscallConn(); err == nil {
 				c.mode, c.target, c.raw = modeSocket, sc, raw
@@ -102,13 +107,15 @@ func (c *connWait) prepare(conn net.Conn, keepHalfClosed, sentBefore bool) {
 	}
 }
 
-// isPacketFlow tells caddy-l4's UDP flows from streams: their remote
-// address is a UDP one and they are not a socket of their own.
+// isPacketFlow tells caddy-l4's UDP flows from streams: no socket of
+// their own under any wrapper, and a local address on a UDP listener. (The
+// remote address does not tell: behind a PROXY v2 header naming UDP
+// addresses, a TCP stream has a UDP remote address.)
 func isPacketFlow(conn net.Conn) bool {
-	if _, ok := conn.(syscall.Conn); ok {
+	if _, ok := underlyingSocket(conn); ok {
 		return false
 	}
-	_, udp := conn.RemoteAddr().(*net.UDPAddr)
+	_, udp := conn.LocalAddr().(*net.UDPAddr)
 	return udp
 }
 

@@ -1,0 +1,61 @@
+package connlimit
+
+import (
+	"net"
+	"testing"
+	"time"
+
+	proxyproto "github.com/pires/go-proxyproto"
+)
+
+// How prepare picks the way a waiter sleeps, for connections as the
+// handler may get them.
+func TestWaitModeOfWrappedStreams(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	srv, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	// A PROXY v2 header for a UDP ("DGRAM") client, over TCP.
+	h := proxyproto.HeaderProxyFromAddrs(2,
+		&net.UDPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 1234},
+		&net.UDPAddr{IP: net.IPv4(10, 0, 0, 2), Port: 80})
+	if _, err := h.WriteTo(client); err != nil {
+		t.Fatal(err)
+	}
+	pp := proxyproto.NewConn(srv)
+	_ = pp.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, ok := pp.RemoteAddr().(*net.UDPAddr); !ok { // reads the header
+		t.Fatalf("PROXY remote address %T, want the header's UDP address", pp.RemoteAddr())
+	}
+	_ = pp.SetReadDeadline(time.Time{})
+
+	for _, tc := range []struct {
+		name           string
+		conn           net.Conn
+		keepHalfClosed bool
+		want           waitMode
+	}{
+		{"bare TCP", srv, false, modeSocket},
+		{"TCP behind a PROXY v2 header naming UDP addresses", pp, false, modeSocket},
+		{"same, keep_half_closed (the wrapper may hold bytes)", pp, true, modeChannel},
+		{"behind release close_write", &releaseOnCloseWrite{Conn: srv}, true, modeSocket},
+	} {
+		cw := getConnWait()
+		cw.prepare(tc.conn, tc.keepHalfClosed, false)
+		if cw.mode != tc.want {
+			t.Errorf("%s: mode %d, want %d (0 socket, 1 packet, 2 channel)", tc.name, cw.mode, tc.want)
+		}
+		putConnWait(cw)
+	}
+}
