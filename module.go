@@ -99,6 +99,7 @@ type Handler struct {
 	logger   *zap.Logger
 
 	releaseAtCloseWrite bool
+	udp                 udpFlows
 
 	// state of the rate-limited warnings
 	lastRefusalWarn atomic.Int64
@@ -179,7 +180,15 @@ func (h *Handler) limits() (Limits, error) {
 
 // Cleanup leaves the zone. Connections of this handler that still wait or
 // run are not touched: they finish under the zone's settings in force.
+// UDP flows are the exception: their server has stopped reading their
+// packets, so their slots are freed and their waits abandoned (udpFlows).
 func (h *Handler) Cleanup() error {
+	if h.zone != nil {
+		if n := h.udp.close(h.zone); n > 0 {
+			h.logger.Info("freed the slots of UDP flows of a stopped config",
+				zap.String("zone", h.Zone), zap.Int("flows", n))
+		}
+	}
 	if h.release != nil {
 		h.release()
 	}
@@ -199,6 +208,13 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	cw.Priority = h.Priority
 	cw.Remote = cx.RemoteAddr()
 	cw.prepare(cx.Conn, h.KeepHalfClosed, len(cx.MatchingBytes()) > 0)
+	packet := cw.mode == modePacket
+	if packet {
+		if !h.udp.add(cw) {
+			return nil // the handler was cleaned up: its server has stopped
+		}
+		defer h.udp.remove(cw)
+	}
 
 	out, reason := h.zone.Acquire(&cw.Waiter, cw, time.Now())
 	abandoned := false
@@ -206,15 +222,18 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 		out, reason, abandoned = cw.wait(h.zone)
 	}
 	switch {
-	case abandoned:
+	case abandoned, out == Rejected && reason == ReasonNone: // ReasonNone: abandoned at Cleanup
 		h.logEvent("abandoned while waiting", cx, cw, zap.Duration("waited", cw.Waited(time.Now())))
 		putConnWait(cw)
+		if packet {
+			return nil // caddy-l4 closes the flow; a second close could end a newer one
+		}
 		return cx.Close()
 	case out == Rejected:
 		waited := cw.Waited(time.Now())
 		cx = cw.replayHeld(cx) // a UDP flow's packets go to overflow too
 		putConnWait(cw)
-		return h.refuse(cx, reason, waited)
+		return h.refuse(cx, reason, waited, packet)
 	}
 	return h.serve(cx, cw, next)
 }
@@ -282,8 +301,9 @@ func (h *Handler) serveHTTP(cx *layer4.Connection, cw *connWait, next layer4.Han
 	return err
 }
 
-// refuse hands a refused connection to the overflow handlers, or closes it.
-func (h *Handler) refuse(cx *layer4.Connection, r Reason, waited time.Duration) error {
+// refuse hands a refused connection to the overflow handlers, or closes
+// it; a refused UDP flow is read and dropped until it ends (drainFlow).
+func (h *Handler) refuse(cx *layer4.Connection, r Reason, waited time.Duration, packet bool) error {
 	cx.Replacer().Set(replReason, r.String())
 	if h.logger.Core().Enabled(zap.DebugLevel) {
 		h.logger.Debug("refused",
@@ -294,8 +314,12 @@ func (h *Handler) refuse(cx *layer4.Connection, r Reason, waited time.Duration) 
 			zap.Bool("overflow", h.overflow != nil))
 	}
 	h.warnRefusing(r)
-	if h.overflow != nil {
+	switch {
+	case h.overflow != nil:
 		return h.overflow.Handle(cx)
+	case packet:
+		drainFlow(cx)
+		return nil
 	}
 	return cx.Close()
 }

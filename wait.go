@@ -66,6 +66,9 @@ var connWaitPool = sync.Pool{New: func() any { return new(connWait) }}
 func getConnWait() *connWait { return connWaitPool.Get().(*connWait) }
 
 func putConnWait(c *connWait) {
+	if c.mode == modePacket {
+		return // its handler's udpFlows may still refer to it (flows.go)
+	}
 	sig := c.sig
 	*c = connWait{sig: sig}
 	connWaitPool.Put(c)
