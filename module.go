@@ -86,9 +86,9 @@ type Handler struct {
 	// once every backend has finished sending, and then waits for the
 	// client to close), or when it returns, whichever comes first. With
 	// close_write the next waiter does not wait for the previous client to
-	// read the end of its reply and close, as with HAProxy's server
-	// maxconn; but a backend that half-closes and goes on reading can then
-	// be handed more than max_connections connections. Connections that
+	// read the end of its reply and close; but a backend that half-closes
+	// and goes on reading can then be handed more than max_connections
+	// connections. Connections that
 	// cannot be half-closed (UDP, TLS terminated after connection_limit,
 	// Caddy's HTTP server as listener wrapper) free it as with "return".
 	Release string `json:"release,omitempty"`
