@@ -24,18 +24,22 @@ type udpFlows struct {
 	closed bool
 }
 
-// add tracks cw; false once the handler was cleaned up.
-func (f *udpFlows) add(cw *connWait) bool {
+// acquire asks z for a slot for cw (Zone.Acquire) and tracks cw from
+// that moment, under the lock that close takes, so that close never misses
+// a flow that is just being admitted. ok is false, and nothing is asked,
+// once the handler was cleaned up.
+func (f *udpFlows) acquire(z *Zone, cw *connWait) (out Outcome, r Reason, ok bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed {
-		return false
+		return Rejected, ReasonNone, false
 	}
 	if f.flows == nil {
 		f.flows = make(map[*connWait]struct{})
 	}
 	f.flows[cw] = struct{}{}
-	return true
+	out, r = z.Acquire(&cw.Waiter, cw, time.Now())
+	return out, r, true
 }
 
 // remove stops tracking cw. A tracked connWait is never put back in the
@@ -64,18 +68,23 @@ func (f *udpFlows) close(z *Zone) int {
 	return n
 }
 
-// drainFlow reads and drops a refused UDP flow's packets until the flow
-// ends (caddy-l4's idle_timeout). Closing it instead would leave its
+// drainQuiet is how long a refused UDP flow must stay silent before it is
+// let go: the client's next packets then start a new flow, which may find
+// room. (caddy-l4 keeps UDP deadlines in whole seconds.)
+const drainQuiet = 2 * time.Second
+
+// drainFlow reads and drops a refused UDP flow's packets until it has
+// been silent for drainQuiet, or ends. Closing it at once would leave its
 // packets unread, and caddy-l4's packet loop, shared by every flow of the
-// listener, blocks once one flow has five unread.
+// listener, blocks once one flow has five unread. (Once the flow is let
+// go, packets that come before caddy-l4 has taken note can still fill it:
+// caddy-l4 runs the same risk whenever a flow reaches its idle_timeout.)
 func drainFlow(conn net.Conn) {
 	buf := make([]byte, udpReadBuffer)
 	for {
+		_ = conn.SetReadDeadline(time.Now().Add(drainQuiet))
 		if _, err := conn.Read(buf); err != nil {
-			if !isTimeout(err) {
-				return
-			}
-			_ = conn.SetReadDeadline(time.Time{})
+			return
 		}
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"net"
 	"runtime"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -88,9 +89,10 @@ type Handler struct {
 	// close_write the next waiter does not wait for the previous client to
 	// read the end of its reply and close; but a backend that half-closes
 	// and goes on reading can then be handed more than max_connections
-	// connections. Connections that
-	// cannot be half-closed (UDP, TLS terminated after connection_limit,
-	// Caddy's HTTP server as listener wrapper) free it as with "return".
+	// connections. Where the next handler cannot half-close the client's
+	// connection (UDP, proxy_protocol before or after the limit, TLS
+	// terminated after it, tee, Caddy's HTTP server as listener wrapper)
+	// the slot is freed as with "return".
 	Release string `json:"release,omitempty"`
 
 	zone     *Zone
@@ -209,14 +211,18 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	cw.Remote = cx.RemoteAddr()
 	cw.prepare(cx.Conn, h.KeepHalfClosed, len(cx.MatchingBytes()) > 0)
 	packet := cw.mode == modePacket
-	if packet {
-		if !h.udp.add(cw) {
-			return nil // the handler was cleaned up: its server has stopped
+	var out Outcome
+	var reason Reason
+	if packet { // tracked for Cleanup from the moment it asks (flows.go)
+		ok := false
+		if out, reason, ok = h.udp.acquire(h.zone, cw); !ok {
+			drainFlow(cx) // cleaned up: the server has stopped; let the flow end
+			return nil
 		}
 		defer h.udp.remove(cw)
+	} else {
+		out, reason = h.zone.Acquire(&cw.Waiter, cw, time.Now())
 	}
-
-	out, reason := h.zone.Acquire(&cw.Waiter, cw, time.Now())
 	abandoned := false
 	if out == Queued {
 		out, reason, abandoned = cw.wait(h.zone)
@@ -265,10 +271,11 @@ func (h *Handler) serve(cx *layer4.Connection, cw *connWait, next layer4.Handler
 		putConnWait(cw)
 	}()
 	if conn, ok := cx.Conn.(closeWriter); ok && h.releaseAtCloseWrite {
+		// Left in place after next returns: a handler such as tee may
+		// still use cx from another goroutine, and CloseWrite after the
+		// slot was freed changes nothing.
 		early = &heldSlot{zone: h.zone, w: &cw.Waiter}
-		orig := cx.Conn
-		cx.Conn = &releaseOnCloseWrite{Conn: orig, cw: conn, slot: early}
-		defer func() { cx.Conn = orig }()
+		cx.Conn = &releaseOnCloseWrite{Conn: cx.Conn, cw: conn, slot: early}
 	}
 	start := time.Now()
 	err := next.Handle(cx)
@@ -454,11 +461,18 @@ func socketUntouchedConn(conn net.Conn) (untouched, known bool) {
 type heldSlot struct {
 	zone  *Zone
 	w     *Waiter
-	freed atomic.Bool
+	mu    sync.Mutex
+	freed bool
 }
 
+// free releases the slot the first time; later calls change nothing,
+// and do not return before the first one is done: once free returns, the
+// Waiter is no longer used, and may go back to the pool.
 func (s *heldSlot) free() {
-	if s.freed.CompareAndSwap(false, true) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.freed {
+		s.freed = true
 		s.zone.Release(s.w)
 	}
 }

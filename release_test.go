@@ -57,9 +57,11 @@ func TestReleaseAtCloseWrite(t *testing.T) {
 }
 
 // Many clients through a per-IP limit and a global one, both with release
-// close_write, clients closing at random moments after their reply: the
-// backend never serves more than the global limit, and every slot of both
-// zones comes back.
+// close_write. Every client keeps its side open after reading the end of
+// its reply, until all were served: only close_write lets the next ones
+// in meanwhile (with the default this would wait for ever). The backend
+// never serves more than the global limit, and every slot of both zones
+// comes back.
 func TestReleaseAtCloseWriteChainedCounts(t *testing.T) {
 	be := newBackend(t, false)
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
@@ -69,8 +71,9 @@ func TestReleaseAtCloseWriteChainedCounts(t *testing.T) {
 		proxyTo(be.addr())))
 	defer stopCaddy(t)
 
-	const n = 60
+	const n = 40
 	var wg sync.WaitGroup
+	allServed := make(chan struct{})
 	for i := range n {
 		wg.Add(1)
 		go func() {
@@ -80,15 +83,18 @@ func TestReleaseAtCloseWriteChainedCounts(t *testing.T) {
 			if got, err := c.readLine(30 * time.Second); got != "ok "+c.id {
 				t.Errorf("client %s: got %q (err %v)", c.id, got, err)
 			}
-			if i%3 == 0 { // some linger after the end of their reply
-				time.Sleep(time.Duration(i%7) * time.Millisecond)
-			}
+			<-allServed // the side of the client stays open until then
 			_ = c.conn.Close()
 		}()
 	}
-	wg.Wait()
+	waitFor(t, 30*time.Second, "every client served while the earlier ones keep their side open", func() bool {
+		_, _, total, _ := be.stats()
+		return total == n
+	})
 	waitCounts(t, "rcw_ip", 0, 0)
 	waitCounts(t, "rcw_all", 0, 0)
+	close(allServed)
+	wg.Wait()
 	if _, peak, total, _ := be.stats(); peak > 3 || total != n {
 		t.Fatalf("backend peak %d (limit 3), total %d (want %d)", peak, total, n)
 	}

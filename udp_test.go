@@ -433,35 +433,45 @@ func TestUDPMatchersAroundAWaitingFlow(t *testing.T) {
 			zone := fmt.Sprintf("udp-matchers-%v", before)
 			echo := newE2EUDPEcho(t)
 			port := e2eFreeUDPPort(t)
-			match := func(pattern string) []obj {
-				return []obj{{"regexp": obj{"pattern": pattern, "count": 2}}}
+			match := func(pattern string, count int) []obj {
+				return []obj{{"regexp": obj{"pattern": pattern, "count": count}}}
 			}
 			route := obj{"handle": []obj{
 				limit(obj{"max_connections": 1, "zone": zone}),
 				{"handler": "subroute", "routes": []obj{{
-					"match":  match("^[AC]-"),
+					"match":  match("^[AC]-", 2),
 					"handle": []obj{proxyTo("udp/" + echo.addr())},
 				}}},
 			}}
 			if before {
-				route["match"] = match("^[A-Z]-")
+				route["match"] = match("^[A-Z]-[0-9][A-Z]-", 5) // two datagrams
 			}
 			cfg := l4ConfigRoutes("", fmt.Sprintf("udp/127.0.0.1:%d", port), route)
 			cfg["apps"].(obj)["layer4"].(obj)["servers"].(obj)["test"].(obj)["idle_timeout"] = "1s"
 			loadConfig(t, cfg)
 			defer stopCaddy(t)
 
+			// With the matcher before the limit, a flow matches on its
+			// first two datagrams, which caddy-l4 keeps as two frames.
 			a := e2eDialUDP(t, port, "A") // holds the slot until it goes quiet
 			a.send("A-0")
+			if before {
+				a.send("A-1")
+			}
 			a.expect("A-0", 5*time.Second)
 
 			c := e2eDialUDP(t, port, "C")
 			c.send("C-0")
+			if before {
+				c.send("C-1")
+			}
 			waitCounts(t, zone, 1, 1)
 			// Sent well after A's last packet, so that A's flow reaches
 			// the idle_timeout (and frees the slot) well before C's.
 			time.Sleep(300 * time.Millisecond)
-			c.send("C-1")
+			if !before {
+				c.send("C-1")
+			}
 			c.send("C-2")
 			for _, want := range []string{"C-0", "C-1", "C-2"} { // after A's idle_timeout
 				c.expect(want, 5*time.Second)
@@ -536,9 +546,9 @@ func TestUDPFlowsOfAReplacedConfigFreeTheirSlots(t *testing.T) {
 	waitCounts(t, zone, n, 1)
 
 	reloaded := time.Now()
-	loadConfig(t, e2eUDPConfig(port, echo, obj{"max_connections": 3, "zone": zone}, "1s"))
+	loadConfig(t, e2eUDPConfig(port, echo, obj{"max_connections": 3, "zone": zone}, "5s"))
 	waitCounts(t, zone, 0, 0)
-	if d := time.Since(reloaded); d > time.Second {
+	if d := time.Since(reloaded); d > 2*time.Second {
 		t.Fatalf("the zone drained %s after the reload, want at once (the old flows' idle_timeout is 3s)", d)
 	}
 	// The zone serves the new config's flows with its whole capacity.
@@ -550,5 +560,45 @@ func TestUDPFlowsOfAReplacedConfigFreeTheirSlots(t *testing.T) {
 	waitCounts(t, zone, n, 0)
 	if s := e2eSnapshot(t, zone); s.Counters.Abandoned != 1 {
 		t.Fatalf("abandoned %d, want 1 (the flow that waited under the old config)", s.Counters.Abandoned)
+	}
+}
+
+// A UDP client refused without overflow is let go once it has been
+// silent for a while (drainQuiet), so its next packets start a new flow,
+// which is admitted when there is room; they are not swallowed until the
+// listener's idle_timeout (5s here, longer than the client's pause). A TCP connection on another server of
+// the same zone holds the only slot meanwhile.
+func TestUDPRefusedClientIsAdmittedWhenItComesBack(t *testing.T) {
+	const zone = "udp-retry"
+	be := newBackend(t, true)
+	echo := newE2EUDPEcho(t)
+	tcpListen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	port := e2eFreeUDPPort(t)
+	fields := obj{"max_connections": 1, "max_waiting": -1, "zone": zone}
+	cfg := e2eUDPConfig(port, echo, fields, "5s")
+	servers := cfg["apps"].(obj)["layer4"].(obj)["servers"].(obj)
+	servers["tcp"] = obj{
+		"listen": []string{tcpListen},
+		"routes": []obj{{"handle": []obj{limit(fields), proxyTo(be.addr())}}},
+	}
+	loadConfig(t, cfg)
+	defer stopCaddy(t)
+
+	holder := takeSlot(t, be, tcpListen, "holder")
+	c := e2eDialUDP(t, port, "C")
+	for i := range 10 {
+		c.send(fmt.Sprintf("C-%02d", i))
+	}
+	waitFor(t, 5*time.Second, "C refused", func() bool {
+		return e2eSnapshot(t, zone).Counters.Rejected[ReasonNoWaiting] == 1
+	})
+	finish(be, holder)
+	waitCounts(t, zone, 0, 0)
+
+	time.Sleep(drainQuiet + time.Second)
+	c.send("C-again")
+	c.expect("C-again", 5*time.Second)
+	if _, payloads := echo.seen(); payloads["C-00"] {
+		t.Fatal("a packet of the refused flow reached the backend")
 	}
 }

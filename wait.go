@@ -91,9 +91,9 @@ func (c *connWait) prepare(conn net.Conn, keepHalfClosed, sentBefore bool) {
 		// request behind a PROXY header, say): the socket then shows a
 		// half-close after them as a bare FIN, which means abandonment.
 		// So with keep_half_closed, a wrapped waiter waits on a channel.
-		// releaseOnCloseWrite (a limit before this one) holds no bytes.
+		// releaseOnCloseWrite (limits before this one) holds no bytes.
 		inner := conn
-		if r, ok := inner.(*releaseOnCloseWrite); ok {
+		for r, ok := inner.(*releaseOnCloseWrite); ok; r, ok = inner.(*releaseOnCloseWrite) {
 			inner = r.Conn
 		}
 		_, bare := inner.(syscall.Conn)
@@ -259,14 +259,23 @@ func (c *connWait) replayHeld(cx *layer4.Connection) *layer4.Connection {
 		buf := make([]byte, udpReadBuffer)
 		n, err := cx.Read(buf)
 		if n <= 0 || err != nil {
-			break
+			break // a datagram the matchers read only in part: below
 		}
 		frames = append(frames, buf[:n:n])
 		left -= n
 	}
-	rc := &replayConn{Conn: cx.Conn, held: append(frames, c.held...)}
+	rc := &replayConn{Conn: cx.Conn}
+	cp := cx.Wrap(rc)
+	// Bytes cx could not hand out as whole datagrams (the copy has them
+	// too, and would serve them first) go after the whole ones.
+	if rest := len(cp.MatchingBytes()); rest > 0 {
+		buf := make([]byte, rest)
+		n, _ := cp.Read(buf) // from its buffer, all at once: never the flow
+		frames = append(frames, buf[:n])
+	}
+	rc.held = append(frames, c.held...)
 	c.held = nil
-	return cx.Wrap(rc)
+	return cp
 }
 
 // replayConn hands the packets held while waiting to the next handler,
@@ -279,6 +288,10 @@ type replayConn struct {
 func (rc *replayConn) Read(p []byte) (int, error) {
 	if len(rc.held) > 0 {
 		n := copy(p, rc.held[0])
+		if n < len(rc.held[0]) { // the rest on the next Read, as caddy-l4's own flows do
+			rc.held[0] = rc.held[0][n:]
+			return n, nil
+		}
 		rc.held[0] = nil
 		rc.held = rc.held[1:]
 		return n, nil
