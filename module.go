@@ -309,7 +309,8 @@ func (h *Handler) serveHTTP(cx *layer4.Connection, cw *connWait, next layer4.Han
 }
 
 // refuse hands a refused connection to the overflow handlers, or closes
-// it; a refused UDP flow is read and dropped until it ends (drainFlow).
+// it; a refused UDP flow is read and dropped until it has been silent for
+// a while, or ends (drainFlow).
 func (h *Handler) refuse(cx *layer4.Connection, r Reason, waited time.Duration, packet bool) error {
 	cx.Replacer().Set(replReason, r.String())
 	if h.logger.Core().Enabled(zap.DebugLevel) {
