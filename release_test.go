@@ -99,3 +99,53 @@ func TestReleaseAtCloseWriteChainedCounts(t *testing.T) {
 		t.Fatalf("backend peak %d (limit 3), total %d (want %d)", peak, total, n)
 	}
 }
+
+// blockingObserver blocks the first slot it sees freed until let go.
+type blockingObserver struct {
+	freeing chan struct{} // closed when a release has started
+	letGo   chan struct{}
+	once    sync.Once
+}
+
+func (o *blockingObserver) ActiveDelta(d int) {
+	if d < 0 {
+		o.once.Do(func() {
+			close(o.freeing)
+			<-o.letGo
+		})
+	}
+}
+func (*blockingObserver) WaitingDelta(int)       {}
+func (*blockingObserver) Admitted(time.Duration) {}
+func (*blockingObserver) Rejected(Reason)        {}
+func (*blockingObserver) Abandoned()             {}
+
+// heldSlot.free, called twice at once (a CloseWrite in some goroutine and
+// the end of serve): the slot is released once, and the second call does
+// not return before the first is done, since the caller of the second
+// then puts the Waiter back in the pool.
+func TestHeldSlotSecondFreeWaitsForTheFirst(t *testing.T) {
+	obs := &blockingObserver{freeing: make(chan struct{}), letGo: make(chan struct{})}
+	z := NewZone("held", Limits{MaxConnections: 1}, obs)
+	w := &Waiter{}
+	if out, _ := z.Acquire(w, nil, time.Now()); out != Admitted {
+		t.Fatal("not admitted")
+	}
+	s := &heldSlot{zone: z, w: w}
+	first := make(chan struct{})
+	go func() { s.free(); close(first) }()
+	<-obs.freeing // the first free is inside Release
+	second := make(chan struct{})
+	go func() { s.free(); close(second) }()
+	select {
+	case <-second:
+		t.Fatal("the second free returned while the first was still releasing")
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(obs.letGo)
+	<-first
+	<-second
+	if a, n := z.Counts(); a != 0 || n != 0 {
+		t.Fatalf("counts %d active, %d waiting; want 0, 0", a, n)
+	}
+}
