@@ -63,3 +63,25 @@ func TestWaitModeOfWrappedStreams(t *testing.T) {
 		putConnWait(cw)
 	}
 }
+
+// A held datagram larger than the reader's buffer is read in parts, as
+// caddy-l4's own flows do, not cut short.
+func TestReplayConnKeepsTheRestOfALargeDatagram(t *testing.T) {
+	big := make([]byte, 9000)
+	for i := range big {
+		big[i] = byte(i)
+	}
+	rc := &replayConn{held: [][]byte{big, []byte("next")}}
+	buf := make([]byte, 8192)
+	var got []byte
+	for _, want := range []int{8192, 808, 4} {
+		n, err := rc.Read(buf)
+		if err != nil || n != want {
+			t.Fatalf("read %d bytes (err %v), want %d", n, err, want)
+		}
+		got = append(got, buf[:n]...)
+	}
+	if string(got[:9000]) != string(big) || string(got[9000:]) != "next" {
+		t.Fatal("replayed bytes differ from the held datagrams")
+	}
+}
