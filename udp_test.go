@@ -129,24 +129,31 @@ func (f *e2eUDPFlow) expect(want string, within time.Duration) {
 	}
 }
 
-// keepSending sends next() every interval until stop is closed; the
-// returned channel is closed once it stopped.
-func (f *e2eUDPFlow) keepSending(interval time.Duration, next func() string, stop <-chan struct{}) <-chan struct{} {
-	stopped := make(chan struct{})
+// keepSending sends next() every interval until the returned stop is
+// called; stop returns once the sender has ended, may be called more than
+// once, and is called at the end of the test in any case.
+func (f *e2eUDPFlow) keepSending(interval time.Duration, next func() string) (stop func()) {
+	quit, stopped := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(stopped)
 		tick := time.NewTicker(interval)
 		defer tick.Stop()
 		for {
 			select {
-			case <-stop:
+			case <-quit:
 				return
 			case <-tick.C:
 				f.send(next())
 			}
 		}
 	}()
-	return stopped
+	var once sync.Once
+	stop = func() {
+		once.Do(func() { close(quit) })
+		<-stopped
+	}
+	f.t.Cleanup(stop)
+	return stop
 }
 
 // With two slots taken, a third flow waits and blasts packets; the flows
@@ -164,16 +171,7 @@ func TestUDPWaitingFlowDoesNotStallOthers(t *testing.T) {
 	a := e2eDialUDP(t, port, "A")
 	a.send("A-0")
 	a.expect("A-0", 5*time.Second)
-	stopA := make(chan struct{})
-	aStopped := a.keepSending(100*time.Millisecond, func() string { return "A-ka" }, stopA)
-	defer func() {
-		select {
-		case <-stopA:
-		default:
-			close(stopA)
-		}
-		<-aStopped
-	}()
+	stopA := a.keepSending(100*time.Millisecond, func() string { return "A-ka" })
 
 	// B holds the other one, pinging all along; its round trips are
 	// recorded.
@@ -184,16 +182,15 @@ func TestUDPWaitingFlowDoesNotStallOthers(t *testing.T) {
 	bSent := map[string]time.Time{}
 	var bReplies []time.Time
 	var bMaxRTT time.Duration
-	stopB := make(chan struct{})
 	bSeq := 0
-	bStopped := b.keepSending(50*time.Millisecond, func() string {
+	stopB := b.keepSending(50*time.Millisecond, func() string {
 		bmu.Lock()
 		defer bmu.Unlock()
 		bSeq++
 		s := fmt.Sprintf("B-%d", bSeq)
 		bSent[s] = time.Now()
 		return s
-	}, stopB)
+	})
 	bReader := make(chan struct{})
 	go func() {
 		defer close(bReader)
@@ -213,12 +210,7 @@ func TestUDPWaitingFlowDoesNotStallOthers(t *testing.T) {
 		}
 	}()
 	defer func() {
-		select {
-		case <-stopB:
-		default:
-			close(stopB)
-		}
-		<-bStopped
+		stopB()
 		_ = b.conn.SetReadDeadline(time.Now())
 		<-bReader
 	}()
@@ -234,22 +226,13 @@ func TestUDPWaitingFlowDoesNotStallOthers(t *testing.T) {
 	burstEnd := time.Now()
 	cSeq := burst
 	var cmu sync.Mutex
-	stopC := make(chan struct{})
-	cStopped := c.keepSending(150*time.Millisecond, func() string {
+	stopC := c.keepSending(150*time.Millisecond, func() string {
 		cmu.Lock()
 		defer cmu.Unlock()
 		s := fmt.Sprintf("C-%02d", cSeq)
 		cSeq++
 		return s
-	}, stopC)
-	defer func() {
-		select {
-		case <-stopC:
-		default:
-			close(stopC)
-		}
-		<-cStopped
-	}()
+	})
 	waitCounts(t, zone, 2, 1)
 
 	// While C waits, B is served as before, and C gets nothing.
@@ -275,8 +258,7 @@ func TestUDPWaitingFlowDoesNotStallOthers(t *testing.T) {
 	}
 
 	// A goes quiet: after idle_timeout its flow ends and C is admitted.
-	close(stopA)
-	<-aStopped
+	stopA()
 	aQuiet := time.Now()
 	var got []int
 	for len(got) < bound {
@@ -296,8 +278,7 @@ func TestUDPWaitingFlowDoesNotStallOthers(t *testing.T) {
 			t.Fatalf("flow C's first echoes are %v, want the packets sent while waiting, 0..%d, in order", got, bound-1)
 		}
 	}
-	close(stopC)
-	<-cStopped
+	stopC()
 	// What came later was sent after admission: nothing of the dropped
 	// rest of the burst, and in order.
 	c.send("C-live")
@@ -327,8 +308,7 @@ func TestUDPWaitingFlowDoesNotStallOthers(t *testing.T) {
 	if peers, _ := echo.seen(); peers != 3 {
 		t.Fatalf("backend saw %d flows, want 3", peers)
 	}
-	close(stopB)
-	<-bStopped
+	stopB()
 	waitCounts(t, zone, 0, 0)
 	if s := e2eSnapshot(t, zone); s.Counters.Admitted != 3 || s.Counters.Abandoned != 0 {
 		t.Fatalf("admitted %d, abandoned %d; want 3 and 0", s.Counters.Admitted, s.Counters.Abandoned)
@@ -347,16 +327,7 @@ func TestUDPQuietWaiterIsAbandoned(t *testing.T) {
 	a := e2eDialUDP(t, port, "A")
 	a.send("A-0")
 	a.expect("A-0", 5*time.Second)
-	stopA := make(chan struct{})
-	aStopped := a.keepSending(100*time.Millisecond, func() string { return "A-ka" }, stopA)
-	defer func() {
-		select {
-		case <-stopA:
-		default:
-			close(stopA)
-		}
-		<-aStopped
-	}()
+	stopA := a.keepSending(100*time.Millisecond, func() string { return "A-ka" })
 
 	c := e2eDialUDP(t, port, "C")
 	sent := time.Now()
@@ -371,8 +342,7 @@ func TestUDPQuietWaiterIsAbandoned(t *testing.T) {
 		t.Fatalf("abandoned %d, want 1", s.Counters.Abandoned)
 	}
 
-	close(stopA)
-	<-aStopped
+	stopA()
 	waitCounts(t, zone, 0, 0)
 	// The same client again: a new flow, admitted at once.
 	c.send("C-again")
