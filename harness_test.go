@@ -393,7 +393,7 @@ func waitFor(t testing.TB, within time.Duration, what string, cond func() bool) 
 // ("" sums the private zones).
 func zoneCounts(name string) (active, waiting int) {
 	for _, z := range zoneRegistry.Zones() {
-		if z.Name() == name {
+		if z.name == name {
 			a, w := z.Counts()
 			active += a
 			waiting += w

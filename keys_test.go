@@ -42,7 +42,7 @@ func TestPerKeyLimitSeparatesClients(t *testing.T) {
 	if len(s.Waiters) != 1 || s.Waiters[0].Key != "127.0.0.2" || !strings.HasPrefix(s.Waiters[0].Remote, "127.0.0.2:") {
 		t.Fatalf("waiters %+v, want one of key 127.0.0.2", s.Waiters)
 	}
-	if n := e2eZone(t, zone).Keys(); n != 2 {
+	if n := keyCount(e2eZone(t, zone)); n != 2 {
 		t.Fatalf("zone holds %d keys, want 2", n)
 	}
 
@@ -92,7 +92,7 @@ func TestPerKeyStateIsFreed(t *testing.T) {
 		extra := dialFrom(t, fmt.Sprintf("127.0.1.%d", first), listen, "extra")
 		extra.hello("")
 		waitCounts(t, zone, batch, 1)
-		if n := e2eZone(t, zone).Keys(); n != batch {
+		if n := keyCount(e2eZone(t, zone)); n != batch {
 			t.Fatalf("zone holds %d keys with %d distinct IPs connected, want %d", n, batch, batch)
 		}
 		_ = extra.conn.Close()
@@ -102,7 +102,7 @@ func TestPerKeyStateIsFreed(t *testing.T) {
 		}
 		waitCounts(t, zone, 0, 0)
 	}
-	waitFor(t, 5*time.Second, "every key to be freed", func() bool { return e2eZone(t, zone).Keys() == 0 })
+	waitFor(t, 5*time.Second, "every key to be freed", func() bool { return keyCount(e2eZone(t, zone)) == 0 })
 	s := e2eSnapshot(t, zone)
 	if s.Counters.Admitted != ips || s.Counters.Abandoned != ips/batch {
 		t.Fatalf("admitted %d, abandoned %d; want %d and %d", s.Counters.Admitted, s.Counters.Abandoned, ips, ips/batch)
@@ -172,7 +172,7 @@ func TestProxyProtocolKeys(t *testing.T) {
 	c2.expectLine("ok c2", 5*time.Second)
 	_ = c2.conn.Close()
 	waitCounts(t, zone, 0, 0)
-	waitFor(t, 5*time.Second, "the keys to be freed", func() bool { return e2eZone(t, zone).Keys() == 0 })
+	waitFor(t, 5*time.Second, "the keys to be freed", func() bool { return keyCount(e2eZone(t, zone)) == 0 })
 }
 
 // A waiter behind proxy_protocol that leaves is noticed at once too: the

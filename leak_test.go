@@ -31,7 +31,8 @@ func TestMain(m *testing.M) {
 // connection_limit holds it.
 var ourFrames = [][]byte{
 	[]byte("connlimit.(*Handler).Handle("),
-	[]byte("connlimit.(*connWait).wait("),
+	[]byte("connlimit.(*streamWait).wait("),
+	[]byte("connlimit.(*flowWait).wait("),
 }
 
 func checkNothingLeft(within time.Duration) error {
@@ -41,7 +42,7 @@ func checkNothingLeft(within time.Duration) error {
 		var busy []string
 		for _, z := range zoneRegistry.Zones() {
 			if a, w := z.Counts(); a != 0 || w != 0 {
-				busy = append(busy, fmt.Sprintf("zone %q: %d active, %d waiting", z.Name(), a, w))
+				busy = append(busy, fmt.Sprintf("zone %q: %d active, %d waiting", z.name, a, w))
 			}
 		}
 		if len(stuck) == 0 && len(busy) == 0 {

@@ -29,7 +29,7 @@ func benchAcquireRelease(b *testing.B, key string) {
 		if out, _ := z.Acquire(w, sig, now); out != Admitted {
 			b.Fatal("not admitted")
 		}
-		if !z.Release(w) {
+		if !z.Free(w) {
 			b.Fatal("not released")
 		}
 	}
@@ -74,7 +74,7 @@ func BenchmarkHandoff(b *testing.B) {
 				}
 				runtime.Gosched()
 			}
-			z.Release(w)
+			z.Free(w)
 			left[me].Add(-1)
 		}
 	}
@@ -114,14 +114,14 @@ func BenchmarkEnqueueDrain10k(b *testing.B) {
 		}
 		prev := holder
 		for i := range ws {
-			z.Release(prev)
+			z.Free(prev)
 			<-sigs[i]
 			if out, _, _ := z.Poll(&ws[i], now); out != Admitted {
 				panic("not admitted in order")
 			}
 			prev = &ws[i]
 		}
-		z.Release(prev)
+		z.Free(prev)
 	}
 	round() // warm up: the priority level exists from now on
 	var before, after runtime.MemStats
@@ -172,7 +172,7 @@ func benchContended(b *testing.B, nkeys int) {
 			if out, _ := z.Acquire(w, sig, now); out != Admitted {
 				panic("not admitted")
 			}
-			z.Release(w)
+			z.Free(w)
 		}
 	})
 	if a, w := z.Counts(); a != 0 || w != 0 {

@@ -133,6 +133,34 @@ func checkObserver(t testing.TB, z *Zone, o *testObserver) {
 	}
 }
 
+// keyCount is how many key values other than "" hold state in z.
+func keyCount(z *Zone) int {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return len(z.keys)
+}
+
+// isPaused reports whether z admits nobody new.
+func isPaused(z *Zone) bool {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.paused
+}
+
+// limitsOf returns the settings in force in z.
+func limitsOf(z *Zone) Limits {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.limits
+}
+
+// deadlineOf is when the queued waiter w times out under z's wait_timeout.
+func deadlineOf(z *Zone, w *Waiter) time.Time {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.deadline(w)
+}
+
 // newTestZone makes a zone with a testObserver that is checked against the
 // zone at the end of the test.
 func newTestZone(t testing.TB, l Limits) (*Zone, *testObserver) {
@@ -261,8 +289,8 @@ func drainOrder(t *testing.T, z *Zone, holder *qw, cs []*qw, now time.Time) []in
 	cur := holder
 	for range cs {
 		w0 := wakeCounts(cs)
-		if !z.Release(cur.w) {
-			t.Fatalf("Release(waiter %d) = false", cur.id)
+		if !z.Free(cur.w) {
+			t.Fatalf("Free(waiter %d) = false", cur.id)
 		}
 		g := granted(t, cs, w0)
 		if len(g) != 1 {
@@ -274,8 +302,8 @@ func drainOrder(t *testing.T, z *Zone, holder *qw, cs []*qw, now time.Time) []in
 		}
 		order = append(order, cur.id)
 	}
-	if !z.Release(cur.w) {
-		t.Fatalf("Release(last waiter %d) = false", cur.id)
+	if !z.Free(cur.w) {
+		t.Fatalf("Free(last waiter %d) = false", cur.id)
 	}
 	return order
 }
@@ -328,8 +356,8 @@ func TestEngineLimitsValidate(t *testing.T) {
 
 func TestZoneAdmitsUpToMax(t *testing.T) {
 	z, _ := newTestZone(t, Limits{MaxConnections: 3})
-	if z.Name() != "test" {
-		t.Errorf("Name() = %q", z.Name())
+	if z.name != "test" {
+		t.Errorf("Name() = %q", z.name)
 	}
 	var cs []*qw
 	for i := range 3 {
@@ -349,13 +377,13 @@ func TestZoneAdmitsUpToMax(t *testing.T) {
 	if out, _, _ := z.Poll(cs[0].w, t0); out != Admitted {
 		t.Errorf("Poll(active) = %v", out)
 	}
-	z.Release(cs[0].w)
+	z.Free(cs[0].w)
 	if out, _, _ := z.Poll(q.w, at(time.Second)); out != Admitted {
 		t.Fatalf("Poll after release = %v", out)
 	}
 	mustCounts(t, z, 3, 0)
 	for _, c := range append(cs[1:], q) {
-		z.Release(c.w)
+		z.Free(c.w)
 	}
 	mustCounts(t, z, 0, 0)
 }
@@ -461,8 +489,8 @@ func TestQueueOrderChangeAppliesToWaiting(t *testing.T) {
 					t.Errorf("changing only the order woke waiter %d", c.id)
 				}
 			}
-			if z.Limits().Order != to {
-				t.Fatalf("Limits().Order = %v", z.Limits().Order)
+			if limitsOf(z).Order != to {
+				t.Fatalf("Limits().Order = %v", limitsOf(z).Order)
 			}
 			got := drainOrder(t, z, h, cs, t0)
 			want := []int{1, 3, 0, 2}
@@ -490,7 +518,7 @@ func TestQueueMaxWaiting(t *testing.T) {
 				t.Fatalf("Abandon(waiter %d) = false", c.id)
 			}
 		}
-		z.Release(h.w)
+		z.Free(h.w)
 		mustCounts(t, z, 0, 0)
 		if o.abandoned != 5000 {
 			t.Errorf("abandoned %d", o.abandoned)
@@ -507,8 +535,8 @@ func TestQueueMaxWaiting(t *testing.T) {
 		for i := range 4 {
 			c := newQW(10+i, "", 100) // a high priority does not jump a full list
 			mustAcquire(t, z, c, t0, Rejected, ReasonQueueFull)
-			if z.Abandon(c.w) || z.Release(c.w) {
-				t.Errorf("Abandon or Release of a rejected waiter reported true")
+			if z.Abandon(c.w) || z.Free(c.w) {
+				t.Errorf("Abandon or Free of a rejected waiter reported true")
 			}
 			if out, r, _ := z.Poll(c.w, t0); out != Rejected || r != ReasonNone {
 				t.Errorf("Poll(rejected) = %v/%v, want rejected/none", out, r)
@@ -523,7 +551,7 @@ func TestQueueMaxWaiting(t *testing.T) {
 		cs = append(cs, enqueue(t, z, 3, "", 0, t0))
 		mustAcquire(t, z, newQW(20, "", 0), t0, Rejected, ReasonQueueFull)
 		// A grant makes room too.
-		z.Release(h1.w)
+		z.Free(h1.w)
 		mustCounts(t, z, 2, 2)
 		cs = append(cs, enqueue(t, z, 4, "", 0, t0))
 		mustAcquire(t, z, newQW(21, "", 0), t0, Rejected, ReasonQueueFull)
@@ -532,12 +560,12 @@ func TestQueueMaxWaiting(t *testing.T) {
 			t.Errorf("Rejected counters %v", s.Counters.Rejected)
 		}
 		// Clean up.
-		z.Release(h2.w)
+		z.Free(h2.w)
 		for _, c := range cs {
 			if c.w.state == stateWaiting || c.w.state == stateGranted {
 				z.Abandon(c.w)
 			} else {
-				z.Release(c.w)
+				z.Free(c.w)
 			}
 		}
 		mustCounts(t, z, 0, 0)
@@ -550,7 +578,7 @@ func TestQueueMaxWaiting(t *testing.T) {
 			mustAcquire(t, z, newQW(10+i, "", 9), t0, Rejected, ReasonNoWaiting)
 		}
 		mustCounts(t, z, 2, 0)
-		z.Release(h1.w)
+		z.Free(h1.w)
 		admit(t, z, 2, "", t0)
 		s := z.Snapshot(t0, 0)
 		if s.Counters.Rejected[ReasonNoWaiting] != 3 || s.Counters.Admitted != 3 {
@@ -606,8 +634,8 @@ func TestQueuePerKeyBounds(t *testing.T) {
 		holders[k] = admit(t, z, id, k, t0)
 		id++
 	}
-	if z.Keys() != 2 {
-		t.Errorf("Keys() = %d, want 2 (the empty key is not counted)", z.Keys())
+	if keyCount(z) != 2 {
+		t.Errorf("Keys() = %d, want 2 (the empty key is not counted)", keyCount(z))
 	}
 	for _, k := range keys {
 		for range 2 {
@@ -625,12 +653,12 @@ func TestQueuePerKeyBounds(t *testing.T) {
 	mustCounts(t, z, 3, 6)
 	// A new key value has its own slot and list.
 	c := admit(t, z, id, "c", t0)
-	if z.Keys() != 3 {
-		t.Errorf("Keys() = %d, want 3", z.Keys())
+	if keyCount(z) != 3 {
+		t.Errorf("Keys() = %d, want 3", keyCount(z))
 	}
-	z.Release(c.w)
-	if z.Keys() != 2 {
-		t.Errorf("Keys() = %d after the only connection of key c left, want 2", z.Keys())
+	z.Free(c.w)
+	if keyCount(z) != 2 {
+		t.Errorf("Keys() = %d after the only connection of key c left, want 2", keyCount(z))
 	}
 	// Snapshot groups each key's waiters in admission order.
 	s := z.Snapshot(t0, 100)
@@ -645,7 +673,7 @@ func TestQueuePerKeyBounds(t *testing.T) {
 	// A release in key a grants to key a only.
 	all := append(append(slices.Clone(waiters[""]), waiters["a"]...), waiters["b"]...)
 	w0 := wakeCounts(all)
-	z.Release(holders["a"].w)
+	z.Free(holders["a"].w)
 	g := granted(t, all, w0)
 	if len(g) != 1 || g[0] != waiters["a"][0] {
 		t.Fatalf("release in key a granted %v", g)
@@ -658,23 +686,23 @@ func TestQueuePerKeyBounds(t *testing.T) {
 
 	// Clean up: claim and release everything.
 	z.Poll(g[0].w, t0)
-	z.Release(g[0].w)
+	z.Free(g[0].w)
 	for _, k := range keys {
 		if k != "a" {
-			z.Release(holders[k].w)
+			z.Free(holders[k].w)
 		}
 	}
 	for range 10 {
 		for _, c := range append(all, extra) {
 			if c.w.state == stateGranted {
 				z.Poll(c.w, t0)
-				z.Release(c.w)
+				z.Free(c.w)
 			}
 		}
 	}
 	mustCounts(t, z, 0, 0)
-	if z.Keys() != 0 {
-		t.Errorf("Keys() = %d at the end, want 0", z.Keys())
+	if keyCount(z) != 0 {
+		t.Errorf("Keys() = %d at the end, want 0", keyCount(z))
 	}
 }
 
@@ -697,19 +725,19 @@ func TestZoneKeysFreed(t *testing.T) {
 			z.Abandon(q.w)
 		case 3: // a waiter granted, then abandoned before claiming
 			q := enqueue(t, z, 1, k, 0, t0)
-			z.Release(h.w)
+			z.Free(h.w)
 			if !z.Abandon(q.w) {
 				t.Fatal("Abandon(granted) = false")
 			}
 			h = nil
 		case 4: // a waiter granted and released after the holder
 			q := enqueue(t, z, 1, k, 0, t0)
-			z.Release(h.w)
+			z.Free(h.w)
 			z.Poll(q.w, t0)
 			h = q
 		}
 		if h != nil {
-			z.Release(h.w)
+			z.Free(h.w)
 		}
 	}
 	// Keys refused outright (max_waiting -1 while paused) hold no state.
@@ -720,7 +748,7 @@ func TestZoneKeysFreed(t *testing.T) {
 	}
 	z.SetPaused(false)
 	mustCounts(t, z, 0, 0)
-	if k := z.Keys(); k != 0 {
+	if k := keyCount(z); k != 0 {
 		t.Errorf("Keys() = %d after %d distinct keys came and went, want 0", k, 2*n)
 	}
 	z.mu.Lock()
@@ -742,7 +770,7 @@ func TestQueueWaitTimeoutPoll(t *testing.T) {
 	if d, ok := q.k.LastArm(); !ok || !d.Equal(want) {
 		t.Errorf("Arm at queueing: %v, want %v", q.k.Arms(), want)
 	}
-	if d := z.Deadline(q.w); !d.Equal(want) {
+	if d := deadlineOf(z, q.w); !d.Equal(want) {
 		t.Errorf("Deadline() = %v, want %v", d, want)
 	}
 	for i, now := range []time.Time{at(time.Second), at(5 * time.Second), at(11*time.Second - 1)} {
@@ -763,11 +791,11 @@ func TestQueueWaitTimeoutPoll(t *testing.T) {
 	if out, r, _ := z.Poll(q.w, want); out != Rejected || r != ReasonNone {
 		t.Errorf("second Poll = %v/%v, want rejected/none", out, r)
 	}
-	if z.Abandon(q.w) || z.Release(q.w) {
-		t.Errorf("Abandon or Release of a timed-out waiter reported true")
+	if z.Abandon(q.w) || z.Free(q.w) {
+		t.Errorf("Abandon or Free of a timed-out waiter reported true")
 	}
 	wakes := q.k.Wakes()
-	z.Release(h.w)
+	z.Free(h.w)
 	if q.k.Wakes() != wakes {
 		t.Errorf("a timed-out waiter was woken by a release")
 	}
@@ -785,18 +813,18 @@ func TestQueueWaitTimeoutZeroMeansNever(t *testing.T) {
 	if arms := q.k.Arms(); len(arms) != 1 || !arms[0].IsZero() {
 		t.Errorf("Arm at queueing: %v, want one zero deadline", arms)
 	}
-	if d := z.Deadline(q.w); !d.IsZero() {
+	if d := deadlineOf(z, q.w); !d.IsZero() {
 		t.Errorf("Deadline() = %v, want zero", d)
 	}
 	out, _, d := z.Poll(q.w, at(1000*time.Hour))
 	if out != Queued || !d.IsZero() {
 		t.Errorf("Poll after 1000h = %v, deadline %v; want queued, no deadline", out, d)
 	}
-	z.Release(h.w)
+	z.Free(h.w)
 	if out, _, _ := z.Poll(q.w, at(2000*time.Hour)); out != Admitted {
 		t.Errorf("Poll = %v", out)
 	}
-	z.Release(q.w)
+	z.Free(q.w)
 }
 
 func TestQueueWaitTimeoutChange(t *testing.T) {
@@ -847,11 +875,11 @@ func TestQueueWaitTimeoutChange(t *testing.T) {
 			t.Errorf("waiter %d: %v/%v", x.id, out, r)
 		}
 	}
-	z.Release(h.w)
-	z.Release(hx.w)
+	z.Free(h.w)
+	z.Free(hx.w)
 	mustCounts(t, z, 0, 0)
-	if z.Keys() != 0 {
-		t.Errorf("Keys() = %d", z.Keys())
+	if keyCount(z) != 0 {
+		t.Errorf("Keys() = %d", keyCount(z))
 	}
 }
 
@@ -875,7 +903,7 @@ func TestQueueWaitTimeoutGoroutine(t *testing.T) {
 		}
 		ch := make(chan result, 1)
 		go func() {
-			out, r, _ := z.Wait(w, sig, nil)
+			out, r := z.Wait(w, sig, nil)
 			ch <- result{out, r, time.Since(start)}
 		}()
 		return ch, w
@@ -899,7 +927,7 @@ func TestQueueWaitTimeoutGoroutine(t *testing.T) {
 	z.SetLimits(Limits{MaxConnections: 1, WaitTimeout: time.Hour})
 	ch, w := run()
 	time.Sleep(10 * time.Millisecond)
-	go z.Release(h.w)
+	go z.Free(h.w)
 	select {
 	case res := <-ch:
 		if res.out != Admitted {
@@ -908,8 +936,8 @@ func TestQueueWaitTimeoutGoroutine(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("waiter was never admitted")
 	}
-	if !z.Release(w) {
-		t.Error("Release of the admitted waiter = false")
+	if !z.Free(w) {
+		t.Error("Free of the admitted waiter = false")
 	}
 
 	// Woken by a shorter wait_timeout set while it sleeps on a long timer.
@@ -925,7 +953,7 @@ func TestQueueWaitTimeoutGoroutine(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("a shorter wait_timeout did not end the wait: the waiter was not woken")
 	}
-	z.Release(h.w)
+	z.Free(h.w)
 	mustCounts(t, z, 0, 0)
 }
 
@@ -955,7 +983,7 @@ func TestQueueWakerArmAndWake(t *testing.T) {
 	// A release wakes exactly the granted waiter, once; its Poll claims
 	// the slot without arming.
 	w0 := wakeCounts(cs)
-	z.Release(h1.w)
+	z.Free(h1.w)
 	g := granted(t, cs, w0)
 	if len(g) != 1 || g[0] != cs[0] || cs[0].k.Wakes() != w0[cs[0]]+1 {
 		t.Fatalf("release woke %v", g)
@@ -996,23 +1024,23 @@ func TestQueueWakerArmAndWake(t *testing.T) {
 		}
 	}
 	for i, c := range []*qw{h2, cs[0], cs[1]} {
-		z.Release(c.w)
+		z.Free(c.w)
 		if g := granted(t, cs, w0); len(g) != 0 {
 			t.Fatalf("release %d with %d active over a limit of 1 granted %v", i, 3-i, g)
 		}
 	}
 	mustCounts(t, z, 1, 3)
-	z.Release(cs[2].w) // now 0 < 1: one grant
+	z.Free(cs[2].w) // now 0 < 1: one grant
 	g = granted(t, cs, w0)
 	if len(g) != 1 || g[0] != cs[3] {
 		t.Fatalf("release below the lowered limit granted %v", g)
 	}
 	z.Poll(cs[3].w, at(10*time.Second))
-	z.Release(cs[3].w)
+	z.Free(cs[3].w)
 	z.Poll(cs[4].w, at(10*time.Second))
-	z.Release(cs[4].w)
+	z.Free(cs[4].w)
 	z.Poll(cs[5].w, at(10*time.Second))
-	z.Release(cs[5].w)
+	z.Free(cs[5].w)
 	mustCounts(t, z, 0, 0)
 	for _, c := range cs {
 		if c.k.Wakes() == 0 {
@@ -1024,8 +1052,8 @@ func TestQueueWakerArmAndWake(t *testing.T) {
 func TestQueueAbandon(t *testing.T) {
 	z, o := newTestZone(t, Limits{MaxConnections: 1})
 	idle := &Waiter{}
-	if z.Abandon(idle) || z.Release(idle) {
-		t.Error("Abandon or Release of a waiter never used reported true")
+	if z.Abandon(idle) || z.Free(idle) {
+		t.Error("Abandon or Free of a waiter never used reported true")
 	}
 	h := admit(t, z, 0, "", t0)
 	if z.Abandon(h.w) {
@@ -1044,11 +1072,11 @@ func TestQueueAbandon(t *testing.T) {
 	if z.Abandon(a.w) {
 		t.Error("second Abandon = true")
 	}
-	if out, r, _ := z.Poll(a.w, t0); out != Rejected || r != ReasonNone {
-		t.Errorf("Poll(abandoned) = %v/%v", out, r)
+	if out, r, _ := z.Poll(a.w, t0); out != Abandoned || r != ReasonNone {
+		t.Errorf("Poll(abandoned) = %v/%v, want abandoned/none", out, r)
 	}
 	// Abandon after the grant, before Poll claimed it: the slot goes on.
-	z.Release(h.w)
+	z.Free(h.w)
 	if b.w.state != stateGranted {
 		t.Fatal("b not granted")
 	}
@@ -1061,15 +1089,15 @@ func TestQueueAbandon(t *testing.T) {
 		t.Fatalf("the slot of an abandoned grant did not go to the next waiter (state %d, wakes %d)", c.w.state, c.k.Wakes())
 	}
 	mustCounts(t, z, 1, 0)
-	if out, _, _ := z.Poll(b.w, t0); out != Rejected {
-		t.Errorf("Poll(abandoned grant) = %v", out)
+	if out, _, _ := z.Poll(b.w, t0); out != Abandoned {
+		t.Errorf("Poll(abandoned grant) = %v, want abandoned", out)
 	}
-	if z.Release(b.w) {
-		t.Error("Release(abandoned grant) = true")
+	if z.Free(b.w) {
+		t.Error("Free(abandoned grant) = true")
 	}
-	// Release of a granted, unclaimed waiter is refused: it must Poll or Abandon.
-	if z.Release(c.w) {
-		t.Error("Release(granted, not claimed) = true")
+	// Free of a granted, unclaimed waiter is refused: it must Poll or Abandon.
+	if z.Free(c.w) {
+		t.Error("Free(granted, not claimed) = true")
 	}
 	if out, _, _ := z.Poll(c.w, at(time.Second)); out != Admitted {
 		t.Fatal("c not admitted")
@@ -1077,7 +1105,7 @@ func TestQueueAbandon(t *testing.T) {
 	if z.Abandon(c.w) {
 		t.Error("Abandon(active) = true")
 	}
-	if !z.Release(c.w) {
+	if !z.Free(c.w) {
 		t.Fatal("Release(c) = false")
 	}
 	if z.Abandon(c.w) {
@@ -1090,18 +1118,18 @@ func TestQueueAbandon(t *testing.T) {
 	// The abandoned grant left no slot behind.
 	d := admit(t, z, 4, "", t0)
 	enqueue(t, z, 5, "", 0, t0)
-	z.Release(d.w)
+	z.Free(d.w)
 }
 
 func TestQueueAbandonGrantedLastFreesKey(t *testing.T) {
 	z, _ := newTestZone(t, Limits{MaxConnections: 1})
 	h := admit(t, z, 0, "k", t0)
 	q := enqueue(t, z, 1, "k", 0, t0)
-	z.Release(h.w)
+	z.Free(h.w)
 	z.Abandon(q.w)
 	mustCounts(t, z, 0, 0)
-	if z.Keys() != 0 {
-		t.Errorf("Keys() = %d", z.Keys())
+	if keyCount(z) != 0 {
+		t.Errorf("Keys() = %d", keyCount(z))
 	}
 }
 
@@ -1109,12 +1137,12 @@ func TestQueueReleaseExactlyOnce(t *testing.T) {
 	z, o := newTestZone(t, Limits{MaxConnections: 2})
 	a := admit(t, z, 0, "", t0)
 	b := admit(t, z, 1, "k", t0)
-	if !z.Release(a.w) {
+	if !z.Free(a.w) {
 		t.Fatal("first Release = false")
 	}
 	mustCounts(t, z, 1, 0)
 	for range 3 {
-		if z.Release(a.w) {
+		if z.Free(a.w) {
 			t.Error("second Release = true")
 		}
 	}
@@ -1129,7 +1157,7 @@ func TestQueueReleaseExactlyOnce(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if z.Release(b.w) {
+			if z.Free(b.w) {
 				wins.Add(1)
 			}
 		}()
@@ -1157,7 +1185,7 @@ func TestQueueWaiterReuse(t *testing.T) {
 			}()
 			z.Acquire(w, sig, t0)
 		}()
-		z.Release(w)
+		z.Free(w)
 		func() {
 			defer func() {
 				if recover() == nil {
@@ -1175,7 +1203,7 @@ func TestQueuePaused(t *testing.T) {
 	z, o := newTestZone(t, Limits{MaxConnections: 3, MaxWaiting: 3, WaitTimeout: 10 * time.Second})
 	h := admit(t, z, 0, "", t0)
 	z.SetPaused(true)
-	if !z.Paused() || !z.Snapshot(t0, 0).Paused {
+	if !isPaused(z) || !z.Snapshot(t0, 0).Paused {
 		t.Fatal("not paused")
 	}
 	// Under the limit, yet nobody is admitted.
@@ -1186,7 +1214,7 @@ func TestQueuePaused(t *testing.T) {
 	other := enqueue(t, z, 5, "other", 0, t0)                         // per key
 	mustCounts(t, z, 1, 4)
 	// A release does not admit while paused; nor does a raise.
-	z.Release(h.w)
+	z.Free(h.w)
 	z.SetLimits(Limits{MaxConnections: 10, MaxWaiting: 3, WaitTimeout: 10 * time.Second})
 	mustCounts(t, z, 0, 4)
 	for _, x := range []*qw{a, b, c, other} {
@@ -1209,7 +1237,7 @@ func TestQueuePaused(t *testing.T) {
 	ks := []*qw{b, c, other}
 	w0 := wakeCounts(ks)
 	z.SetPaused(false)
-	if z.Paused() {
+	if isPaused(z) {
 		t.Fatal("still paused")
 	}
 	g := granted(t, ks, w0)
@@ -1223,13 +1251,13 @@ func TestQueuePaused(t *testing.T) {
 		}
 	}
 	d := enqueue(t, z, 7, "", 0, at(3*time.Second)) // key "" is full (2)
-	z.Release(b.w)
+	z.Free(b.w)
 	if d.w.state != stateGranted {
 		t.Error("release after resume did not grant")
 	}
 	z.Poll(d.w, at(3*time.Second))
 	for _, x := range []*qw{c, other, d} {
-		z.Release(x.w)
+		z.Free(x.w)
 	}
 	mustCounts(t, z, 0, 0)
 	if o.admitted != 5 {
@@ -1300,7 +1328,7 @@ func TestQueueCountersAndSnapshot(t *testing.T) {
 
 	// Outcomes: 11 admitted after 9s+... ; 13 abandoned; 10 times out;
 	// 12 admitted.
-	z.Release(h1.w) // grants 11
+	z.Free(h1.w) // grants 11
 	if out, _, _ := z.Poll(cs[1].w, at(12*time.Second)); out != Admitted {
 		t.Fatal("11 not admitted")
 	}
@@ -1317,10 +1345,10 @@ func TestQueueCountersAndSnapshot(t *testing.T) {
 	}
 	z.SetLimits(Limits{MaxConnections: 2, MaxWaiting: -1, WaitTimeout: time.Minute})
 	mustAcquire(t, z, newQW(21, "", 0), t0, Rejected, ReasonNoWaiting)
-	z.Release(h2.w) // grants 12
+	z.Free(h2.w) // grants 12
 	z.Poll(cs[2].w, at(time.Minute))
-	z.Release(cs[1].w)
-	z.Release(cs[2].w)
+	z.Free(cs[1].w)
+	z.Free(cs[2].w)
 	s = z.Snapshot(at(time.Minute), 10)
 	wantC := Counters{Admitted: 4, Abandoned: 1}
 	wantC.Rejected[ReasonQueueFull] = 1
@@ -1460,8 +1488,8 @@ func runModel(t *testing.T, seed uint64, steps int) {
 				keysHeld++
 			}
 		}
-		if z.Keys() != keysHeld {
-			t.Fatalf("step %d (%s): Keys() %d, model %d", step, what, z.Keys(), keysHeld)
+		if keyCount(z) != keysHeld {
+			t.Fatalf("step %d (%s): Keys() %d, model %d", step, what, keyCount(z), keysHeld)
 		}
 	}
 	for step := range steps {
@@ -1498,7 +1526,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 				m.wait[key] = append(m.wait[key], c)
 			}
 			if wantOut == Rejected {
-				c.state = stateReleased
+				c.state = stateFreed
 				m.stats.Rejected[wantR]++
 			}
 			out, r := z.Acquire(c.c.w, c.c.k, now)
@@ -1516,10 +1544,10 @@ func runModel(t *testing.T, seed uint64, steps int) {
 			}
 			c := act[rng.IntN(len(act))]
 			what = fmt.Sprintf("release %d", c.c.id)
-			c.state = stateReleased
+			c.state = stateFreed
 			m.active[c.c.w.Key]--
 			m.grant(c.c.w.Key)
-			if !z.Release(c.c.w) {
+			if !z.Free(c.c.w) {
 				t.Fatalf("step %d (%s): false", step, what)
 			}
 		case op < 80: // poll a waiting or granted one
@@ -1541,7 +1569,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 				m.stats.Admitted++
 			case !wantD.IsZero() && !now.Before(wantD):
 				wantOut, wantR, wantD = Rejected, ReasonWaitTimeout, time.Time{}
-				c.state = stateReleased
+				c.state = stateFreed
 				m.removeWaiting(c)
 				m.stats.Rejected[ReasonWaitTimeout]++
 			}
@@ -1562,7 +1590,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 				m.active[c.c.w.Key]--
 				m.grant(c.c.w.Key)
 			}
-			c.state = stateReleased
+			c.state = stateAbandoned
 			m.stats.Abandoned++
 			if !z.Abandon(c.c.w) {
 				t.Fatalf("step %d (%s): false", step, what)
@@ -1587,7 +1615,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 		}
 		check(step, what)
 		// Done ones were checked once; they never change again.
-		conns = slices.DeleteFunc(conns, func(c *mConn) bool { return c.state == stateReleased })
+		conns = slices.DeleteFunc(conns, func(c *mConn) bool { return c.state == stateFreed || c.state == stateAbandoned })
 	}
 	// Wind down: resume, drop every waiter, release every holder.
 	z.SetPaused(false)
@@ -1601,7 +1629,7 @@ func runModel(t *testing.T, seed uint64, steps int) {
 		if c.c.w.state == stateGranted {
 			z.Poll(c.c.w, now)
 		}
-		z.Release(c.c.w)
+		z.Free(c.c.w)
 	}
 	for range 5 {
 		for _, c := range conns {
@@ -1611,8 +1639,8 @@ func runModel(t *testing.T, seed uint64, steps int) {
 		}
 	}
 	mustCounts(t, z, 0, 0)
-	if z.Keys() != 0 {
-		t.Errorf("Keys() = %d at the end", z.Keys())
+	if keyCount(z) != 0 {
+		t.Errorf("Keys() = %d at the end", keyCount(z))
 	}
 	s := z.Snapshot(now, 0)
 	total := s.Counters.Admitted + s.Counters.RejectedTotal() + s.Counters.Abandoned
@@ -1682,10 +1710,10 @@ func runStress(t *testing.T, cfg stressConfig) {
 			time.Sleep(time.Duration(rand.IntN(300)) * time.Microsecond)
 		}
 		held[ki].Add(-1)
-		if !z.Release(w) {
+		if !z.Free(w) {
 			fail("Release(admitted) = false")
 		}
-		if z.Release(w) {
+		if z.Free(w) {
 			fail("second Release = true")
 		}
 	}
@@ -1704,7 +1732,7 @@ func runStress(t *testing.T, cfg stressConfig) {
 			}
 			switch rand.IntN(3) {
 			case 0:
-				z.SetPaused(!z.Paused())
+				z.SetPaused(!isPaused(z))
 			default:
 				z.SetLimits(limits())
 			}
@@ -1741,9 +1769,9 @@ func runStress(t *testing.T, cfg stressConfig) {
 						timer := time.AfterFunc(time.Duration(rand.IntN(15000))*time.Microsecond, func() { close(l) })
 						defer timer.Stop()
 					}
-					out, r, ab := z.Wait(w, sig, leave)
+					out, r := z.Wait(w, sig, leave)
 					switch {
-					case ab:
+					case out == Abandoned:
 						abandoned.Add(1)
 					case out == Admitted:
 						admitted.Add(1)
@@ -1774,12 +1802,12 @@ func runStress(t *testing.T, cfg stressConfig) {
 	<-controlDone
 	elapsed := time.Since(start)
 
-	if z.Paused() {
+	if isPaused(z) {
 		t.Error("zone still paused")
 	}
 	mustCounts(t, z, 0, 0)
-	if z.Keys() != 0 {
-		t.Errorf("Keys() = %d at the end", z.Keys())
+	if keyCount(z) != 0 {
+		t.Errorf("Keys() = %d at the end", keyCount(z))
 	}
 	if a, w := o.gauges(); a != 0 || w != 0 {
 		t.Errorf("observer gauges (%d, %d) at the end", a, w)

@@ -6,6 +6,9 @@ import (
 	"sync"
 )
 
+// zoneRegistry holds every zone of the process, across config reloads.
+var zoneRegistry = NewRegistry(newZoneMetrics)
+
 // Registry holds every zone of the process: the named ones, shared by all
 // handlers that name them across routes, servers and config reloads, and
 // the private zone of each handler that names none. It is the only state
@@ -57,8 +60,8 @@ func (r *Registry) observer(name string) Observer {
 
 // Use registers one handler of config owner that uses the zone name (""
 // for a private zone of its own) with limits l, and returns the zone and
-// the function that unregisters it (call it exactly once, when the handler
-// is cleaned up). Two handlers of one config that name the same zone with
+// the function with which the handler leaves it (when it is cleaned up;
+// later calls change nothing). Two handlers of one config that name the same zone with
 // different limits are an error.
 func (r *Registry) Use(name string, owner any, l Limits) (*Zone, func(), error) {
 	if err := l.Validate(); err != nil {
@@ -73,7 +76,7 @@ func (r *Registry) Use(name string, owner any, l Limits) (*Zone, func(), error) 
 		u := &zoneUser{owner: owner, gen: r.gen, limits: l, refs: 1, confirmed: true}
 		e.users = append(e.users, u)
 		r.private = append(r.private, e)
-		return e.zone, r.releaser(e, u), nil
+		return e.zone, r.leaver(e, u), nil
 	}
 	e := r.named[name]
 	if e == nil {
@@ -89,14 +92,14 @@ func (r *Registry) Use(name string, owner any, l Limits) (*Zone, func(), error) 
 				name, limitsDiff(u.limits, l))
 		}
 		u.refs++
-		return e.zone, r.releaser(e, u), nil
+		return e.zone, r.leaver(e, u), nil
 	}
 	u := &zoneUser{owner: owner, gen: r.gen, limits: l, refs: 1, confirmed: len(e.users) == 0}
 	e.users = append(e.users, u)
 	if u.confirmed {
 		e.zone.SetLimits(l)
 	}
-	return e.zone, r.releaser(e, u), nil
+	return e.zone, r.leaver(e, u), nil
 }
 
 func limitsDiff(a, b Limits) string {
@@ -112,12 +115,12 @@ func limitsDiff(a, b Limits) string {
 	}
 }
 
-func (r *Registry) releaser(e *zoneEntry, u *zoneUser) func() {
+func (r *Registry) leaver(e *zoneEntry, u *zoneUser) func() {
 	var once sync.Once
-	return func() { once.Do(func() { r.release(e, u) }) }
+	return func() { once.Do(func() { r.leave(e, u) }) }
 }
 
-func (r *Registry) release(e *zoneEntry, u *zoneUser) {
+func (r *Registry) leave(e *zoneEntry, u *zoneUser) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if u.refs--; u.refs > 0 {

@@ -29,14 +29,14 @@ func mustUse(t *testing.T, r *Registry, name string, o any, l Limits) (*Zone, fu
 func zoneNames(zs []*Zone) []string {
 	var names []string
 	for _, z := range zs {
-		names = append(names, z.Name())
+		names = append(names, z.name)
 	}
 	return names
 }
 
 func mustLimits(t *testing.T, z *Zone, want Limits) {
 	t.Helper()
-	if got := z.Limits(); got != want {
+	if got := limitsOf(z); got != want {
 		t.Fatalf("limits in force %+v, want %+v", got, want)
 	}
 }
@@ -55,8 +55,8 @@ func TestRegistrySharedZone(t *testing.T) {
 	if z1 != z2 {
 		t.Fatal("two handlers naming one zone got different zones")
 	}
-	if z1.Name() != "web" {
-		t.Errorf("Name() = %q", z1.Name())
+	if z1.name != "web" {
+		t.Errorf("Name() = %q", z1.name)
 	}
 	zb, relb := mustUse(t, r, "api", a, limB)
 	if zb == z1 {
@@ -211,9 +211,9 @@ func TestRegistryNewOwnerTakesHoldWhenOldLeaves(t *testing.T) {
 	}
 	for _, w := range []*Waiter{w1, w2} {
 		z.Poll(w, t0)
-		z.Release(w)
+		z.Free(w)
 	}
-	z.Release(h)
+	z.Free(h)
 	relB()
 	if len(r.Zones()) != 0 {
 		t.Errorf("zones left: %v", zoneNames(r.Zones()))
@@ -283,7 +283,7 @@ func TestRegistryDrainingZoneReused(t *testing.T) {
 		t.Errorf("active %d", a)
 	}
 	rel2()
-	z.Release(w)
+	z.Free(w)
 	if _, ok := r.Zone("z"); ok {
 		t.Error("a drained zone without users is still known")
 	}
@@ -300,7 +300,7 @@ func TestRegistryPrivateZones(t *testing.T) {
 	if p1 == p2 {
 		t.Fatal("two private zones are one")
 	}
-	if p1.Name() != "" || p2.Name() != "" {
+	if p1.name != "" || p2.name != "" {
 		t.Error("private zones have names")
 	}
 	mustLimits(t, p1, limA)
@@ -311,7 +311,7 @@ func TestRegistryPrivateZones(t *testing.T) {
 		t.Error(`Zone("") found a private zone`)
 	}
 	zs := r.Zones()
-	if len(zs) != 4 || zs[0].Name() != "named" || zs[1] != p1 || zs[2] != p2 || zs[3] != p3 {
+	if len(zs) != 4 || zs[0].name != "named" || zs[1] != p1 || zs[2] != p2 || zs[3] != p3 {
 		t.Fatalf("Zones() = %v, want named then private in order", zoneNames(zs))
 	}
 	// A private zone does not count for another.
@@ -320,7 +320,7 @@ func TestRegistryPrivateZones(t *testing.T) {
 	if out, _ := p3.Acquire(&Waiter{}, NewSignal(), t0); out != Admitted {
 		t.Fatal("private zones share a count")
 	}
-	p3.Release(&Waiter{}) // a waiter that holds nothing: harmless
+	p3.Free(&Waiter{}) // a waiter that holds nothing: harmless
 	q := &Waiter{}
 	if out, _ := p1.Acquire(q, NewSignal(), t0); out != Queued {
 		t.Fatal(out)
@@ -331,12 +331,12 @@ func TestRegistryPrivateZones(t *testing.T) {
 	if zs := r.Zones(); !slices.Contains(zs, p1) || slices.Contains(zs, p2) {
 		t.Errorf("after release: Zones() has p1 %v (want true), p2 %v (want false)", slices.Contains(zs, p1), slices.Contains(zs, p2))
 	}
-	p1.Release(w) // grants q
+	p1.Free(w) // grants q
 	if !slices.Contains(r.Zones(), p1) {
 		t.Error("p1 dropped while a granted connection is in it")
 	}
 	p1.Poll(q, t0)
-	p1.Release(q)
+	p1.Free(q)
 	if slices.Contains(r.Zones(), p1) {
 		t.Error("p1 still listed after released and drained")
 	}
@@ -364,7 +364,7 @@ func TestRegistryReleasedZoneUnpaused(t *testing.T) {
 				t.Fatal(out)
 			}
 			rel()
-			if z.Paused() {
+			if isPaused(z) {
 				t.Fatal("a zone no config uses is still paused: its waiters are stranded")
 			}
 			if w.state != stateGranted || k.Wakes() == 0 {
@@ -374,7 +374,7 @@ func TestRegistryReleasedZoneUnpaused(t *testing.T) {
 				t.Error("zone dropped with a connection in it")
 			}
 			z.Poll(w, t0)
-			z.Release(w)
+			z.Free(w)
 			if slices.Contains(r.Zones(), z) {
 				t.Error("zone listed after drained")
 			}
@@ -391,11 +391,11 @@ func TestRegistryPauseSurvivesReload(t *testing.T) {
 	_, relB := mustUse(t, r, "z", &owner{"B"}, limB)
 	relA()
 	mustLimits(t, z, limB)
-	if !z.Paused() {
+	if !isPaused(z) {
 		t.Error("reload unpaused the zone")
 	}
 	relB()
-	if z.Paused() {
+	if isPaused(z) {
 		t.Error("still paused after the last user left")
 	}
 }
@@ -465,8 +465,8 @@ func TestRegistryObserver(t *testing.T) {
 	if a, _ := made[""].gauges(); a != 1 {
 		t.Errorf("private zone's observer saw active %d", a)
 	}
-	z.Release(w)
-	p.Release(pw)
+	z.Free(w)
+	p.Free(pw)
 	checkObserver(t, z, made["z"])
 	checkObserver(t, p, made[""])
 	rel()
@@ -495,7 +495,7 @@ func TestRegistryConcurrent(t *testing.T) {
 				if out, _ := z.Acquire(w, NewSignal(), time.Now()); out == Queued {
 					z.Abandon(w)
 				} else {
-					z.Release(w)
+					z.Free(w)
 				}
 				if rand.IntN(2) == 0 {
 					r.Zones()
@@ -523,7 +523,7 @@ func TestRegistryReleasedUnusedWithTwoPending(t *testing.T) {
 	_, relB := mustUse(t, r, "z", &owner{"B"}, limB)
 	_, relC := mustUse(t, r, "z", &owner{"C"}, limC)
 	relB() // B fails; A still runs, C is not started
-	if got := z.Limits(); got != limA {
+	if got := limitsOf(z); got != limA {
 		t.Errorf("after an unstarted config was released, limits %+v are in force, want A's %+v", got, limA)
 	}
 	relA()
@@ -545,7 +545,7 @@ func TestRegistryForgetsDrainedZonesOnUse(t *testing.T) {
 		w := &Waiter{}
 		z.Acquire(w, NewSignal(), t0)
 		rel()
-		z.Release(w) // drained after its config left
+		z.Free(w) // drained after its config left
 	}
 	_, rel := mustUse(t, r, "", &owner{"last"}, limA)
 	r.mu.Lock()

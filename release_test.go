@@ -121,20 +121,20 @@ func (*blockingObserver) Rejected(Reason)        {}
 func (*blockingObserver) Abandoned()             {}
 
 // heldSlot.free, called twice at once (a CloseWrite in some goroutine and
-// the end of serve): the slot is released once, and the second call does
-// not return before the first is done, since the caller of the second
-// then puts the Waiter back in the pool.
+// the end of serve): the slot is freed once, and the second call does not
+// return before the first is done, since the arrival then goes back to
+// its pool.
 func TestHeldSlotSecondFreeWaitsForTheFirst(t *testing.T) {
 	obs := &blockingObserver{freeing: make(chan struct{}), letGo: make(chan struct{})}
 	z := NewZone("held", Limits{MaxConnections: 1}, obs)
-	w := &Waiter{}
-	if out, _ := z.Acquire(w, nil, time.Now()); out != Admitted {
+	a := &streamWait{}
+	if out, _ := z.Acquire(&a.Waiter, nil, time.Now()); out != Admitted {
 		t.Fatal("not admitted")
 	}
-	s := &heldSlot{zone: z, w: w}
+	s := &heldSlot{zone: z, a: a}
 	first := make(chan struct{})
 	go func() { s.free(); close(first) }()
-	<-obs.freeing // the first free is inside Release
+	<-obs.freeing // the first free is inside Zone.Free
 	second := make(chan struct{})
 	go func() { s.free(); close(second) }()
 	select {

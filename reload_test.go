@@ -28,7 +28,7 @@ func zoneLimits(t *testing.T, name string) Limits {
 	if !ok {
 		t.Fatalf("zone %q unknown", name)
 	}
-	return z.Limits()
+	return limitsOf(z)
 }
 
 // A zone keeps its waiters and its count across reloads made through the

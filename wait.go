@@ -11,115 +11,96 @@ import (
 	"github.com/mholt/caddy-l4/layer4"
 )
 
-// How a waiting connection sleeps. None of them adds a goroutine: the
-// connection's own goroutine (the one caddy-l4 runs for it) does the
-// waiting, and a zone wakes it through the Waker methods of connWait.
-type waitMode uint8
-
-const (
-	// modeSocket: a stream with a socket underneath (on Linux). The
-	// goroutine parks in Go's network poller watching the socket without
-	// reading (watchSocket); the zone wakes it by moving the socket's read
-	// deadline into the past, and a wait_timeout is the read deadline
-	// itself. A client that closes or resets is noticed at once.
-	modeSocket waitMode = iota
-	// modePacket: a UDP flow of caddy-l4. Its packets are read into a
-	// small buffer while it waits, so that caddy-l4's packet loop, shared
-	// by every client of the listener, never blocks on it; they are
-	// replayed to the next handler. Woken through read deadlines too.
-	modePacket
-	// modeChannel: anything else (no socket underneath, or a platform
-	// without socket watching). It waits on a channel and a timer; a
-	// client that left is noticed by the next handler.
-	modeChannel
-)
-
-// Bounds of the packets kept for a waiting UDP flow; later ones are
-// dropped, as a full socket buffer would.
-const (
-	maxHeldPackets = 32
-	maxHeldBytes   = 256 << 10
-	udpReadBuffer  = 9000 // caddy-l4's own datagram buffer size
-)
+// An arrival is one connection on its way through the limit. A stream
+// (this file) and a UDP flow (udp.go) differ in how they wait, in what
+// they hold meanwhile and hand on, and in how one that is rejected or
+// abandoned ends; the handler's path (Handler.Handle) is the same for both.
+type arrival interface {
+	// waiter is the connection's place in the zone.
+	waiter() *Waiter
+	// admit takes a slot, or waits for one; it returns Admitted,
+	// Rejected (with the reason) or Abandoned.
+	admit(z *Zone) (Outcome, Reason)
+	// handOn is the connection to hand to the next (or overflow) handler.
+	handOn(cx *layer4.Connection) *layer4.Connection
+	// end ends a connection that is not handed on (abandoned, or rejected
+	// with no overflow handlers).
+	end(cx *layer4.Connection) error
+	// dropped counts the packets dropped while it waited (UDP only).
+	dropped() int
+	// done is called once nothing refers to the arrival any more: after
+	// end, or when its slot was freed (heldSlot).
+	done()
+}
 
 // aLongTimeAgo is a read deadline that has passed: setting it wakes a
 // goroutine blocked reading (or watching) the connection.
 var aLongTimeAgo = time.Unix(1, 0)
 
-// connWait is one connection's Waiter and the Waker that wakes it.
-type connWait struct {
+// streamWait is a stream's arrival. None of its ways of waiting adds a
+// goroutine: the connection's own goroutine (the one caddy-l4 runs for
+// it) waits, and the zone wakes it through the Waker methods.
+//   - With a socket underneath (on Linux), it parks in Go's network poller
+//     watching the socket without reading (watchSocket); the zone wakes it
+//     by moving the socket's read deadline into the past, and a
+//     wait_timeout is the read deadline itself. A client that closes or
+//     resets is noticed at once.
+//   - Otherwise (no socket underneath, or a platform without socket
+//     watching) it waits on a channel and a timer; a client that left is
+//     noticed by the next handler.
+type streamWait struct {
 	Waiter
-	mode           waitMode
-	target         net.Conn        // deadlines are set here
-	raw            syscall.RawConn // modeSocket only
-	sig            Signal          // modeChannel only
+	raw            syscall.RawConn // nil: waits on sig
+	sock           net.Conn        // the socket, whose deadlines wake it
+	sig            Signal
 	keepHalfClosed bool
 	sentBefore     bool // client bytes were read from the socket before us
-
-	held      [][]byte // modePacket: packets read while waiting
-	heldBytes int
-	dropped   int
 }
 
-var connWaitPool = sync.Pool{New: func() any { return new(connWait) }}
+var streamWaitPool = sync.Pool{New: func() any { return new(streamWait) }}
 
-func getConnWait() *connWait { return connWaitPool.Get().(*connWait) }
-
-func putConnWait(c *connWait) {
-	if c.mode == modePacket {
-		return // its handler's udpFlows may still refer to it (flows.go)
+// newStreamWait picks how a stream waits. conn is the connection as the
+// handler sees it (possibly wrapped by TLS or PROXY protocol handlers
+// before it); sentBefore tells that bytes of the client were already read
+// from the socket before this handler (by caddy-l4's matchers, kept for
+// replay).
+func newStreamWait(conn net.Conn, keepHalfClosed, sentBefore bool) *streamWait {
+	s := streamWaitPool.Get().(*streamWait)
+	s.keepHalfClosed, s.sentBefore = keepHalfClosed, sentBefore
+	if !canWatch {
+		return s.onChannel()
 	}
-	sig := c.sig
-	*c = connWait{sig: sig}
-	connWaitPool.Put(c)
-}
-
-// prepare picks how c waits for conn, the connection as the handler sees
-// it (possibly wrapped by TLS or PROXY protocol handlers before it).
-// sentBefore tells that bytes of the client were already read from the
-// socket before this handler (by caddy-l4's matchers, kept for replay).
-func (c *connWait) prepare(conn net.Conn, keepHalfClosed, sentBefore bool) {
-	c.keepHalfClosed = keepHalfClosed
-	c.sentBefore = sentBefore
-	c.target = conn
-	if isPacketFlow(conn) {
-		c.mode = modePacket
-		return
+	// A wrapper may hold bytes it already read from the socket (the
+	// request behind a PROXY header, say): the socket then shows a
+	// half-close after them as a bare FIN, which means abandonment. So
+	// with keep_half_closed, a wrapped waiter waits on a channel. Wrappers
+	// that hold no bytes (release close_write) count as bare.
+	inner := conn
+	for r, ok := inner.(byteless); ok; r, ok = inner.(byteless) {
+		inner = r.NetConn()
 	}
-	if canWatch {
-		// A wrapper may hold bytes it already read from the socket (the
-		// request behind a PROXY header, say): the socket then shows a
-		// half-close after them as a bare FIN, which means abandonment.
-		// So with keep_half_closed, a wrapped waiter waits on a channel.
-		// releaseOnCloseWrite (limits before this one) holds no bytes.
-		inner := conn
-		for r, ok := inner.(*releaseOnCloseWrite); ok; r, ok = inner.(*releaseOnCloseWrite) {
-			inner = r.Conn
-		}
-		_, bare := inner.(syscall.Conn)
-		if sc, ok := underlyingSocket(conn); ok && (bare || !keepHalfClosed) {
-			if raw, err := sc.(syscall.Conn).SyscallConn(); err == nil {
-				c.mode, c.target, c.raw = modeSocket, sc, raw
-				return
-			}
+	_, bare := inner.(syscall.Conn)
+	if sc, ok := underlyingSocket(conn); ok && (bare || !keepHalfClosed) {
+		if raw, err := sc.(syscall.Conn).SyscallConn(); err == nil {
+			s.sock, s.raw = sc, raw
+			return s
 		}
 	}
-	c.mode = modeChannel
-	if c.sig == nil {
-		c.sig = NewSignal()
-	}
+	return s.onChannel()
 }
 
-// isPacketFlow tells caddy-l4's UDP flows from streams: no socket of
-// their own under any wrapper, and a local address on a UDP listener. (The
-// remote address does not tell: behind a PROXY v2 header naming UDP
-// addresses, a TCP stream has a UDP remote address.)
-func isPacketFlow(conn net.Conn) bool {
-	if _, ok := underlyingSocket(conn); ok {
-		return false
+func (s *streamWait) onChannel() *streamWait {
+	if s.sig == nil {
+		s.sig = NewSignal()
 	}
-	_, udp := conn.LocalAddr().(*net.UDPAddr)
-	return udp
+	return s
+}
+
+// byteless is a connection wrapper that holds no bytes of its own.
+type byteless interface {
+	net.Conn
+	NetConn() net.Conn
+	holdsNoBytes()
 }
 
 // underlyingSocket unwraps TLS (NetConn) and PROXY protocol (Raw) wrappers
@@ -143,158 +124,84 @@ func underlyingSocket(conn net.Conn) (net.Conn, bool) {
 	return nil, false
 }
 
+// probeConn looks once at the socket under conn, with the same test as a
+// waiter without keep_half_closed: unknown where there is no socket.
+func probeConn(conn net.Conn) peer {
+	sc, ok := underlyingSocket(conn)
+	if !ok || !canWatch {
+		return peerUnknown
+	}
+	raw, err := sc.(syscall.Conn).SyscallConn()
+	if err != nil {
+		return peerGone
+	}
+	return probe(raw, false, false)
+}
+
+func (s *streamWait) waiter() *Waiter                                 { return &s.Waiter }
+func (s *streamWait) handOn(cx *layer4.Connection) *layer4.Connection { return cx }
+func (s *streamWait) end(cx *layer4.Connection) error                 { return cx.Close() }
+func (s *streamWait) dropped() int                                    { return 0 }
+
+func (s *streamWait) done() {
+	*s = streamWait{sig: s.sig}
+	streamWaitPool.Put(s)
+}
+
 // Wake implements Waker.
-func (c *connWait) Wake() {
-	if c.mode == modeChannel {
-		c.sig.Wake()
+func (s *streamWait) Wake() {
+	if s.raw == nil {
+		s.sig.Wake()
 		return
 	}
-	_ = c.target.SetReadDeadline(aLongTimeAgo)
+	_ = s.sock.SetReadDeadline(aLongTimeAgo)
 }
 
 // Arm implements Waker.
-func (c *connWait) Arm(deadline time.Time) {
-	switch c.mode {
-	case modeChannel:
-		return
-	case modePacket:
-		// caddy-l4's UDP flows keep read deadlines in whole seconds
-		// (rounded down): round up, so that they never fire early.
-		if !deadline.IsZero() {
-			deadline = deadline.Truncate(time.Second).Add(time.Second)
-		}
+func (s *streamWait) Arm(deadline time.Time) {
+	if s.raw != nil {
+		_ = s.sock.SetReadDeadline(deadline)
 	}
-	_ = c.target.SetReadDeadline(deadline)
 }
 
-// wait blocks until the queued waiter is admitted, refused (timed out) or
-// abandoned by its client. On return nothing of the zone refers to c.
-func (c *connWait) wait(z *Zone) (out Outcome, r Reason, abandoned bool) {
-	switch c.mode {
-	case modeSocket:
-		out, r, abandoned = c.waitSocket(z)
-	case modePacket:
-		out, r, abandoned = c.waitPacket(z)
-	default:
-		out, r, _ = z.Wait(&c.Waiter, c.sig, nil)
+func (s *streamWait) admit(z *Zone) (Outcome, Reason) {
+	out, r := z.Acquire(&s.Waiter, s, time.Now())
+	if out == Queued {
+		out, r = s.wait(z)
 	}
-	if c.mode != modeChannel {
-		// No Wake or Arm can follow an outcome: clear the deadline the
-		// zone left, for the next handler.
-		_ = c.target.SetReadDeadline(time.Time{})
-	}
-	return out, r, abandoned
+	return out, r
 }
 
-func (c *connWait) waitSocket(z *Zone) (Outcome, Reason, bool) {
+// wait blocks until the queued waiter is admitted, rejected (timed out) or
+// abandoned by its client. On return nothing of the zone refers to s.
+func (s *streamWait) wait(z *Zone) (Outcome, Reason) {
+	if s.raw == nil {
+		return z.Wait(&s.Waiter, s.sig, nil)
+	}
+	// No Wake or Arm can follow an outcome: clear the deadline the zone
+	// left, for the next handler.
+	defer s.sock.SetReadDeadline(time.Time{})
 	for {
-		gone, err := watchSocket(c.raw, c.keepHalfClosed, c.sentBefore)
+		gone, err := watchSocket(s.raw, s.keepHalfClosed, s.sentBefore)
 		if !gone && !errors.Is(err, os.ErrDeadlineExceeded) {
 			gone = true // the connection was closed under us
 		}
 		if !gone {
 			// Woken: look once more, so that a client that left
 			// just now is not handed on.
-			gone = socketGone(c.raw, c.keepHalfClosed, c.sentBefore)
+			gone = probe(s.raw, s.keepHalfClosed, s.sentBefore) == peerGone
 		}
-		if gone && z.Abandon(&c.Waiter) {
-			return Rejected, ReasonNone, true
+		if gone && z.Abandon(&s.Waiter) {
+			return Abandoned, ReasonNone
 		}
-		if out, r, _ := z.Poll(&c.Waiter, time.Now()); out != Queued {
-			return out, r, false
-		}
-	}
-}
-
-func (c *connWait) waitPacket(z *Zone) (Outcome, Reason, bool) {
-	buf := make([]byte, udpReadBuffer)
-	for {
-		n, err := c.target.Read(buf)
-		if n > 0 {
-			c.hold(buf[:n])
-		}
-		switch {
-		case err == nil:
-			continue
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			if out, r, _ := z.Poll(&c.Waiter, time.Now()); out != Queued {
-				return out, r, false
-			}
-		default:
-			// The flow went idle (caddy-l4's idle_timeout) or closed.
-			if z.Abandon(&c.Waiter) {
-				return Rejected, ReasonNone, true
-			}
-			out, r, _ := z.Poll(&c.Waiter, time.Now())
-			return out, r, false
+		if out, r, _ := z.Poll(&s.Waiter, time.Now()); out != Queued {
+			return out, r
 		}
 	}
 }
 
-func (c *connWait) hold(p []byte) {
-	if len(c.held) >= maxHeldPackets || c.heldBytes+len(p) > maxHeldBytes {
-		c.dropped++
-		return
-	}
-	c.held = append(c.held, append([]byte(nil), p...))
-	c.heldBytes += len(p)
-}
-
-// replayHeld returns the connection to hand on after the wait: cx itself,
-// or, when packets were held, a copy of cx (cx.Wrap) that reads, one
-// datagram per Read, the datagrams cx had already buffered (read by
-// matchers before this handler), then the held ones, then the flow.
-//
-// A copy, and not cx with its Conn replaced: caddy-l4 treats the
-// connection of a UDP flow as one over its own packet type, and a matcher
-// after this handler would panic on anything else under it. The copy is
-// an ordinary connection to caddy-l4; reading cx's buffered datagrams here
-// keeps their boundaries, which the copy would not know.
-func (c *connWait) replayHeld(cx *layer4.Connection) *layer4.Connection {
-	if len(c.held) == 0 {
-		return cx
-	}
-	var frames [][]byte
-	for left := len(cx.MatchingBytes()); left > 0; {
-		buf := make([]byte, udpReadBuffer)
-		n, err := cx.Read(buf)
-		if n <= 0 || err != nil {
-			break // a datagram the matchers read only in part: below
-		}
-		frames = append(frames, buf[:n:n])
-		left -= n
-	}
-	rc := &replayConn{Conn: cx.Conn}
-	cp := cx.Wrap(rc)
-	// Bytes cx could not hand out as whole datagrams (the copy has them
-	// too, and would serve them first) go after the whole ones.
-	if rest := len(cp.MatchingBytes()); rest > 0 {
-		buf := make([]byte, rest)
-		n, _ := cp.Read(buf) // from its buffer, all at once: never the flow
-		frames = append(frames, buf[:n])
-	}
-	rc.held = append(frames, c.held...)
-	c.held = nil
-	return cp
-}
-
-// replayConn hands the packets held while waiting to the next handler,
-// one per Read, before reading on from the flow.
-type replayConn struct {
-	net.Conn
-	held [][]byte
-}
-
-func (rc *replayConn) Read(p []byte) (int, error) {
-	if len(rc.held) > 0 {
-		n := copy(p, rc.held[0])
-		if n < len(rc.held[0]) { // the rest on the next Read, as caddy-l4's own flows do
-			rc.held[0] = rc.held[0][n:]
-			return n, nil
-		}
-		rc.held[0] = nil
-		rc.held = rc.held[1:]
-		return n, nil
-	}
-	return rc.Conn.Read(p)
-}
+// Interface guards
+var (
+	_ arrival = (*streamWait)(nil)
+	_ Waker   = (*streamWait)(nil)
+)

@@ -7,10 +7,10 @@ import (
 	"time"
 )
 
-// BenchmarkSocketWaitHandoff: the path of a waiting TCP connection in
-// module.go, on real sockets: prepare, Acquire (queued), wait parked on the
-// socket (watched, not read), woken by the Release of the one before it,
-// Release. With max_connections 1 the waiters form a chain, so one op is
+// BenchmarkSocketWaitHandoff: the path of a waiting TCP connection
+// (wait.go), on real sockets: newStreamWait, Acquire (queued), wait parked
+// on the socket (watched, not read), woken by the Free of the one before
+// it, Free. With max_connections 1 the waiters form a chain, so one op is
 // one waiter's whole wait plus one handoff, goroutine wake-up included.
 // The goroutines (caddy-l4 runs one per connection) are started before the
 // timer runs.
@@ -33,17 +33,12 @@ func BenchmarkSocketWaitHandoff(b *testing.B) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				cw := getConnWait()
-				cw.prepare(servers[i], false, false)
-				out, _ := z.Acquire(&cw.Waiter, cw, time.Now())
-				if out == Queued {
-					out, _, _ = cw.wait(z)
-				}
-				if out != Admitted {
+				s := newStreamWait(servers[i], false, false)
+				if out, _ := s.admit(z); out != Admitted {
 					panic("waiter not admitted")
 				}
-				z.Release(&cw.Waiter)
-				putConnWait(cw)
+				z.Free(&s.Waiter)
+				s.done()
 			}()
 		}
 		for {
@@ -53,7 +48,7 @@ func BenchmarkSocketWaitHandoff(b *testing.B) {
 			time.Sleep(100 * time.Microsecond)
 		}
 		b.StartTimer()
-		z.Release(holder)
+		z.Free(holder)
 		wg.Wait()
 		done += n
 	}

@@ -8,7 +8,7 @@ import (
 	proxyproto "github.com/pires/go-proxyproto"
 )
 
-// How prepare picks the way a waiter sleeps, for connections as the
+// How newStreamWait picks the way a waiter sleeps, for connections as the
 // handler may get them.
 func TestWaitModeOfWrappedStreams(t *testing.T) {
 	if !canWatch {
@@ -47,20 +47,22 @@ func TestWaitModeOfWrappedStreams(t *testing.T) {
 		name           string
 		conn           net.Conn
 		keepHalfClosed bool
-		want           waitMode
+		onSocket       bool
 	}{
-		{"bare TCP", srv, false, modeSocket},
-		{"TCP behind a PROXY v2 header naming UDP addresses", pp, false, modeSocket},
-		{"same, keep_half_closed (the wrapper may hold bytes)", pp, true, modeChannel},
-		{"behind release close_write", &releaseOnCloseWrite{Conn: srv}, true, modeSocket},
-		{"behind two", &releaseOnCloseWrite{Conn: &releaseOnCloseWrite{Conn: srv}}, true, modeSocket},
+		{"bare TCP", srv, false, true},
+		{"TCP behind a PROXY v2 header naming UDP addresses", pp, false, true},
+		{"same, keep_half_closed (the wrapper may hold bytes)", pp, true, false},
+		{"behind release close_write", &closeWriteFrees{Conn: srv}, true, true},
+		{"behind two", &closeWriteFrees{Conn: &closeWriteFrees{Conn: srv}}, true, true},
 	} {
-		cw := getConnWait()
-		cw.prepare(tc.conn, tc.keepHalfClosed, false)
-		if cw.mode != tc.want {
-			t.Errorf("%s: mode %d, want %d (0 socket, 1 packet, 2 channel)", tc.name, cw.mode, tc.want)
+		if isPacketFlow(tc.conn) {
+			t.Errorf("%s: taken for a UDP flow", tc.name)
 		}
-		putConnWait(cw)
+		s := newStreamWait(tc.conn, tc.keepHalfClosed, false)
+		if onSocket := s.raw != nil; onSocket != tc.onSocket {
+			t.Errorf("%s: waits on the socket %v, want %v (else on a channel)", tc.name, onSocket, tc.onSocket)
+		}
+		s.done()
 	}
 }
 

@@ -20,31 +20,41 @@ const canWatch = true
 // it asks the socket's state with one non-blocking ppoll for POLLRDHUP.
 func watchSocket(rc syscall.RawConn, keepHalfClosed, sentBefore bool) (gone bool, err error) {
 	err = rc.Read(func(fd uintptr) bool {
-		gone = peerGone(fd, keepHalfClosed, sentBefore)
+		gone = peerState(fd, keepHalfClosed, sentBefore) == peerGone
 		return gone
 	})
 	return gone, err
 }
 
-// socketGone looks at the socket once, without waiting.
-func socketGone(rc syscall.RawConn, keepHalfClosed, sentBefore bool) bool {
-	var gone bool
-	if err := rc.Control(func(fd uintptr) { gone = peerGone(fd, keepHalfClosed, sentBefore) }); err != nil {
-		return true
+// probe looks at the socket once, without waiting. A socket that can no
+// longer be looked at (closed under us) is gone.
+func probe(rc syscall.RawConn, keepHalfClosed, sentBefore bool) peer {
+	p := peerUnknown
+	if err := rc.Control(func(fd uintptr) { p = peerState(fd, keepHalfClosed, sentBefore) }); err != nil {
+		return peerGone
 	}
-	return gone
+	return p
 }
 
-// socketUntouched reports whether the client is still connected and has
-// not finished sending. A handler that returns while this holds did not
-// serve the connection.
-func socketUntouched(rc syscall.RawConn) bool {
-	untouched := false
-	_ = rc.Control(func(fd uintptr) {
-		ev, ok := pollState(fd)
-		untouched = ok && ev&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) == 0
-	})
-	return untouched
+// peerState decides whether a client is still there:
+//   - reset, or both sides closed (POLLHUP, POLLERR): gone;
+//   - connected, and not closed its side (no POLLRDHUP): there;
+//   - closed its sending side (FIN): gone, unless keepHalfClosed and the
+//     client sent bytes first (read by caddy-l4's matchers, sentBefore, or
+//     still pending in the socket): then it half-closed after its request.
+func peerState(fd uintptr, keepHalfClosed, sentBefore bool) peer {
+	ev, ok := pollState(fd)
+	switch {
+	case !ok:
+		return peerUnknown // interrupted: looked at again on the next wake-up
+	case ev&(unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0:
+		return peerGone
+	case ev&unix.POLLRDHUP == 0:
+		return peerThere
+	case !keepHalfClosed || (!sentBefore && !peek(fd)):
+		return peerGone
+	}
+	return peerThere
 }
 
 // pollState returns the socket's poll events without waiting: POLLRDHUP
@@ -65,25 +75,4 @@ func peek(fd uintptr) bool {
 	n, _, errno := syscall.Syscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
 		uintptr(unix.MSG_PEEK|unix.MSG_DONTWAIT), 0, 0)
 	return errno == 0 && n > 0
-}
-
-// peerGone decides whether a waiting client has left:
-//   - reset, or both sides closed (POLLHUP, POLLERR): gone;
-//   - connected, and not closed its side (no POLLRDHUP): still there;
-//   - closed its sending side (FIN): gone, unless keepHalfClosed and the
-//     client sent bytes first (read by caddy-l4's matchers, sentBefore, or
-//     still pending in the socket): then it half-closed after its request.
-func peerGone(fd uintptr, keepHalfClosed, sentBefore bool) bool {
-	ev, ok := pollState(fd)
-	switch {
-	case !ok:
-		return false // interrupted: looked at again on the next wake-up
-	case ev&(unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0:
-		return true
-	case ev&unix.POLLRDHUP == 0:
-		return false
-	case !keepHalfClosed:
-		return true
-	}
-	return !sentBefore && !peek(fd)
 }

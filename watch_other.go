@@ -12,6 +12,4 @@ func watchSocket(syscall.RawConn, bool, bool) (bool, error) {
 	panic("connlimit: watchSocket without platform support")
 }
 
-func socketGone(syscall.RawConn, bool, bool) bool { return false }
-
-func socketUntouched(syscall.RawConn) bool { return false }
+func probe(syscall.RawConn, bool, bool) peer { return peerUnknown }

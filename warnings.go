@@ -1,0 +1,78 @@
+package connlimit
+
+import (
+	"time"
+
+	"github.com/mholt/caddy-l4/layer4"
+	"go.uber.org/zap"
+)
+
+// What the handler tells the operator: a debug line per event, a warning
+// (rate-limited) while a zone rejects connections, and a warning (once)
+// when the handler is placed where the limit cannot hold.
+
+// logEvent logs one connection's event at debug level.
+func (h *Handler) logEvent(msg string, cx *layer4.Connection, w *Waiter, fields ...zap.Field) {
+	if !h.logger.Core().Enabled(zap.DebugLevel) {
+		return
+	}
+	fields = append(fields,
+		zap.String("remote", cx.RemoteAddr().String()),
+		zap.String("zone", h.Zone),
+		zap.String("key", w.Key))
+	h.logger.Debug(msg, fields...)
+}
+
+// rejectionWarnEvery rate-limits the warning that a zone rejects
+// connections.
+const rejectionWarnEvery = 10 * time.Second
+
+// warnRejecting warns that the zone rejects connections, at most once per
+// rejectionWarnEvery, with how many were rejected since the last warning.
+func (h *Handler) warnRejecting(r Reason) {
+	h.rejectedSince.Add(1)
+	now := time.Now().UnixNano()
+	last := h.lastRejectionWarn.Load()
+	if now-last < int64(rejectionWarnEvery) || !h.lastRejectionWarn.CompareAndSwap(last, now) {
+		return
+	}
+	h.logger.Warn("connection limit reached: rejecting connections",
+		zap.String("zone", h.Zone),
+		zap.Int("max_connections", h.MaxConnections),
+		zap.Int("max_waiting", h.MaxWaiting),
+		zap.String("reason", r.String()),
+		zap.Int64("rejected_since_last_warning", h.rejectedSince.Swap(0)),
+		zap.Duration("warning_interval", rejectionWarnEvery))
+}
+
+// placementCheckWithin: a next handler that returns this fast is checked
+// for not having served the connection at all.
+const placementCheckWithin = 5 * time.Millisecond
+
+// placementCheckEvery samples the check: a misplaced handler shows on
+// every connection, so one look a second is enough and keeps the syscall
+// off the hot path.
+const placementCheckEvery = time.Second
+
+// checkPlacement warns (once per handler) when the next handler returned
+// at once without serving the connection: then connection_limit is the
+// last handler of its route, the route's chain ended at once, and the
+// limit does not hold while the connection is served.
+func (h *Handler) checkPlacement(cx *layer4.Connection) {
+	if h.warnedPlacement.Load() {
+		return
+	}
+	now := time.Now().UnixNano()
+	last := h.lastPlacement.Load()
+	if now-last < int64(placementCheckEvery) || !h.lastPlacement.CompareAndSwap(last, now) {
+		return
+	}
+	if probeConn(cx.Conn) != peerThere {
+		return
+	}
+	if h.warnedPlacement.CompareAndSwap(false, true) {
+		h.logger.Warn("the handler after connection_limit returned without serving the connection, so the limit does not hold while it is served; put a terminal handler such as proxy after connection_limit in the same route or subroute",
+			zap.String("zone", h.Zone),
+			zap.String("remote", cx.RemoteAddr().String()))
+	}
+}

@@ -1,0 +1,582 @@
+package connlimit
+
+import (
+	"fmt"
+	"sync"
+	"time"
+)
+
+// A zone is one count and one set of waiting lists, shared by every handler
+// that names it. This file and queue.go are the engine: they know nothing of
+// Caddy or of sockets. The handler (module.go) drives a zone, and every
+// method of Zone is safe for concurrent use.
+
+// Reason says why a connection was rejected.
+type Reason uint8
+
+const (
+	// ReasonNone: not rejected.
+	ReasonNone Reason = iota
+	// ReasonQueueFull: the waiting list was at max_waiting.
+	ReasonQueueFull
+	// ReasonWaitTimeout: the connection waited wait_timeout without a slot.
+	ReasonWaitTimeout
+	// ReasonNoWaiting: max_waiting is -1 and every slot was taken.
+	ReasonNoWaiting
+
+	numReasons
+)
+
+// Reasons lists the rejection reasons, in the order of their values.
+var Reasons = [...]Reason{ReasonQueueFull, ReasonWaitTimeout, ReasonNoWaiting}
+
+func (r Reason) String() string {
+	switch r {
+	case ReasonQueueFull:
+		return "queue_full"
+	case ReasonWaitTimeout:
+		return "wait_timeout"
+	case ReasonNoWaiting:
+		return "no_waiting"
+	}
+	return "none"
+}
+
+// Limits are the settings of a zone that every connection of it shares.
+type Limits struct {
+	// MaxConnections is the number of slots (per key value); at least 1.
+	MaxConnections int
+	// MaxWaiting bounds the waiting list (per key value): 0 means no bound,
+	// -1 means nobody waits.
+	MaxWaiting int
+	// WaitTimeout rejects a waiter after this long; 0 means no timeout.
+	WaitTimeout time.Duration
+	// Order among waiters of equal priority.
+	Order Order
+}
+
+// Validate reports the first field of l that is out of range.
+func (l Limits) Validate() error {
+	if l.MaxConnections < 1 {
+		return fmt.Errorf("max_connections must be at least 1, got %d", l.MaxConnections)
+	}
+	if l.MaxWaiting < -1 {
+		return fmt.Errorf("max_waiting must be -1 (nobody waits), 0 (no bound) or positive, got %d", l.MaxWaiting)
+	}
+	if l.WaitTimeout < 0 {
+		return fmt.Errorf("wait_timeout must not be negative, got %s", l.WaitTimeout)
+	}
+	if l.Order != FIFO && l.Order != LIFO {
+		return fmt.Errorf("order must be fifo or lifo, got %d", l.Order)
+	}
+	return nil
+}
+
+// Observer receives every change of a zone's counts. It is called with the
+// zone's lock held, so it must be quick and must not call into the zone.
+// The metrics in metrics.go are an Observer.
+type Observer interface {
+	// ActiveDelta is +1 when a slot is taken and -1 when it is freed.
+	ActiveDelta(d int)
+	// WaitingDelta is +1 when a connection joins a waiting list and -1
+	// when it leaves it, for whatever reason.
+	WaitingDelta(d int)
+	// Admitted is called once for every connection handed on, with the
+	// time it waited (0 for one admitted at once).
+	Admitted(waited time.Duration)
+	// Rejected is called once for every rejected connection.
+	Rejected(r Reason)
+	// Abandoned is called once for every waiter whose client went away.
+	Abandoned()
+}
+
+// Waker wakes the goroutine of one waiting connection. A zone calls its
+// methods with the zone's lock held, so they must not block or call into
+// the zone; holding the lock orders them with every grant, so a wake-up is
+// never lost.
+type Waker interface {
+	// Wake: a slot was granted to the waiter, or the settings that bound
+	// its wait changed; the woken goroutine calls Zone.Poll to learn which.
+	// It may be called more than once.
+	Wake()
+	// Arm: the waiter goes on waiting until deadline (zero: no deadline),
+	// unless woken first. Called when the waiter is queued and whenever
+	// Poll tells it to go on waiting.
+	Arm(deadline time.Time)
+}
+
+// Signal is a Waker for a goroutine that waits on a channel.
+type Signal chan struct{}
+
+// NewSignal returns a Signal ready for use.
+func NewSignal() Signal { return make(Signal, 1) }
+
+// Wake implements Waker; wake-ups that are not yet received coalesce.
+func (s Signal) Wake() {
+	select {
+	case s <- struct{}{}:
+	default:
+	}
+}
+
+// Arm implements Waker: a Signal's owner keeps its own timer from the
+// deadline that Poll returns.
+func (s Signal) Arm(time.Time) {}
+
+type waiterState uint8
+
+const (
+	stateIdle      waiterState = iota // not in a zone
+	stateWaiting                      // in a waiting list
+	stateGranted                      // a slot was granted, not yet claimed by Poll
+	stateActive                       // holds a slot, handed on
+	stateFreed                        // slot given back, or never had one
+	stateAbandoned                    // its client left before it was handed on
+)
+
+// Waiter is one connection's place in a zone. Its zero value is ready for
+// use; set Key, Priority and Remote before Acquire. A Waiter is used for
+// one connection only and is owned by that connection's goroutine.
+type Waiter struct {
+	// Key is the connection's key value: it counts and waits apart from
+	// other key values. The empty key is one key of its own.
+	Key string
+	// Priority: within a key, higher priorities are admitted first.
+	Priority int
+	// Remote names the client in snapshots (optional).
+	Remote fmt.Stringer
+
+	zone       *Zone
+	ks         *keyState
+	lvl        *level
+	prev, next *Waiter
+	waker      Waker
+	enqueued   time.Time
+	position   int
+	state      waiterState
+}
+
+// Position is the waiter's place in line when it started waiting (1 is
+// the next to be admitted), or 0 if it was admitted at once.
+func (w *Waiter) Position() int { return w.position }
+
+// Waited is how long the waiter has been (or was) in line by now; 0 if it
+// never joined the waiting list.
+func (w *Waiter) Waited(now time.Time) time.Duration {
+	if w.enqueued.IsZero() {
+		return 0
+	}
+	return now.Sub(w.enqueued)
+}
+
+// Counters are the cumulative counts of a zone.
+type Counters struct {
+	Admitted  uint64
+	Rejected  [numReasons]uint64
+	Abandoned uint64
+}
+
+// RejectedTotal sums the rejections of every reason.
+func (c Counters) RejectedTotal() uint64 {
+	var n uint64
+	for _, v := range c.Rejected {
+		n += v
+	}
+	return n
+}
+
+// Zone is one count and one set of waiting lists (one per key value),
+// shared by every handler that names it.
+type Zone struct {
+	name string
+	obs  Observer
+
+	mu      sync.Mutex
+	limits  Limits
+	paused  bool
+	def     keyState
+	keys    map[string]*keyState // key values other than ""
+	spare   []*keyState          // freed key states, for reuse
+	active  int                  // over all keys
+	waiting int                  // over all keys
+	stats   Counters
+}
+
+// NewZone returns a zone with the given limits. obs may be nil.
+func NewZone(name string, l Limits, obs Observer) *Zone {
+	if obs == nil {
+		obs = nopObserver{}
+	}
+	return &Zone{name: name, limits: l, obs: obs}
+}
+
+func (z *Zone) keyState(key string, create bool) *keyState {
+	if key == "" {
+		return &z.def
+	}
+	if ks, ok := z.keys[key]; ok {
+		return ks
+	}
+	if !create {
+		return nil
+	}
+	if z.keys == nil {
+		z.keys = make(map[string]*keyState)
+	}
+	var ks *keyState
+	if n := len(z.spare); n > 0 {
+		ks = z.spare[n-1]
+		z.spare = z.spare[:n-1]
+	} else {
+		ks = new(keyState)
+	}
+	ks.key = key
+	z.keys[key] = ks
+	return ks
+}
+
+// maxSpare bounds the freed key states kept for reuse.
+const maxSpare = 64
+
+// tidy frees ks if it holds nothing, so that memory does not grow with the
+// number of distinct key values ever seen.
+func (z *Zone) tidy(ks *keyState) {
+	if ks == &z.def || ks.active != 0 || ks.waiting != 0 {
+		return
+	}
+	delete(z.keys, ks.key)
+	ks.key = ""
+	if len(z.spare) < maxSpare {
+		z.spare = append(z.spare, ks)
+	}
+}
+
+// Outcome is the result of Acquire.
+type Outcome uint8
+
+const (
+	// Admitted: the waiter holds a slot; call Free when done.
+	Admitted Outcome = iota
+	// Queued: the waiter is in the waiting list; wait for its Waker, then
+	// call Poll.
+	Queued
+	// Rejected: the waiter holds nothing; the Reason says why.
+	Rejected
+	// Abandoned: the client left while it waited (Abandon); the waiter
+	// holds nothing.
+	Abandoned
+)
+
+// Acquire takes a slot for w if one is free, or else puts w in its key's
+// waiting list (wake is called when that changes), or rejects it.
+func (z *Zone) Acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	if w.state != stateIdle {
+		panic("connlimit: Waiter reused")
+	}
+	w.zone = z
+	ks := z.keyState(w.Key, true)
+	if !z.paused && ks.active < z.limits.MaxConnections {
+		w.ks = ks
+		w.state = stateActive
+		ks.active++
+		z.active++
+		z.stats.Admitted++
+		z.obs.ActiveDelta(1)
+		z.obs.Admitted(0)
+		return Admitted, ReasonNone
+	}
+	var r Reason
+	switch {
+	case z.limits.MaxWaiting < 0:
+		r = ReasonNoWaiting
+	case z.limits.MaxWaiting > 0 && ks.waiting >= z.limits.MaxWaiting:
+		r = ReasonQueueFull
+	}
+	if r != ReasonNone {
+		w.state = stateFreed
+		z.stats.Rejected[r]++
+		z.obs.Rejected(r)
+		z.tidy(ks)
+		return Rejected, r
+	}
+	w.ks = ks
+	w.waker = wake
+	w.enqueued = now
+	w.position = ks.ahead(w.Priority, z.limits.Order) + 1
+	w.state = stateWaiting
+	ks.level(w.Priority).push(w)
+	ks.waiting++
+	z.waiting++
+	z.obs.WaitingDelta(1)
+	wake.Arm(z.deadline(w))
+	return Queued, ReasonNone
+}
+
+// deadline is when w times out; zero if never. Lock held.
+func (z *Zone) deadline(w *Waiter) time.Time {
+	if z.limits.WaitTimeout <= 0 {
+		return time.Time{}
+	}
+	return w.enqueued.Add(z.limits.WaitTimeout)
+}
+
+// unlink takes w out of its waiting list. Lock held.
+func (z *Zone) unlink(w *Waiter) {
+	w.lvl.remove(w)
+	w.ks.waiting--
+	z.waiting--
+	z.obs.WaitingDelta(-1)
+}
+
+// Poll is called by a queued waiter's goroutine after its Waker fired or
+// its deadline passed. It returns Admitted once a slot was granted (the
+// waiter then holds it: call Free), Rejected with ReasonWaitTimeout once
+// the wait timed out, Abandoned if it was abandoned meanwhile, or Queued with the deadline to wait until
+// (zero: no deadline), after arming the Waker with it, while it must go
+// on waiting.
+func (z *Zone) Poll(w *Waiter, now time.Time) (Outcome, Reason, time.Time) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	switch w.state {
+	case stateGranted:
+		w.state = stateActive
+		z.stats.Admitted++
+		z.obs.Admitted(now.Sub(w.enqueued))
+		return Admitted, ReasonNone, time.Time{}
+	case stateWaiting:
+		d := z.deadline(w)
+		if !d.IsZero() && !now.Before(d) {
+			ks := w.ks
+			z.unlink(w)
+			w.state = stateFreed
+			z.stats.Rejected[ReasonWaitTimeout]++
+			z.obs.Rejected(ReasonWaitTimeout)
+			z.tidy(ks)
+			return Rejected, ReasonWaitTimeout, time.Time{}
+		}
+		w.waker.Arm(d)
+		return Queued, ReasonNone, d
+	case stateActive:
+		return Admitted, ReasonNone, time.Time{}
+	case stateAbandoned:
+		return Abandoned, ReasonNone, time.Time{}
+	}
+	return Rejected, ReasonNone, time.Time{}
+}
+
+// Wait blocks the goroutine of a waiter that was queued with Signal s as
+// its Waker until it is admitted (it then holds the slot: call Free) or
+// rejected (its wait timed out). If gone is closed first, the client left:
+// the waiter is Abandoned. Wait keeps its own timer for the deadline that
+// Poll returns.
+func (z *Zone) Wait(w *Waiter, s Signal, gone <-chan struct{}) (Outcome, Reason) {
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for {
+		out, r, deadline := z.Poll(w, time.Now())
+		if out != Queued {
+			return out, r
+		}
+		var expired <-chan time.Time
+		if !deadline.IsZero() {
+			if timer == nil {
+				timer = time.NewTimer(time.Until(deadline))
+			} else {
+				timer.Reset(time.Until(deadline))
+			}
+			expired = timer.C
+		}
+		select {
+		case <-s:
+		case <-expired:
+		case <-gone:
+			if z.Abandon(w) {
+				return Abandoned, ReasonNone
+			}
+			gone = nil // admitted meanwhile: Poll says so
+		}
+	}
+}
+
+// Abandon is called when the client of w went away before it was handed
+// on: w leaves the waiting list, or gives back the slot it was granted,
+// and counts as abandoned. It reports false if w was not waiting (it is
+// already active or done), in which case nothing changed.
+func (z *Zone) Abandon(w *Waiter) bool {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	ks := w.ks
+	switch w.state {
+	case stateWaiting:
+		z.unlink(w)
+	case stateGranted:
+		z.freeSlot(ks)
+	default:
+		return false
+	}
+	w.state = stateAbandoned
+	z.stats.Abandoned++
+	z.obs.Abandoned()
+	z.tidy(ks)
+	return true
+}
+
+// Free gives back the slot of an admitted waiter and hands it to the next
+// waiter. It reports false, changing nothing, if w holds no slot: a slot
+// is freed exactly once.
+func (z *Zone) Free(w *Waiter) bool {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	if w.state != stateActive {
+		return false
+	}
+	w.state = stateFreed
+	ks := w.ks
+	z.freeSlot(ks)
+	z.tidy(ks)
+	return true
+}
+
+// freeSlot gives back one slot of ks and grants free slots to waiters.
+// Lock held.
+func (z *Zone) freeSlot(ks *keyState) {
+	ks.active--
+	z.active--
+	z.obs.ActiveDelta(-1)
+	z.grant(ks)
+}
+
+// grant hands free slots of ks to its waiters in admission order. Lock held.
+func (z *Zone) grant(ks *keyState) {
+	for !z.paused && ks.waiting > 0 && ks.active < z.limits.MaxConnections {
+		w := ks.next(z.limits.Order)
+		z.unlink(w)
+		w.state = stateGranted
+		ks.active++
+		z.active++
+		z.obs.ActiveDelta(1)
+		w.waker.Wake()
+	}
+}
+
+// grantAll runs grant over every key with waiters. Lock held.
+func (z *Zone) grantAll() {
+	z.grant(&z.def)
+	for _, ks := range z.keys {
+		z.grant(ks)
+	}
+}
+
+// wakeAll wakes every waiter, so that each re-reads its deadline. Lock held.
+func (z *Zone) wakeAll() {
+	f := func(w *Waiter) bool { w.waker.Wake(); return true }
+	z.def.each(z.limits.Order, f)
+	for _, ks := range z.keys {
+		ks.each(z.limits.Order, f)
+	}
+}
+
+// SetLimits puts new settings in force for everyone, waiting or not: more
+// slots admit waiters at once; fewer slots cut nobody (new admissions wait
+// until the count is below the new limit); a new wait_timeout counts from
+// when each waiter started waiting; a smaller max_waiting rejects newcomers
+// until the list is shorter, and rejects nobody already waiting.
+func (z *Zone) SetLimits(l Limits) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	old := z.limits
+	z.limits = l
+	if l.WaitTimeout != old.WaitTimeout {
+		z.wakeAll()
+	}
+	if l.MaxConnections > old.MaxConnections {
+		z.grantAll()
+	}
+}
+
+// SetPaused pauses or resumes admission. While paused, nobody new is
+// admitted: every new and waiting connection waits (bounds and timeouts
+// still apply) and active ones are untouched. Resuming admits at once.
+func (z *Zone) SetPaused(p bool) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	z.paused = p
+	if !p {
+		z.grantAll()
+	}
+}
+
+// WaiterInfo describes one waiter in a Snapshot.
+type WaiterInfo struct {
+	Remote   string
+	Key      string
+	Priority int
+	Waited   time.Duration
+}
+
+// Snapshot is a zone's state at one moment.
+type Snapshot struct {
+	Name       string
+	Limits     Limits
+	Paused     bool
+	Active     int
+	Waiting    int
+	OldestWait time.Duration
+	Counters   Counters
+	// Waiters holds up to the number asked for, in admission order within
+	// each key value (keys in no particular order).
+	Waiters []WaiterInfo
+}
+
+// Snapshot returns the zone's counts and up to maxWaiters of its waiters.
+func (z *Zone) Snapshot(now time.Time, maxWaiters int) Snapshot {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	s := Snapshot{
+		Name:     z.name,
+		Limits:   z.limits,
+		Paused:   z.paused,
+		Active:   z.active,
+		Waiting:  z.waiting,
+		Counters: z.stats,
+	}
+	visit := func(w *Waiter) bool {
+		if d := now.Sub(w.enqueued); d > s.OldestWait {
+			s.OldestWait = d
+		}
+		if len(s.Waiters) < maxWaiters {
+			wi := WaiterInfo{Key: w.Key, Priority: w.Priority, Waited: now.Sub(w.enqueued)}
+			if w.Remote != nil {
+				wi.Remote = w.Remote.String()
+			}
+			s.Waiters = append(s.Waiters, wi)
+		}
+		return true
+	}
+	z.def.each(z.limits.Order, visit)
+	for _, ks := range z.keys {
+		ks.each(z.limits.Order, visit)
+	}
+	return s
+}
+
+// Counts returns the number of active and waiting connections.
+func (z *Zone) Counts() (active, waiting int) {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.active, z.waiting
+}
+
+type nopObserver struct{}
+
+func (nopObserver) ActiveDelta(int)        {}
+func (nopObserver) WaitingDelta(int)       {}
+func (nopObserver) Admitted(time.Duration) {}
+func (nopObserver) Rejected(Reason)        {}
+func (nopObserver) Abandoned()             {}
