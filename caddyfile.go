@@ -27,7 +27,8 @@ import (
 //
 // max_connections is required, on the first line or in the block (not both).
 // max_waiting: 0 (default) no bound, -1 nobody waits. wait_timeout: 0
-// (default) no timeout.
+// (default) no timeout. order and release take their values in any case,
+// as in JSON.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the handler name
 	seen := make(map[string]bool)
@@ -100,8 +101,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.NextArg() {
 				return d.Errf("connection_limit: option '%s' needs a value", name)
 			}
-			if v := d.Val(); v != "fifo" && v != "lifo" {
-				return d.Errf("connection_limit: option '%s' must be fifo or lifo, got '%s'", name, v)
+			if _, perr := ParseOrder(d.Val()); perr != nil {
+				return d.Errf("connection_limit: option '%s' %v", name, perr)
 			}
 			h.Order = d.Val()
 		case "zone", "key":
@@ -119,8 +120,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.NextArg() {
 				return d.Errf("connection_limit: option '%s' needs a value", name)
 			}
-			if v := d.Val(); v != "return" && v != "close_write" {
-				return d.Errf("connection_limit: option '%s' must be return or close_write, got '%s'", name, v)
+			if _, perr := parseRelease(d.Val()); perr != nil {
+				return d.Errf("connection_limit: option '%s' %v", name, perr)
 			}
 			h.Release = d.Val()
 		case "overflow":

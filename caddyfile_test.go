@@ -228,3 +228,38 @@ func TestCaddyfileAndJSONBehaveTheSame(t *testing.T) {
 		t.Fatalf("overflow saw %d, want 3", total)
 	}
 }
+
+// order and release are read by one parser each, whether they come from a
+// Caddyfile or from JSON: the same values pass, in any case, and the same
+// ones fail, naming the field.
+func TestEnumsParseAlikeInCaddyfileAndJSON(t *testing.T) {
+	for _, tc := range []struct {
+		option, value string
+		ok            bool
+	}{
+		{"order", "fifo", true}, {"order", "FIFO", true}, {"order", "Lifo", true}, {"order", "random", false},
+		{"release", "return", true}, {"release", "CLOSE_WRITE", true}, {"release", "early", false},
+	} {
+		route := fmt.Sprintf("connection_limit 1 {\n\t%s %s\n}", tc.option, tc.value)
+		_, cfErr := adaptCaddyfile(t, caddyfileFor("", "127.0.0.1:5000", route))
+		h := &Handler{MaxConnections: 1}
+		if tc.option == "order" {
+			h.Order = tc.value
+		} else {
+			h.Release = tc.value
+		}
+		_, jsonErr := h.limits()
+		if tc.ok {
+			if cfErr != nil || jsonErr != nil {
+				t.Errorf("%s %s: Caddyfile error %v, JSON error %v; want both accepted", tc.option, tc.value, cfErr, jsonErr)
+			}
+			continue
+		}
+		if cfErr == nil || !strings.Contains(cfErr.Error(), "'"+tc.option+"'") {
+			t.Errorf("%s %s: Caddyfile error %v, want one naming '%s'", tc.option, tc.value, cfErr, tc.option)
+		}
+		if jsonErr == nil || !strings.HasPrefix(jsonErr.Error(), tc.option+" ") {
+			t.Errorf("%s %s: JSON error %v, want one naming %s", tc.option, tc.value, jsonErr, tc.option)
+		}
+	}
+}

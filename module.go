@@ -165,10 +165,10 @@ func (h *Handler) limits() (Limits, error) {
 	}
 	var err error
 	if l.Order, err = ParseOrder(h.Order); err != nil {
-		return l, fmt.Errorf("order: %v", err)
+		return l, fmt.Errorf("order %v", err)
 	}
 	if h.release, err = parseRelease(h.Release); err != nil {
-		return l, fmt.Errorf("release: %v", err)
+		return l, fmt.Errorf("release %v", err)
 	}
 	if h.MaxConnections == 0 {
 		return l, fmt.Errorf("max_connections: required, and at least 1")

@@ -36,7 +36,7 @@ func ParseOrder(s string) (Order, error) {
 	case "lifo":
 		return LIFO, nil
 	}
-	return FIFO, fmt.Errorf("must be fifo or lifo, got %q", s)
+	return FIFO, fmt.Errorf("must be fifo or lifo, got '%s'", s)
 }
 
 // level is the waiting list of one priority within one key: a doubly

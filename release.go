@@ -35,7 +35,7 @@ func parseRelease(s string) (releaseMode, error) {
 	case "close_write":
 		return releaseOnCloseWrite, nil
 	}
-	return releaseOnReturn, fmt.Errorf("must be return or close_write, got %q", s)
+	return releaseOnReturn, fmt.Errorf("must be return or close_write, got '%s'", s)
 }
 
 // heldSlot is an admitted connection's slot. free gives it back to the
