@@ -85,7 +85,7 @@ func expectZone(t *testing.T, z zoneDetailJSON, active, waiting int, admitted, r
 }
 
 // One scenario read through /metrics and the admin endpoints at every
-// step: limit reached, waiters, each kind of refusal, an abandoned waiter,
+// step: limit reached, waiters, each kind of rejection, an abandoned waiter,
 // a pause and resume with waiters queued, and reloads in between.
 func TestMetricsAndAdminAPI(t *testing.T) {
 	be := newBackend(t, true)
@@ -117,12 +117,12 @@ func TestMetricsAndAdminAPI(t *testing.T) {
 	waitCounts(t, ops, 2, 1)
 	connect("w2")
 	waitCounts(t, ops, 2, 2)
-	refused := func(id string) {
+	rejected := func(id string) {
 		c := dial(t, listen, id)
 		c.hello("")
 		c.expectClosed(5 * time.Second)
 	}
-	refused("full") // queue_full
+	rejected("full") // queue_full
 
 	z := getZone(t, admin, ops)
 	expectZone(t, z, 2, 2, 2, 1, 0, false)
@@ -157,7 +157,7 @@ func TestMetricsAndAdminAPI(t *testing.T) {
 	// A reload keeps the pause, the counts and the metrics.
 	loadConfig(t, cfg(obj{"max_waiting": -1}))
 	expectZone(t, getZone(t, admin, ops), 1, 2, 2, 1, 1, true)
-	refused("nowait") // no_waiting
+	rejected("nowait") // no_waiting
 	if code, body := adminDo(t, http.MethodPost, "http://"+admin+"/connection_limit/"+ops+"/resume", "", nil); code != http.StatusOK {
 		t.Fatalf("resume: %d %s", code, body)
 	}

@@ -164,7 +164,7 @@ func TestCaddyfileErrors(t *testing.T) {
 }
 
 // The same limit configured by Caddyfile and by JSON posted to the admin
-// API behaves the same: two let through, one waits, the next refused and
+// API behaves the same: two let through, one waits, the next rejected and
 // handed to overflow.
 func TestCaddyfileAndJSONBehaveTheSame(t *testing.T) {
 	be := newBackend(t, true)

@@ -26,7 +26,7 @@ var (
 	}, []string{"zone"})
 	metricRejected = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "rejected_total",
-		Help: "Connections refused (handed to overflow, or closed), by reason.",
+		Help: "Connections rejected (handed to overflow, or closed), by reason.",
 	}, []string{"zone", "reason"})
 	metricAbandoned = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "abandoned_total",

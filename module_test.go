@@ -121,13 +121,13 @@ func TestLIFOOrder(t *testing.T) {
 	}
 }
 
-// Every kind of refusal goes to the overflow chain when there is one, and
+// Every kind of rejection goes to the overflow chain when there is one, and
 // closes the connection when there is none.
-func TestRefusals(t *testing.T) {
+func TestRejections(t *testing.T) {
 	cases := []struct {
 		name   string
 		fields obj
-		// queued is how many wait (and stay waiting) before the refused one
+		// queued is how many wait (and stay waiting) before the rejected one
 		queued int
 	}{
 		{"queue_full", obj{"max_connections": 1, "max_waiting": 2}, 2},
@@ -157,16 +157,16 @@ func TestRefusals(t *testing.T) {
 				waitCounts(t, "", 1, tc.queued)
 
 				start := time.Now()
-				r := dial(t, listen, "refused")
+				r := dial(t, listen, "rejected")
 				r.hello("")
 				if withOverflow {
-					r.expectLine("ok refused", 5*time.Second)
+					r.expectLine("ok rejected", 5*time.Second)
 					spill.waitArrivals(1, time.Second)
 				} else {
 					r.expectClosed(5 * time.Second)
 				}
 				if tc.name == "wait_timeout" && time.Since(start) < 100*time.Millisecond {
-					t.Fatalf("refused after %s, before wait_timeout 150ms", time.Since(start))
+					t.Fatalf("rejected after %s, before wait_timeout 150ms", time.Since(start))
 				}
 				_, _, total, _ := be.stats()
 				if total != 1 {

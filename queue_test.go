@@ -586,8 +586,8 @@ func TestQueueMaxWaiting(t *testing.T) {
 		}
 	})
 	t.Run("lowered", func(t *testing.T) {
-		// A smaller max_waiting refuses newcomers until the list is
-		// shorter and refuses nobody already waiting.
+		// A smaller max_waiting rejects newcomers until the list is
+		// shorter and rejects nobody already waiting.
 		z, _ := newTestZone(t, Limits{MaxConnections: 1, MaxWaiting: 10})
 		h := admit(t, z, -1, "", t0)
 		var cs []*qw
@@ -719,7 +719,7 @@ func TestZoneKeysFreed(t *testing.T) {
 			if out, r, _ := z.Poll(q.w, at(time.Second)); out != Rejected || r != ReasonWaitTimeout {
 				t.Fatalf("Poll = %v/%v", out, r)
 			}
-		case 2: // a waiter that is abandoned, and one refused
+		case 2: // a waiter that is abandoned, and one rejected
 			q := enqueue(t, z, 1, k, 0, t0)
 			mustAcquire(t, z, newQW(2, k, 0), t0, Rejected, ReasonQueueFull)
 			z.Abandon(q.w)
@@ -740,7 +740,7 @@ func TestZoneKeysFreed(t *testing.T) {
 			z.Free(h.w)
 		}
 	}
-	// Keys refused outright (max_waiting -1 while paused) hold no state.
+	// Keys rejected outright (max_waiting -1 while paused) hold no state.
 	z.SetLimits(Limits{MaxConnections: 1, MaxWaiting: -1})
 	z.SetPaused(true)
 	for i := range n {
@@ -1095,7 +1095,7 @@ func TestQueueAbandon(t *testing.T) {
 	if z.Free(b.w) {
 		t.Error("Free(abandoned grant) = true")
 	}
-	// Free of a granted, unclaimed waiter is refused: it must Poll or Abandon.
+	// Free of a granted, unclaimed waiter is rejected: it must Poll or Abandon.
 	if z.Free(c.w) {
 		t.Error("Free(granted, not claimed) = true")
 	}
@@ -1828,6 +1828,6 @@ func runStress(t *testing.T, cfg stressConfig) {
 	t.Logf("%d attempts in %v: admitted %d, rejected %v, abandoned %d; peak holders of one key %d (limit %d)",
 		attempts.Load(), elapsed.Round(time.Millisecond), c.Admitted, c.Rejected, c.Abandoned, peak.Load(), maxHeld)
 	if c.Admitted == 0 || c.RejectedTotal()+c.Abandoned == 0 {
-		t.Errorf("the run did not exercise both admissions and refusals: %+v", c)
+		t.Errorf("the run did not exercise both admissions and rejections: %+v", c)
 	}
 }

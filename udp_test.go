@@ -352,9 +352,9 @@ func TestUDPQuietWaiterIsAbandoned(t *testing.T) {
 	}
 }
 
-// A UDP flow refused after waiting (wait_timeout) is handed to overflow
+// A UDP flow rejected after waiting (wait_timeout) is handed to overflow
 // with the packets it sent while it waited, in order.
-func TestUDPRefusedFlowTakesItsPacketsToOverflow(t *testing.T) {
+func TestUDPRejectedFlowTakesItsPacketsToOverflow(t *testing.T) {
 	const zone = "udp-overflow"
 	echo := newE2EUDPEcho(t)
 	spill := newE2EUDPEcho(t)
@@ -374,7 +374,7 @@ func TestUDPRefusedFlowTakesItsPacketsToOverflow(t *testing.T) {
 	waitCounts(t, zone, 1, 1)
 	c.send("C-1")
 	c.send("C-2")
-	// Refused at the wait_timeout (rounded up to a whole second for UDP
+	// Rejected at the wait_timeout (rounded up to a whole second for UDP
 	// flows), then its three packets reach the spill-over server, in order.
 	for _, want := range []string{"C-0", "C-1", "C-2"} {
 		c.expect(want, 5*time.Second)
@@ -383,10 +383,10 @@ func TestUDPRefusedFlowTakesItsPacketsToOverflow(t *testing.T) {
 		t.Fatalf("spill-over saw %d flows, payloads %v", peers, payloads)
 	}
 	if _, payloads := echo.seen(); payloads["C-0"] {
-		t.Fatal("the refused flow reached the limited backend")
+		t.Fatal("the rejected flow reached the limited backend")
 	}
 	if s := e2eSnapshot(t, zone); s.Counters.Rejected[ReasonWaitTimeout] != 1 {
-		t.Fatalf("wait_timeout refusals %d, want 1", s.Counters.Rejected[ReasonWaitTimeout])
+		t.Fatalf("wait_timeout rejections %d, want 1", s.Counters.Rejected[ReasonWaitTimeout])
 	}
 }
 
@@ -455,12 +455,12 @@ func TestUDPMatchersAroundAWaitingFlow(t *testing.T) {
 	}
 }
 
-// A flow refused without overflow (nobody may wait) that bursts packets:
+// A flow rejected without overflow (nobody may wait) that bursts packets:
 // its packets are read and dropped until it goes idle, so caddy-l4's
 // packet loop, shared by the listener's flows, keeps going: the admitted
 // flow keeps its echoes, and a new flow is served once the slot frees.
-func TestUDPRefusedBurstDoesNotStallListener(t *testing.T) {
-	const zone = "udp-refused-burst"
+func TestUDPRejectedBurstDoesNotStallListener(t *testing.T) {
+	const zone = "udp-rejected-burst"
 	echo := newE2EUDPEcho(t)
 	port := e2eFreeUDPPort(t)
 	loadConfig(t, e2eUDPConfig(port, echo, obj{"max_connections": 1, "max_waiting": -1, "zone": zone}, "1s"))
@@ -474,7 +474,7 @@ func TestUDPRefusedBurstDoesNotStallListener(t *testing.T) {
 	for i := range 50 {
 		c.send(fmt.Sprintf("C-%02d", i))
 	}
-	waitFor(t, 5*time.Second, "C refused", func() bool {
+	waitFor(t, 5*time.Second, "C rejected", func() bool {
 		return e2eSnapshot(t, zone).Counters.Rejected[ReasonNoWaiting] == 1
 	})
 	a.send("A-1")
@@ -486,7 +486,7 @@ func TestUDPRefusedBurstDoesNotStallListener(t *testing.T) {
 	b.send("B-0")
 	b.expect("B-0", 5*time.Second)
 	if _, payloads := echo.seen(); payloads["C-00"] {
-		t.Fatal("the refused flow reached the backend")
+		t.Fatal("the rejected flow reached the backend")
 	}
 }
 
@@ -533,12 +533,12 @@ func TestUDPFlowsOfAReplacedConfigFreeTheirSlots(t *testing.T) {
 	}
 }
 
-// A UDP client refused without overflow is let go once it has been
+// A UDP client rejected without overflow is let go once it has been
 // silent for a while (drainQuiet), so its next packets start a new flow,
 // which is admitted when there is room; they are not swallowed until the
 // listener's idle_timeout (5s here, longer than the client's pause). A TCP connection on another server of
 // the same zone holds the only slot meanwhile.
-func TestUDPRefusedClientIsAdmittedWhenItComesBack(t *testing.T) {
+func TestUDPRejectedClientIsAdmittedWhenItComesBack(t *testing.T) {
 	const zone = "udp-retry"
 	be := newBackend(t, true)
 	echo := newE2EUDPEcho(t)
@@ -559,7 +559,7 @@ func TestUDPRefusedClientIsAdmittedWhenItComesBack(t *testing.T) {
 	for i := range 10 {
 		c.send(fmt.Sprintf("C-%02d", i))
 	}
-	waitFor(t, 5*time.Second, "C refused", func() bool {
+	waitFor(t, 5*time.Second, "C rejected", func() bool {
 		return e2eSnapshot(t, zone).Counters.Rejected[ReasonNoWaiting] == 1
 	})
 	finish(be, holder)
@@ -569,6 +569,6 @@ func TestUDPRefusedClientIsAdmittedWhenItComesBack(t *testing.T) {
 	c.send("C-again")
 	c.expect("C-again", 5*time.Second)
 	if _, payloads := echo.seen(); payloads["C-00"] {
-		t.Fatal("a packet of the refused flow reached the backend")
+		t.Fatal("a packet of the rejected flow reached the backend")
 	}
 }
