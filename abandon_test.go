@@ -17,52 +17,6 @@ import (
 // httpwrapper_test.go. They are prefixed e2e to stay clear of the helpers
 // of other test files of the package.
 
-// e2eZone returns the named zone, failing the test if it is not known.
-func e2eZone(t testing.TB, name string) *Zone {
-	t.Helper()
-	z, ok := zoneRegistry.Zone(name)
-	if !ok {
-		t.Fatalf("zone %q is not known", name)
-	}
-	return z
-}
-
-// e2eSnapshot is the named zone's snapshot with up to 100 waiters.
-func e2eSnapshot(t testing.TB, name string) Snapshot {
-	t.Helper()
-	return e2eZone(t, name).Snapshot(time.Now(), 100)
-}
-
-// e2eWaitingDrop waits until the named zone has the given counts, and
-// returns how long after since that was.
-func e2eWaitingDrop(t testing.TB, zone string, active, waiting int, since time.Time, within time.Duration) time.Duration {
-	t.Helper()
-	deadline := since.Add(within)
-	for {
-		a, w := zoneCounts(zone)
-		if a == active && w == waiting {
-			return time.Since(since)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("zone %q still has %d active and %d waiting %s after the client left; want %d and %d",
-				zone, a, w, time.Since(since), active, waiting)
-		}
-		time.Sleep(200 * time.Microsecond)
-	}
-}
-
-// e2eStaysCounts asserts that the named zone keeps the given counts for d.
-func e2eStaysCounts(t testing.TB, zone string, active, waiting int, d time.Duration) {
-	t.Helper()
-	end := time.Now().Add(d)
-	for time.Now().Before(end) {
-		if a, w := zoneCounts(zone); a != active || w != waiting {
-			t.Fatalf("zone %q has %d active and %d waiting, want it to stay at %d and %d", zone, a, w, active, waiting)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // abandonBound is the bound asserted on abandon detection. The contract is
 // 100 ms; the assertion is generous because -race and other test runs share
 // two CPUs, and the measured values are logged.
@@ -97,9 +51,7 @@ func TestAbandonedWaitersLeaveAtOnce(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			zone := "abandon-" + tc.name
 			be := newBackend(t, false)
-			listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-			loadConfig(t, l4Config("", listen, limit(obj{"max_connections": 1, "zone": zone}), proxyTo(be.addr())))
-			defer stopCaddy(t)
+			listen := limitedRoute(t, be, obj{"max_connections": 1, "zone": zone})
 
 			holder := dial(t, listen, "holder")
 			holder.hello("")
@@ -110,15 +62,15 @@ func TestAbandonedWaitersLeaveAtOnce(t *testing.T) {
 			if tc.before != nil {
 				// Bytes sent while waiting are not leaving.
 				tc.before(w)
-				e2eStaysCounts(t, zone, 1, 1, 100*time.Millisecond)
+				staysCounts(t, zone, 1, 1, 100*time.Millisecond)
 			}
 
 			start := time.Now()
 			tc.leave(w)
-			took := e2eWaitingDrop(t, zone, 1, 0, start, abandonBound)
+			took := waitingDrop(t, zone, 1, 0, start, abandonBound)
 			t.Logf("%s: waiter left the waiting list %s after leaving", tc.name, took)
 
-			if s := e2eSnapshot(t, zone); s.Counters.Abandoned != 1 || s.Counters.RejectedTotal() != 0 {
+			if s := zoneSnapshot(t, zone); s.Counters.Abandoned != 1 || s.Counters.RejectedTotal() != 0 {
 				t.Fatalf("counters: abandoned %d, rejected %d; want 1 and 0", s.Counters.Abandoned, s.Counters.RejectedTotal())
 			}
 			if tc.name == "half-close-after-request" {
@@ -165,8 +117,8 @@ func TestKeepHalfClosedWaiterIsServed(t *testing.T) {
 	}
 	waitCounts(t, zone, 1, 1)
 	// It keeps its place.
-	e2eStaysCounts(t, zone, 1, 1, 400*time.Millisecond)
-	if s := e2eSnapshot(t, zone); s.Counters.Abandoned != 0 {
+	staysCounts(t, zone, 1, 1, 400*time.Millisecond)
+	if s := zoneSnapshot(t, zone); s.Counters.Abandoned != 0 {
 		t.Fatalf("half-closed waiter counted as abandoned (%d) with keep_half_closed", s.Counters.Abandoned)
 	}
 	be.noArrival(0)
@@ -178,7 +130,7 @@ func TestKeepHalfClosedWaiterIsServed(t *testing.T) {
 	w.expectLine(fmt.Sprintf("hw %d %s", len(payload), hex.EncodeToString(sum[:])), 5*time.Second)
 	_ = w.conn.Close()
 	waitCounts(t, zone, 0, 0)
-	if s := e2eSnapshot(t, zone); s.Counters.Abandoned != 0 || s.Counters.Admitted != 2 {
+	if s := zoneSnapshot(t, zone); s.Counters.Abandoned != 0 || s.Counters.Admitted != 2 {
 		t.Fatalf("counters: abandoned %d, admitted %d; want 0 and 2", s.Counters.Abandoned, s.Counters.Admitted)
 	}
 }
@@ -216,14 +168,14 @@ func TestKeepHalfClosedStillDropsEmptyAndReset(t *testing.T) {
 			}
 			waitCounts(t, zone, 1, 1)
 			if tc.name == "reset-after-bytes" {
-				e2eStaysCounts(t, zone, 1, 1, 100*time.Millisecond)
+				staysCounts(t, zone, 1, 1, 100*time.Millisecond)
 			}
 
 			start := time.Now()
 			tc.leave(w)
-			took := e2eWaitingDrop(t, zone, 1, 0, start, abandonBound)
+			took := waitingDrop(t, zone, 1, 0, start, abandonBound)
 			t.Logf("keep_half_closed, %s: waiter left the waiting list %s after leaving", tc.name, took)
-			if s := e2eSnapshot(t, zone); s.Counters.Abandoned != 1 {
+			if s := zoneSnapshot(t, zone); s.Counters.Abandoned != 1 {
 				t.Fatalf("abandoned %d, want 1", s.Counters.Abandoned)
 			}
 
@@ -246,12 +198,12 @@ func TestKeepHalfClosedBehindProxyProtocol(t *testing.T) {
 	be := newBackend(t, false)
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	loadConfig(t, l4Config("", listen,
-		e2eProxyProtocol(),
+		proxyProtocol(),
 		limit(obj{"max_connections": 1, "zone": zone, "keep_half_closed": true}),
 		proxyTo(be.addr())))
 	defer stopCaddy(t)
 
-	holder := e2eProxyClient(t, listen, "holder", "10.9.8.7", 5555)
+	holder := proxyClient(t, listen, "holder", "10.9.8.7", 5555)
 	holder.expectLine("ok holder", 5*time.Second)
 	be.waitArrivals(1, 5*time.Second)
 
@@ -264,7 +216,7 @@ func TestKeepHalfClosedBehindProxyProtocol(t *testing.T) {
 	if err := w.conn.CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
-	e2eStaysCounts(t, zone, 1, 1, 300*time.Millisecond)
+	staysCounts(t, zone, 1, 1, 300*time.Millisecond)
 
 	_ = holder.conn.Close()
 	if id := be.waitArrivals(1, 5*time.Second)[0]; id != "hw" {
@@ -273,7 +225,7 @@ func TestKeepHalfClosedBehindProxyProtocol(t *testing.T) {
 	sum := sha256.Sum256([]byte(body))
 	w.expectLine(fmt.Sprintf("hw %d %s", len(body), hex.EncodeToString(sum[:])), 5*time.Second)
 	waitCounts(t, zone, 0, 0)
-	if s := e2eSnapshot(t, zone); s.Counters.Abandoned != 0 {
+	if s := zoneSnapshot(t, zone); s.Counters.Abandoned != 0 {
 		t.Fatalf("abandoned %d, want 0", s.Counters.Abandoned)
 	}
 }

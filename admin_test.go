@@ -1,88 +1,15 @@
 package connlimit
 
 import (
-	"bufio"
-	"bytes"
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	_ "github.com/caddyserver/caddy/v2/modules/metrics"
 )
-
-// scrape reads the admin /metrics and returns the connection_limit series,
-// keyed by name and labels as printed (e.g. `..._active{zone="ops"}`).
-func scrape(t *testing.T, admin string) map[string]float64 {
-	t.Helper()
-	code, body := adminDo(t, http.MethodGet, "http://"+admin+"/metrics", "", nil)
-	if code != http.StatusOK {
-		t.Fatalf("/metrics: %d %s", code, body)
-	}
-	m := map[string]float64{}
-	sc := bufio.NewScanner(bytes.NewReader(body))
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, "caddy_layer4_connection_limit_") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		v, err := strconv.ParseFloat(line[i+1:], 64)
-		if err != nil {
-			t.Fatalf("metrics line %q: %v", line, err)
-		}
-		m[line[:i]] = v
-	}
-	return m
-}
-
-// expectMetrics checks the series of zone ops against want (names without
-// the common prefix, labels after the zone).
-func expectMetrics(t *testing.T, admin, zone string, want map[string]float64) {
-	t.Helper()
-	got := scrape(t, admin)
-	for k, v := range want {
-		name, extra, _ := strings.Cut(k, "|")
-		series := fmt.Sprintf(`caddy_layer4_connection_limit_%s{zone="%s"}`, name, zone)
-		switch {
-		case strings.HasPrefix(extra, "le="): // histogram buckets put le last
-			series = fmt.Sprintf(`caddy_layer4_connection_limit_%s{zone="%s",%s}`, name, zone, extra)
-		case extra != "":
-			series = fmt.Sprintf(`caddy_layer4_connection_limit_%s{%s,zone="%s"}`, name, extra, zone)
-		}
-		if got[series] != v {
-			t.Errorf("%s = %v, want %v", series, got[series], v)
-		}
-	}
-}
-
-func getZone(t *testing.T, admin, zone string) zoneDetailJSON {
-	t.Helper()
-	code, body := adminDo(t, http.MethodGet, "http://"+admin+"/connection_limit/"+zone, "", nil)
-	if code != http.StatusOK {
-		t.Fatalf("GET zone %s: %d %s", zone, code, body)
-	}
-	if !strings.Contains(string(body), `"waiters":[`) {
-		t.Fatalf("GET zone %s: no waiters list in %s", zone, body)
-	}
-	var z zoneDetailJSON
-	if err := json.Unmarshal(body, &z); err != nil {
-		t.Fatalf("%v: %s", err, body)
-	}
-	return z
-}
-
-func expectZone(t *testing.T, z zoneDetailJSON, active, waiting int, admitted, rejected, abandoned uint64, paused bool) {
-	t.Helper()
-	if z.Active != active || z.Waiting != waiting || z.Admitted != admitted || z.Rejected != rejected || z.Abandoned != abandoned || z.Paused != paused {
-		t.Fatalf("zone %s: active %d waiting %d admitted %d rejected %d abandoned %d paused %v; want %d %d %d %d %d %v",
-			z.Zone, z.Active, z.Waiting, z.Admitted, z.Rejected, z.Abandoned, z.Paused,
-			active, waiting, admitted, rejected, abandoned, paused)
-	}
-}
 
 // One scenario read through /metrics and the admin endpoints at every
 // step: limit reached, waiters, each kind of rejection, an abandoned waiter,

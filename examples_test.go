@@ -8,13 +8,13 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/standard"
-	"github.com/mholt/caddy-l4/layer4"
 )
 
 // Every config under examples/ loads as written (with the admin endpoint
@@ -80,21 +80,14 @@ func httpOverTCP(t *testing.T, addr string) string {
 	return string(b)
 }
 
-// xcaddy.json, the build manifest, names the versions go.mod pins.
+// xcaddy.json, the build manifest, names the versions go.mod pins. It is
+// read as .ci/run and the README read it, through .ci/xcaddy-args.go.
 func TestXcaddyManifestMatchesGoMod(t *testing.T) {
-	raw, err := os.ReadFile("xcaddy.json")
+	out, err := exec.Command("go", "run", ".ci/xcaddy-args.go").Output()
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("go run .ci/xcaddy-args.go: %v", err)
 	}
-	var m struct {
-		Caddy        string `json:"caddy"`
-		Dependencies []struct {
-			Module, Version, Replace string
-		} `json:"dependencies"`
-	}
-	if err := json.Unmarshal(raw, &m); err != nil {
-		t.Fatal(err)
-	}
+	args := strings.Fields(string(out)) // <caddy version> --with <module>@<version>[=<replace>] ...
 	gomod, err := os.ReadFile("go.mod")
 	if err != nil {
 		t.Fatal(err)
@@ -106,23 +99,27 @@ func TestXcaddyManifestMatchesGoMod(t *testing.T) {
 			required[f[0]] = f[1]
 		}
 	}
-	if got := required["github.com/caddyserver/caddy/v2"]; got != m.Caddy {
-		t.Errorf("xcaddy.json caddy %s, go.mod requires %s", m.Caddy, got)
+	if len(args) == 0 || args[0] != required["github.com/caddyserver/caddy/v2"] {
+		t.Fatalf("xcaddy.json gives %q, go.mod requires caddy %s", out, required["github.com/caddyserver/caddy/v2"])
 	}
 	found := map[string]bool{}
-	for _, d := range m.Dependencies {
-		found[d.Module] = true
+	for i := 1; i < len(args); i += 2 {
+		if args[i] != "--with" || i+1 == len(args) {
+			t.Fatalf("xcaddy-args printed %q", out)
+		}
+		mod, rest, _ := strings.Cut(args[i+1], "@")
+		version, replace, _ := strings.Cut(rest, "=")
+		found[mod] = true
 		switch {
-		case d.Module == "github.com/l4-connlimit/connlimit":
-			if d.Replace != "." {
-				t.Errorf("xcaddy.json must build this module from the checkout (replace \".\"), got %q", d.Replace)
+		case mod == "github.com/l4-connlimit/connlimit":
+			if replace != "." {
+				t.Errorf("xcaddy.json must build this module from the checkout (replace \".\"), got %q", replace)
 			}
-		case required[d.Module] != d.Version:
-			t.Errorf("xcaddy.json %s %s, go.mod requires %q", d.Module, d.Version, required[d.Module])
+		case required[mod] != version:
+			t.Errorf("xcaddy.json %s %s, go.mod requires %q", mod, version, required[mod])
 		}
 	}
 	if !found["github.com/mholt/caddy-l4"] || !found["github.com/l4-connlimit/connlimit"] {
-		t.Errorf("xcaddy.json must list caddy-l4 and this module: %s", raw)
+		t.Errorf("xcaddy.json must list caddy-l4 and this module: %s", out)
 	}
-	_ = layer4.MaxMatchingBytes // caddy-l4 is what go.mod pins
 }

@@ -3,6 +3,7 @@ package connlimit
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -11,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -445,4 +447,447 @@ func adaptCaddyfile(t testing.TB, src string) ([]byte, error) {
 	t.Helper()
 	out, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(src), nil)
 	return out, err
+}
+
+// limitedRoute loads a config with one route on a free port: a
+// connection_limit with the given fields in front of a proxy to be. It
+// returns the address to dial; Caddy is stopped when the test ends.
+func limitedRoute(t testing.TB, be *backend, fields obj) string {
+	t.Helper()
+	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	loadConfig(t, l4Config("", listen, limit(fields), proxyTo(be.addr())))
+	t.Cleanup(func() { stopCaddy(t) })
+	return listen
+}
+
+// Zones, as the tests see them.
+
+// namedZone returns the named zone, failing the test if it is not known.
+func namedZone(t testing.TB, name string) *Zone {
+	t.Helper()
+	z, ok := zoneRegistry.Zone(name)
+	if !ok {
+		t.Fatalf("zone %q is not known", name)
+	}
+	return z
+}
+
+// zoneSnapshot is the named zone's snapshot with up to 100 waiters.
+func zoneSnapshot(t testing.TB, name string) Snapshot {
+	t.Helper()
+	return namedZone(t, name).Snapshot(time.Now(), 100)
+}
+
+// waitingDrop waits until the named zone has the given counts, and
+// returns how long after since that was.
+func waitingDrop(t testing.TB, zone string, active, waiting int, since time.Time, within time.Duration) time.Duration {
+	t.Helper()
+	deadline := since.Add(within)
+	for {
+		a, w := zoneCounts(zone)
+		if a == active && w == waiting {
+			return time.Since(since)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("zone %q still has %d active and %d waiting %s after the client left; want %d and %d",
+				zone, a, w, time.Since(since), active, waiting)
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+}
+
+// staysCounts asserts that the named zone keeps the given counts for d.
+func staysCounts(t testing.TB, zone string, active, waiting int, d time.Duration) {
+	t.Helper()
+	end := time.Now().Add(d)
+	for time.Now().Before(end) {
+		if a, w := zoneCounts(zone); a != active || w != waiting {
+			t.Fatalf("zone %q has %d active and %d waiting, want it to stay at %d and %d", zone, a, w, active, waiting)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Caddy's HTTP server behind caddy-l4 as a listener wrapper.
+
+// httpConfig is an HTTP server on listen that answers "hello" behind a
+// layer4 listener wrapper whose one route has the given handlers.
+func httpConfig(listen string, handlers ...obj) obj {
+	return obj{
+		"admin":   obj{"disabled": true},
+		"logging": testLogging(),
+		"apps": obj{"http": obj{"servers": obj{"front": obj{
+			"listen":            []string{listen},
+			"automatic_https":   obj{"disable": true},
+			"listener_wrappers": []obj{{"wrapper": "layer4", "routes": []obj{{"handle": handlers}}}},
+			"routes": []obj{{"handle": []obj{{
+				"handler": "static_response",
+				"body":    "hello",
+			}}}},
+		}}}},
+	}
+}
+
+// httpClient is one HTTP client with a single keep-alive connection.
+type httpClient struct {
+	t     *testing.T
+	name  string
+	tr    *http.Transport
+	cl    *http.Client
+	conns chan net.Conn // the connections it dialled
+}
+
+func newHTTPClient(t *testing.T, name string) *httpClient {
+	c := &httpClient{t: t, name: name, conns: make(chan net.Conn, 10)}
+	d := &net.Dialer{Timeout: 5 * time.Second}
+	c.tr = &http.Transport{
+		MaxConnsPerHost:     1,
+		MaxIdleConnsPerHost: 1,
+		IdleConnTimeout:     time.Minute,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			conn, err := d.DialContext(ctx, network, addr)
+			if err == nil {
+				c.conns <- conn
+			}
+			return conn, err
+		},
+	}
+	c.cl = &http.Client{Transport: c.tr, Timeout: 20 * time.Second}
+	t.Cleanup(c.tr.CloseIdleConnections)
+	return c
+}
+
+// get fetches url and returns the body, or the error.
+func (c *httpClient) get(url string) (string, error) {
+	resp, err := c.cl.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("status %d", resp.StatusCode)
+	}
+	return string(b), nil
+}
+
+func (c *httpClient) mustGet(url string) {
+	c.t.Helper()
+	if body, err := c.get(url); err != nil || body != "hello" {
+		c.t.Fatalf("client %s: got %q (err %v), want hello", c.name, body, err)
+	}
+}
+
+// Clients behind a PROXY protocol header.
+
+// ipKey is the key expression of a per-client-IP limit.
+const ipKey = "{l4.conn.remote_ip}"
+
+// Each client IP gets its own slots: clients of two IPs are served at
+// once, while a second client of one IP waits for that IP's slot only.
+func TestPerKeyLimitSeparatesClients(t *testing.T) {
+	const zone = "keys-per-ip"
+	be := newBackend(t, false)
+	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	loadConfig(t, l4Config("", listen,
+		limit(obj{"max_connections": 1, "zone": zone, "key": ipKey}), proxyTo(be.addr())))
+	defer stopCaddy(t)
+
+	a := dialFrom(t, "127.0.0.2", listen, "a")
+	a.hello("")
+	a.expectLine("ok a", 5*time.Second)
+	b := dialFrom(t, "127.0.0.3", listen, "b")
+	b.hello("")
+	b.expectLine("ok b", 5*time.Second)
+	be.waitArrivals(2, 5*time.Second)
+	if active, _, _, _ := be.stats(); active != 2 {
+		t.Fatalf("backend serves %d at once, want 2 (one per IP)", active)
+	}
+
+	a2 := dialFrom(t, "127.0.0.2", listen, "a2")
+	a2.hello("")
+	waitCounts(t, zone, 2, 1)
+	s := zoneSnapshot(t, zone)
+	if len(s.Waiters) != 1 || s.Waiters[0].Key != "127.0.0.2" || !strings.HasPrefix(s.Waiters[0].Remote, "127.0.0.2:") {
+		t.Fatalf("waiters %+v, want one of key 127.0.0.2", s.Waiters)
+	}
+	if n := keyCount(namedZone(t, zone)); n != 2 {
+		t.Fatalf("zone holds %d keys, want 2", n)
+	}
+
+	// Another IP leaving does not help a2.
+	_ = b.conn.Close()
+	waitCounts(t, zone, 1, 1)
+	be.noArrival(300 * time.Millisecond)
+
+	// Its own IP leaving does.
+	_ = a.conn.Close()
+	if id := be.waitArrivals(1, 5*time.Second)[0]; id != "a2" {
+		t.Fatalf("backend got %q, want a2", id)
+	}
+	a2.expectLine("ok a2", 5*time.Second)
+	_ = a2.conn.Close()
+	waitCounts(t, zone, 0, 0)
+	if _, peak, total, _ := be.stats(); peak != 2 || total != 3 {
+		t.Fatalf("backend peak %d, total %d; want 2 and 3", peak, total)
+	}
+}
+
+// proxyClient dials listen and sends a PROXY v1 header naming srcIP and
+// srcPort as the client, then its first line.
+func proxyClient(t *testing.T, listen, id, srcIP string, srcPort int) *client {
+	t.Helper()
+	c := dial(t, listen, id)
+	hdr := fmt.Sprintf("PROXY TCP4 %s 127.0.0.1 %d 80\r\n", srcIP, srcPort)
+	if _, err := c.conn.Write([]byte(hdr + id + "\n")); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// proxyProtocol is a proxy_protocol handler that trusts the loopback
+// clients of the tests (its default policy IGNOREs the header's address).
+func proxyProtocol() obj {
+	return obj{"handler": "proxy_protocol", "allow": []string{"127.0.0.0/8"}}
+}
+
+// UDP: an echo backend and flows.
+
+// udpEcho is a UDP echo server that records which peers (the proxy's
+// upstream sockets, one per admitted flow) and which payloads it saw.
+type udpEcho struct {
+	pc *net.UDPConn
+
+	mu       sync.Mutex
+	peers    map[string]bool
+	payloads map[string]bool
+	done     chan struct{}
+}
+
+func newUDPEcho(t *testing.T) *udpEcho {
+	t.Helper()
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &udpEcho{pc: pc, peers: map[string]bool{}, payloads: map[string]bool{}, done: make(chan struct{})}
+	go func() {
+		defer close(e.done)
+		buf := make([]byte, 9000)
+		for {
+			n, addr, err := pc.ReadFromUDP(buf)
+			if err != nil {
+				return
+			}
+			e.mu.Lock()
+			e.peers[addr.String()] = true
+			e.payloads[string(buf[:n])] = true
+			e.mu.Unlock()
+			_, _ = pc.WriteToUDP(buf[:n], addr)
+		}
+	}()
+	t.Cleanup(func() {
+		_ = pc.Close()
+		<-e.done
+	})
+	return e
+}
+
+func (e *udpEcho) addr() string { return e.pc.LocalAddr().String() }
+
+func (e *udpEcho) seen() (peers int, payloads map[string]bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	payloads = make(map[string]bool, len(e.payloads))
+	for p := range e.payloads {
+		payloads[p] = true
+	}
+	return len(e.peers), payloads
+}
+
+// freeUDPPort returns a UDP port on 127.0.0.1 that was free a moment ago.
+func freeUDPPort(t *testing.T) int {
+	t.Helper()
+	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	return pc.LocalAddr().(*net.UDPAddr).Port
+}
+
+// udpConfig is a UDP layer4 server with a short idle_timeout (flows end
+// after that long without a packet from the client), limiting and
+// proxying to the echo server.
+func udpConfig(port int, echo *udpEcho, fields obj, idle string) obj {
+	cfg := l4Config("", fmt.Sprintf("udp/127.0.0.1:%d", port), limit(fields), proxyTo("udp/"+echo.addr()))
+	srv := cfg["apps"].(obj)["layer4"].(obj)["servers"].(obj)["test"].(obj)
+	srv["idle_timeout"] = idle
+	return cfg
+}
+
+// udpFlow is one UDP client: one socket, so one flow.
+type udpFlow struct {
+	t    *testing.T
+	name string
+	conn *net.UDPConn
+}
+
+func dialUDP(t *testing.T, port int, name string) *udpFlow {
+	t.Helper()
+	c, err := net.DialUDP("udp", nil, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	return &udpFlow{t: t, name: name, conn: c}
+}
+
+func (f *udpFlow) send(s string) {
+	if _, err := f.conn.Write([]byte(s)); err != nil {
+		f.t.Errorf("flow %s: write: %v", f.name, err)
+	}
+}
+
+// recv returns the next datagram, or "" and the error if none came within.
+func (f *udpFlow) recv(within time.Duration) (string, error) {
+	_ = f.conn.SetReadDeadline(time.Now().Add(within))
+	buf := make([]byte, 9000)
+	n, err := f.conn.Read(buf)
+	if err != nil {
+		return "", err
+	}
+	return string(buf[:n]), nil
+}
+
+func (f *udpFlow) expect(want string, within time.Duration) {
+	f.t.Helper()
+	if got, err := f.recv(within); got != want {
+		f.t.Fatalf("flow %s: got %q (err %v), want %q", f.name, got, err, want)
+	}
+}
+
+// keepSending sends next() every interval until the returned stop is
+// called; stop returns once the sender has ended, may be called more than
+// once, and is called at the end of the test in any case.
+func (f *udpFlow) keepSending(interval time.Duration, next func() string) (stop func()) {
+	quit, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		tick := time.NewTicker(interval)
+		defer tick.Stop()
+		for {
+			select {
+			case <-quit:
+				return
+			case <-tick.C:
+				f.send(next())
+			}
+		}
+	}()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() { close(quit) })
+		<-stopped
+	}
+	f.t.Cleanup(stop)
+	return stop
+}
+
+// Config loads through the admin API.
+
+// adminLoad posts a config to the admin API's /load.
+func adminLoad(t *testing.T, admin string, cfg obj) (int, string) {
+	t.Helper()
+	raw, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	code, body := adminDo(t, http.MethodPost, "http://"+admin+"/load", "application/json", raw)
+	return code, string(body)
+}
+
+// zoneLimits returns the settings in force of a named zone.
+func zoneLimits(t *testing.T, name string) Limits {
+	t.Helper()
+	z, ok := zoneRegistry.Zone(name)
+	if !ok {
+		t.Fatalf("zone %q unknown", name)
+	}
+	return limitsOf(z)
+}
+
+// The admin API and the metrics.
+
+// scrape reads the admin /metrics and returns the connection_limit series,
+// keyed by name and labels as printed (e.g. `..._active{zone="ops"}`).
+func scrape(t *testing.T, admin string) map[string]float64 {
+	t.Helper()
+	code, body := adminDo(t, http.MethodGet, "http://"+admin+"/metrics", "", nil)
+	if code != http.StatusOK {
+		t.Fatalf("/metrics: %d %s", code, body)
+	}
+	m := map[string]float64{}
+	sc := bufio.NewScanner(bytes.NewReader(body))
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, "caddy_layer4_connection_limit_") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err != nil {
+			t.Fatalf("metrics line %q: %v", line, err)
+		}
+		m[line[:i]] = v
+	}
+	return m
+}
+
+// expectMetrics checks the series of zone ops against want (names without
+// the common prefix, labels after the zone).
+func expectMetrics(t *testing.T, admin, zone string, want map[string]float64) {
+	t.Helper()
+	got := scrape(t, admin)
+	for k, v := range want {
+		name, extra, _ := strings.Cut(k, "|")
+		series := fmt.Sprintf(`caddy_layer4_connection_limit_%s{zone="%s"}`, name, zone)
+		switch {
+		case strings.HasPrefix(extra, "le="): // histogram buckets put le last
+			series = fmt.Sprintf(`caddy_layer4_connection_limit_%s{zone="%s",%s}`, name, zone, extra)
+		case extra != "":
+			series = fmt.Sprintf(`caddy_layer4_connection_limit_%s{%s,zone="%s"}`, name, extra, zone)
+		}
+		if got[series] != v {
+			t.Errorf("%s = %v, want %v", series, got[series], v)
+		}
+	}
+}
+
+func getZone(t *testing.T, admin, zone string) zoneDetailJSON {
+	t.Helper()
+	code, body := adminDo(t, http.MethodGet, "http://"+admin+"/connection_limit/"+zone, "", nil)
+	if code != http.StatusOK {
+		t.Fatalf("GET zone %s: %d %s", zone, code, body)
+	}
+	if !strings.Contains(string(body), `"waiters":[`) {
+		t.Fatalf("GET zone %s: no waiters list in %s", zone, body)
+	}
+	var z zoneDetailJSON
+	if err := json.Unmarshal(body, &z); err != nil {
+		t.Fatalf("%v: %s", err, body)
+	}
+	return z
+}
+
+func expectZone(t *testing.T, z zoneDetailJSON, active, waiting int, admitted, rejected, abandoned uint64, paused bool) {
+	t.Helper()
+	if z.Active != active || z.Waiting != waiting || z.Admitted != admitted || z.Rejected != rejected || z.Abandoned != abandoned || z.Paused != paused {
+		t.Fatalf("zone %s: active %d waiting %d admitted %d rejected %d abandoned %d paused %v; want %d %d %d %d %d %v",
+			z.Zone, z.Active, z.Waiting, z.Admitted, z.Rejected, z.Abandoned, z.Paused,
+			active, waiting, admitted, rejected, abandoned, paused)
+	}
 }

@@ -11,59 +11,6 @@ import (
 // End-to-end tests of per-key limits, keys from PROXY protocol headers,
 // chained limits and priorities between routes sharing a zone.
 
-// e2eIPKey is the key expression of a per-client-IP limit.
-const e2eIPKey = "{l4.conn.remote_ip}"
-
-// Each client IP gets its own slots: clients of two IPs are served at
-// once, while a second client of one IP waits for that IP's slot only.
-func TestPerKeyLimitSeparatesClients(t *testing.T) {
-	const zone = "keys-per-ip"
-	be := newBackend(t, false)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	loadConfig(t, l4Config("", listen,
-		limit(obj{"max_connections": 1, "zone": zone, "key": e2eIPKey}), proxyTo(be.addr())))
-	defer stopCaddy(t)
-
-	a := dialFrom(t, "127.0.0.2", listen, "a")
-	a.hello("")
-	a.expectLine("ok a", 5*time.Second)
-	b := dialFrom(t, "127.0.0.3", listen, "b")
-	b.hello("")
-	b.expectLine("ok b", 5*time.Second)
-	be.waitArrivals(2, 5*time.Second)
-	if active, _, _, _ := be.stats(); active != 2 {
-		t.Fatalf("backend serves %d at once, want 2 (one per IP)", active)
-	}
-
-	a2 := dialFrom(t, "127.0.0.2", listen, "a2")
-	a2.hello("")
-	waitCounts(t, zone, 2, 1)
-	s := e2eSnapshot(t, zone)
-	if len(s.Waiters) != 1 || s.Waiters[0].Key != "127.0.0.2" || !strings.HasPrefix(s.Waiters[0].Remote, "127.0.0.2:") {
-		t.Fatalf("waiters %+v, want one of key 127.0.0.2", s.Waiters)
-	}
-	if n := keyCount(e2eZone(t, zone)); n != 2 {
-		t.Fatalf("zone holds %d keys, want 2", n)
-	}
-
-	// Another IP leaving does not help a2.
-	_ = b.conn.Close()
-	waitCounts(t, zone, 1, 1)
-	be.noArrival(300 * time.Millisecond)
-
-	// Its own IP leaving does.
-	_ = a.conn.Close()
-	if id := be.waitArrivals(1, 5*time.Second)[0]; id != "a2" {
-		t.Fatalf("backend got %q, want a2", id)
-	}
-	a2.expectLine("ok a2", 5*time.Second)
-	_ = a2.conn.Close()
-	waitCounts(t, zone, 0, 0)
-	if _, peak, total, _ := be.stats(); peak != 2 || total != 3 {
-		t.Fatalf("backend peak %d, total %d; want 2 and 3", peak, total)
-	}
-}
-
 // The state of a key is freed once its last connection is gone: after
 // hundreds of distinct client IPs came and went (some waited, one waiter
 // left), the zone holds no key.
@@ -72,7 +19,7 @@ func TestPerKeyStateIsFreed(t *testing.T) {
 	be := newBackend(t, false)
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	loadConfig(t, l4Config("", listen,
-		limit(obj{"max_connections": 1, "zone": zone, "key": e2eIPKey}), proxyTo(be.addr())))
+		limit(obj{"max_connections": 1, "zone": zone, "key": ipKey}), proxyTo(be.addr())))
 	defer stopCaddy(t)
 
 	const ips, batch = 200, 25
@@ -92,7 +39,7 @@ func TestPerKeyStateIsFreed(t *testing.T) {
 		extra := dialFrom(t, fmt.Sprintf("127.0.1.%d", first), listen, "extra")
 		extra.hello("")
 		waitCounts(t, zone, batch, 1)
-		if n := keyCount(e2eZone(t, zone)); n != batch {
+		if n := keyCount(namedZone(t, zone)); n != batch {
 			t.Fatalf("zone holds %d keys with %d distinct IPs connected, want %d", n, batch, batch)
 		}
 		_ = extra.conn.Close()
@@ -102,8 +49,8 @@ func TestPerKeyStateIsFreed(t *testing.T) {
 		}
 		waitCounts(t, zone, 0, 0)
 	}
-	waitFor(t, 5*time.Second, "every key to be freed", func() bool { return keyCount(e2eZone(t, zone)) == 0 })
-	s := e2eSnapshot(t, zone)
+	waitFor(t, 5*time.Second, "every key to be freed", func() bool { return keyCount(namedZone(t, zone)) == 0 })
+	s := zoneSnapshot(t, zone)
 	if s.Counters.Admitted != ips || s.Counters.Abandoned != ips/batch {
 		t.Fatalf("admitted %d, abandoned %d; want %d and %d", s.Counters.Admitted, s.Counters.Abandoned, ips, ips/batch)
 	}
@@ -113,24 +60,6 @@ func TestPerKeyStateIsFreed(t *testing.T) {
 	}
 }
 
-// e2eProxyClient dials listen and sends a PROXY v1 header naming srcIP and
-// srcPort as the client, then its first line.
-func e2eProxyClient(t *testing.T, listen, id, srcIP string, srcPort int) *client {
-	t.Helper()
-	c := dial(t, listen, id)
-	hdr := fmt.Sprintf("PROXY TCP4 %s 127.0.0.1 %d 80\r\n", srcIP, srcPort)
-	if _, err := c.conn.Write([]byte(hdr + id + "\n")); err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
-// e2eProxyProtocol is a proxy_protocol handler that trusts the loopback
-// clients of the tests (its default policy IGNOREs the header's address).
-func e2eProxyProtocol() obj {
-	return obj{"handler": "proxy_protocol", "allow": []string{"127.0.0.0/8"}}
-}
-
 // Behind proxy_protocol, the key and {l4.conn.remote_ip} are the client
 // of the PROXY header, not the proxy that connects.
 func TestProxyProtocolKeys(t *testing.T) {
@@ -138,24 +67,24 @@ func TestProxyProtocolKeys(t *testing.T) {
 	be := newBackend(t, false)
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	loadConfig(t, l4Config("", listen,
-		e2eProxyProtocol(),
-		limit(obj{"max_connections": 1, "zone": zone, "key": e2eIPKey}),
+		proxyProtocol(),
+		limit(obj{"max_connections": 1, "zone": zone, "key": ipKey}),
 		proxyTo(be.addr())))
 	defer stopCaddy(t)
 
 	// All three come from 127.0.0.1; the headers name two clients.
-	c1 := e2eProxyClient(t, listen, "c1", "10.9.8.7", 5555)
+	c1 := proxyClient(t, listen, "c1", "10.9.8.7", 5555)
 	c1.expectLine("ok c1", 5*time.Second)
-	c2 := e2eProxyClient(t, listen, "c2", "10.9.8.7", 5556)
+	c2 := proxyClient(t, listen, "c2", "10.9.8.7", 5556)
 	waitCounts(t, zone, 1, 1)
-	c3 := e2eProxyClient(t, listen, "c3", "10.9.8.8", 5557)
+	c3 := proxyClient(t, listen, "c3", "10.9.8.8", 5557)
 	c3.expectLine("ok c3", 5*time.Second)
 	if got := be.waitArrivals(2, 5*time.Second); strings.Join(got, " ") != "c1 c3" {
 		t.Fatalf("backend got %v, want c1 and c3", got)
 	}
 	waitCounts(t, zone, 2, 1)
 
-	s := e2eSnapshot(t, zone)
+	s := zoneSnapshot(t, zone)
 	if len(s.Waiters) != 1 {
 		t.Fatalf("waiters %+v, want one", s.Waiters)
 	}
@@ -172,7 +101,7 @@ func TestProxyProtocolKeys(t *testing.T) {
 	c2.expectLine("ok c2", 5*time.Second)
 	_ = c2.conn.Close()
 	waitCounts(t, zone, 0, 0)
-	waitFor(t, 5*time.Second, "the keys to be freed", func() bool { return keyCount(e2eZone(t, zone)) == 0 })
+	waitFor(t, 5*time.Second, "the keys to be freed", func() bool { return keyCount(namedZone(t, zone)) == 0 })
 }
 
 // A waiter behind proxy_protocol that leaves is noticed at once too: the
@@ -182,23 +111,23 @@ func TestProxyProtocolWaiterLeaves(t *testing.T) {
 	be := newBackend(t, false)
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	loadConfig(t, l4Config("", listen,
-		e2eProxyProtocol(),
+		proxyProtocol(),
 		limit(obj{"max_connections": 1, "zone": zone}),
 		proxyTo(be.addr())))
 	defer stopCaddy(t)
 
-	holder := e2eProxyClient(t, listen, "holder", "10.9.8.7", 5555)
+	holder := proxyClient(t, listen, "holder", "10.9.8.7", 5555)
 	holder.expectLine("ok holder", 5*time.Second)
 	be.waitArrivals(1, 5*time.Second)
-	w := e2eProxyClient(t, listen, "waiter", "10.9.8.8", 5556)
+	w := proxyClient(t, listen, "waiter", "10.9.8.8", 5556)
 	waitCounts(t, zone, 1, 1)
-	e2eStaysCounts(t, zone, 1, 1, 100*time.Millisecond)
+	staysCounts(t, zone, 1, 1, 100*time.Millisecond)
 
 	start := time.Now()
 	_ = w.conn.Close()
-	took := e2eWaitingDrop(t, zone, 1, 0, start, abandonBound)
+	took := waitingDrop(t, zone, 1, 0, start, abandonBound)
 	t.Logf("behind proxy_protocol: waiter left the waiting list %s after closing", took)
-	if s := e2eSnapshot(t, zone); s.Counters.Abandoned != 1 {
+	if s := zoneSnapshot(t, zone); s.Counters.Abandoned != 1 {
 		t.Fatalf("abandoned %d, want 1", s.Counters.Abandoned)
 	}
 	_ = holder.conn.Close()
@@ -213,7 +142,7 @@ func TestChainedPerIPAndGlobalLimits(t *testing.T) {
 	be := newBackend(t, false)
 	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	loadConfig(t, l4Config("", listen,
-		limit(obj{"max_connections": 1, "zone": "chain-ip", "key": e2eIPKey}),
+		limit(obj{"max_connections": 1, "zone": "chain-ip", "key": ipKey}),
 		limit(obj{"max_connections": 2, "zone": "chain-all"}),
 		proxyTo(be.addr())))
 	defer stopCaddy(t)
@@ -318,7 +247,7 @@ func TestPrioritiesAcrossRoutes(t *testing.T) {
 	queue("127.0.0.4", "low4", 5)
 	queue("127.0.0.2", "high2", 6)
 
-	s := e2eSnapshot(t, zone)
+	s := zoneSnapshot(t, zone)
 	var prios []string
 	for _, w := range s.Waiters {
 		prios = append(prios, fmt.Sprint(w.Priority))

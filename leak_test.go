@@ -83,9 +83,7 @@ func goroutinesIn(frames [][]byte) [][]byte {
 // The check itself can fail: a waiter held in line is seen.
 func TestLeakCheckSeesAWaiter(t *testing.T) {
 	be := newBackend(t, true)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	loadConfig(t, l4Config("", listen, limit(obj{"max_connections": 1}), proxyTo(be.addr())))
-	defer stopCaddy(t)
+	listen := limitedRoute(t, be, obj{"max_connections": 1})
 	holder := takeSlot(t, be, listen, "holder")
 	w := dial(t, listen, "waiter")
 	w.hello("")

@@ -18,9 +18,7 @@ import (
 // and are all served once slots free.
 func TestLimitHoldsAndWaitersAreServed(t *testing.T) {
 	be := newBackend(t, true)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	loadConfig(t, l4Config("", listen, limit(obj{"max_connections": 3}), proxyTo(be.addr())))
-	defer stopCaddy(t)
+	listen := limitedRoute(t, be, obj{"max_connections": 3})
 
 	const n = 12
 	var wg sync.WaitGroup
@@ -61,9 +59,7 @@ func TestLimitHoldsAndWaitersAreServed(t *testing.T) {
 // reach the backend intact once the client is admitted.
 func TestWaitingBytesArriveIntact(t *testing.T) {
 	be := newBackend(t, true)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	loadConfig(t, l4Config("", listen, limit(obj{"max_connections": 1}), proxyTo(be.addr())))
-	defer stopCaddy(t)
+	listen := limitedRoute(t, be, obj{"max_connections": 1})
 
 	holder := takeSlot(t, be, listen, "holder")
 
@@ -87,9 +83,7 @@ func TestWaitingBytesArriveIntact(t *testing.T) {
 // given order and returns the order in which they reach the backend.
 func admissionOrder(t *testing.T, order string) []string {
 	be := newBackend(t, true)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	loadConfig(t, l4Config("", listen, limit(obj{"max_connections": 1, "order": order}), proxyTo(be.addr())))
-	defer stopCaddy(t)
+	listen := limitedRoute(t, be, obj{"max_connections": 1, "order": order})
 
 	holder := takeSlot(t, be, listen, "holder")
 	waiters := map[string]*client{}

@@ -1,7 +1,6 @@
 package connlimit
 
 import (
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -9,27 +8,6 @@ import (
 	"testing"
 	"time"
 )
-
-// adminLoad posts a config to the admin API's /load.
-func adminLoad(t *testing.T, admin string, cfg obj) (int, string) {
-	t.Helper()
-	raw, err := json.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	code, body := adminDo(t, http.MethodPost, "http://"+admin+"/load", "application/json", raw)
-	return code, string(body)
-}
-
-// zoneLimits returns the settings in force of a named zone.
-func zoneLimits(t *testing.T, name string) Limits {
-	t.Helper()
-	z, ok := zoneRegistry.Zone(name)
-	if !ok {
-		t.Fatalf("zone %q unknown", name)
-	}
-	return limitsOf(z)
-}
 
 // A zone keeps its waiters and its count across reloads made through the
 // admin API: nobody is closed, the backend never sees more than the limit

@@ -2,7 +2,6 @@ package connlimit
 
 import (
 	"fmt"
-	"net"
 	"strconv"
 	"strings"
 	"sync"
@@ -15,167 +14,26 @@ import (
 // loop), keeps its first packets for when it is admitted, and is abandoned
 // when it goes quiet.
 
-// e2eUDPEcho is a UDP echo server that records which peers (the proxy's
-// upstream sockets, one per admitted flow) and which payloads it saw.
-type e2eUDPEcho struct {
-	pc *net.UDPConn
-
-	mu       sync.Mutex
-	peers    map[string]bool
-	payloads map[string]bool
-	done     chan struct{}
-}
-
-func newE2EUDPEcho(t *testing.T) *e2eUDPEcho {
-	t.Helper()
-	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := &e2eUDPEcho{pc: pc, peers: map[string]bool{}, payloads: map[string]bool{}, done: make(chan struct{})}
-	go func() {
-		defer close(e.done)
-		buf := make([]byte, 9000)
-		for {
-			n, addr, err := pc.ReadFromUDP(buf)
-			if err != nil {
-				return
-			}
-			e.mu.Lock()
-			e.peers[addr.String()] = true
-			e.payloads[string(buf[:n])] = true
-			e.mu.Unlock()
-			_, _ = pc.WriteToUDP(buf[:n], addr)
-		}
-	}()
-	t.Cleanup(func() {
-		_ = pc.Close()
-		<-e.done
-	})
-	return e
-}
-
-func (e *e2eUDPEcho) addr() string { return e.pc.LocalAddr().String() }
-
-func (e *e2eUDPEcho) seen() (peers int, payloads map[string]bool) {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	payloads = make(map[string]bool, len(e.payloads))
-	for p := range e.payloads {
-		payloads[p] = true
-	}
-	return len(e.peers), payloads
-}
-
-// e2eFreeUDPPort returns a UDP port on 127.0.0.1 that was free a moment ago.
-func e2eFreeUDPPort(t *testing.T) int {
-	t.Helper()
-	pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer pc.Close()
-	return pc.LocalAddr().(*net.UDPAddr).Port
-}
-
-// e2eUDPConfig is a UDP layer4 server with a short idle_timeout (flows end
-// after that long without a packet from the client), limiting and
-// proxying to the echo server.
-func e2eUDPConfig(port int, echo *e2eUDPEcho, fields obj, idle string) obj {
-	cfg := l4Config("", fmt.Sprintf("udp/127.0.0.1:%d", port), limit(fields), proxyTo("udp/"+echo.addr()))
-	srv := cfg["apps"].(obj)["layer4"].(obj)["servers"].(obj)["test"].(obj)
-	srv["idle_timeout"] = idle
-	return cfg
-}
-
-// e2eUDPFlow is one UDP client: one socket, so one flow.
-type e2eUDPFlow struct {
-	t    *testing.T
-	name string
-	conn *net.UDPConn
-}
-
-func e2eDialUDP(t *testing.T, port int, name string) *e2eUDPFlow {
-	t.Helper()
-	c, err := net.DialUDP("udp", nil, &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = c.Close() })
-	return &e2eUDPFlow{t: t, name: name, conn: c}
-}
-
-func (f *e2eUDPFlow) send(s string) {
-	if _, err := f.conn.Write([]byte(s)); err != nil {
-		f.t.Errorf("flow %s: write: %v", f.name, err)
-	}
-}
-
-// recv returns the next datagram, or "" and the error if none came within.
-func (f *e2eUDPFlow) recv(within time.Duration) (string, error) {
-	_ = f.conn.SetReadDeadline(time.Now().Add(within))
-	buf := make([]byte, 9000)
-	n, err := f.conn.Read(buf)
-	if err != nil {
-		return "", err
-	}
-	return string(buf[:n]), nil
-}
-
-func (f *e2eUDPFlow) expect(want string, within time.Duration) {
-	f.t.Helper()
-	if got, err := f.recv(within); got != want {
-		f.t.Fatalf("flow %s: got %q (err %v), want %q", f.name, got, err, want)
-	}
-}
-
-// keepSending sends next() every interval until the returned stop is
-// called; stop returns once the sender has ended, may be called more than
-// once, and is called at the end of the test in any case.
-func (f *e2eUDPFlow) keepSending(interval time.Duration, next func() string) (stop func()) {
-	quit, stopped := make(chan struct{}), make(chan struct{})
-	go func() {
-		defer close(stopped)
-		tick := time.NewTicker(interval)
-		defer tick.Stop()
-		for {
-			select {
-			case <-quit:
-				return
-			case <-tick.C:
-				f.send(next())
-			}
-		}
-	}()
-	var once sync.Once
-	stop = func() {
-		once.Do(func() { close(quit) })
-		<-stopped
-	}
-	f.t.Cleanup(stop)
-	return stop
-}
-
 // With two slots taken, a third flow waits and blasts packets; the flows
 // being served keep getting their echoes promptly, the waiting flow gets
 // nothing until a slot frees, and then the first 32 packets it sent while
 // waiting (the bound) are replayed to the backend in order.
 func TestUDPWaitingFlowDoesNotStallOthers(t *testing.T) {
 	const zone = "udp-flows"
-	echo := newE2EUDPEcho(t)
-	port := e2eFreeUDPPort(t)
-	loadConfig(t, e2eUDPConfig(port, echo, obj{"max_connections": 2, "zone": zone}, "2s"))
+	echo := newUDPEcho(t)
+	port := freeUDPPort(t)
+	loadConfig(t, udpConfig(port, echo, obj{"max_connections": 2, "zone": zone}, "2s"))
 	defer stopCaddy(t)
 
 	// A holds a slot as long as it keeps sending (idle_timeout 2s).
-	a := e2eDialUDP(t, port, "A")
+	a := dialUDP(t, port, "A")
 	a.send("A-0")
 	a.expect("A-0", 5*time.Second)
 	stopA := a.keepSending(100*time.Millisecond, func() string { return "A-ka" })
 
 	// B holds the other one, pinging all along; its round trips are
 	// recorded.
-	b := e2eDialUDP(t, port, "B")
+	b := dialUDP(t, port, "B")
 	b.send("B-first")
 	b.expect("B-first", 5*time.Second)
 	var bmu sync.Mutex
@@ -218,7 +76,7 @@ func TestUDPWaitingFlowDoesNotStallOthers(t *testing.T) {
 
 	// C waits and sends 40 packets, far more than caddy-l4's 5-packet
 	// channel per flow, then keeps sending so that it does not go idle.
-	c := e2eDialUDP(t, port, "C")
+	c := dialUDP(t, port, "C")
 	const burst, bound = 40, maxHeldPackets
 	for i := range burst {
 		c.send(fmt.Sprintf("C-%02d", i))
@@ -310,7 +168,7 @@ func TestUDPWaitingFlowDoesNotStallOthers(t *testing.T) {
 	}
 	stopB()
 	waitCounts(t, zone, 0, 0)
-	if s := e2eSnapshot(t, zone); s.Counters.Admitted != 3 || s.Counters.Abandoned != 0 {
+	if s := zoneSnapshot(t, zone); s.Counters.Admitted != 3 || s.Counters.Abandoned != 0 {
 		t.Fatalf("admitted %d, abandoned %d; want 3 and 0", s.Counters.Admitted, s.Counters.Abandoned)
 	}
 }
@@ -319,26 +177,26 @@ func TestUDPWaitingFlowDoesNotStallOthers(t *testing.T) {
 // abandoned, and its packets never reach the backend.
 func TestUDPQuietWaiterIsAbandoned(t *testing.T) {
 	const zone = "udp-quiet"
-	echo := newE2EUDPEcho(t)
-	port := e2eFreeUDPPort(t)
-	loadConfig(t, e2eUDPConfig(port, echo, obj{"max_connections": 1, "zone": zone}, "1s"))
+	echo := newUDPEcho(t)
+	port := freeUDPPort(t)
+	loadConfig(t, udpConfig(port, echo, obj{"max_connections": 1, "zone": zone}, "1s"))
 	defer stopCaddy(t)
 
-	a := e2eDialUDP(t, port, "A")
+	a := dialUDP(t, port, "A")
 	a.send("A-0")
 	a.expect("A-0", 5*time.Second)
 	stopA := a.keepSending(100*time.Millisecond, func() string { return "A-ka" })
 
-	c := e2eDialUDP(t, port, "C")
+	c := dialUDP(t, port, "C")
 	sent := time.Now()
 	c.send("C-0")
 	waitCounts(t, zone, 1, 1)
-	took := e2eWaitingDrop(t, zone, 1, 0, sent, 6*time.Second)
+	took := waitingDrop(t, zone, 1, 0, sent, 6*time.Second)
 	t.Logf("quiet UDP waiter abandoned %s after its only packet (idle_timeout 1s)", took)
 	if took < 900*time.Millisecond {
 		t.Fatalf("waiter dropped %s after its packet, before idle_timeout", took)
 	}
-	if s := e2eSnapshot(t, zone); s.Counters.Abandoned != 1 {
+	if s := zoneSnapshot(t, zone); s.Counters.Abandoned != 1 {
 		t.Fatalf("abandoned %d, want 1", s.Counters.Abandoned)
 	}
 
@@ -356,20 +214,20 @@ func TestUDPQuietWaiterIsAbandoned(t *testing.T) {
 // with the packets it sent while it waited, in order.
 func TestUDPRejectedFlowTakesItsPacketsToOverflow(t *testing.T) {
 	const zone = "udp-overflow"
-	echo := newE2EUDPEcho(t)
-	spill := newE2EUDPEcho(t)
-	port := e2eFreeUDPPort(t)
-	loadConfig(t, e2eUDPConfig(port, echo, obj{
+	echo := newUDPEcho(t)
+	spill := newUDPEcho(t)
+	port := freeUDPPort(t)
+	loadConfig(t, udpConfig(port, echo, obj{
 		"max_connections": 1, "zone": zone, "wait_timeout": "500ms",
 		"overflow": []obj{proxyTo("udp/" + spill.addr())},
 	}, "5s"))
 	defer stopCaddy(t)
 
-	a := e2eDialUDP(t, port, "A") // holds the slot
+	a := dialUDP(t, port, "A") // holds the slot
 	a.send("A-0")
 	a.expect("A-0", 5*time.Second)
 
-	c := e2eDialUDP(t, port, "C")
+	c := dialUDP(t, port, "C")
 	c.send("C-0")
 	waitCounts(t, zone, 1, 1)
 	c.send("C-1")
@@ -385,7 +243,7 @@ func TestUDPRejectedFlowTakesItsPacketsToOverflow(t *testing.T) {
 	if _, payloads := echo.seen(); payloads["C-0"] {
 		t.Fatal("the rejected flow reached the limited backend")
 	}
-	if s := e2eSnapshot(t, zone); s.Counters.Rejected[ReasonWaitTimeout] != 1 {
+	if s := zoneSnapshot(t, zone); s.Counters.Rejected[ReasonWaitTimeout] != 1 {
 		t.Fatalf("wait_timeout rejections %d, want 1", s.Counters.Rejected[ReasonWaitTimeout])
 	}
 }
@@ -401,8 +259,8 @@ func TestUDPMatchersAroundAWaitingFlow(t *testing.T) {
 	for _, before := range []bool{false, true} {
 		t.Run(fmt.Sprintf("matcher_before_%v", before), func(t *testing.T) {
 			zone := fmt.Sprintf("udp-matchers-%v", before)
-			echo := newE2EUDPEcho(t)
-			port := e2eFreeUDPPort(t)
+			echo := newUDPEcho(t)
+			port := freeUDPPort(t)
 			match := func(pattern string, count int) []obj {
 				return []obj{{"regexp": obj{"pattern": pattern, "count": count}}}
 			}
@@ -423,14 +281,14 @@ func TestUDPMatchersAroundAWaitingFlow(t *testing.T) {
 
 			// With the matcher before the limit, a flow matches on its
 			// first two datagrams, which caddy-l4 keeps as two frames.
-			a := e2eDialUDP(t, port, "A") // holds the slot until it goes quiet
+			a := dialUDP(t, port, "A") // holds the slot until it goes quiet
 			a.send("A-0")
 			if before {
 				a.send("A-1")
 			}
 			a.expect("A-0", 5*time.Second)
 
-			c := e2eDialUDP(t, port, "C")
+			c := dialUDP(t, port, "C")
 			c.send("C-0")
 			if before {
 				c.send("C-1")
@@ -461,28 +319,28 @@ func TestUDPMatchersAroundAWaitingFlow(t *testing.T) {
 // flow keeps its echoes, and a new flow is served once the slot frees.
 func TestUDPRejectedBurstDoesNotStallListener(t *testing.T) {
 	const zone = "udp-rejected-burst"
-	echo := newE2EUDPEcho(t)
-	port := e2eFreeUDPPort(t)
-	loadConfig(t, e2eUDPConfig(port, echo, obj{"max_connections": 1, "max_waiting": -1, "zone": zone}, "1s"))
+	echo := newUDPEcho(t)
+	port := freeUDPPort(t)
+	loadConfig(t, udpConfig(port, echo, obj{"max_connections": 1, "max_waiting": -1, "zone": zone}, "1s"))
 	defer stopCaddy(t)
 
-	a := e2eDialUDP(t, port, "A")
+	a := dialUDP(t, port, "A")
 	a.send("A-0")
 	a.expect("A-0", 5*time.Second)
 
-	c := e2eDialUDP(t, port, "C")
+	c := dialUDP(t, port, "C")
 	for i := range 50 {
 		c.send(fmt.Sprintf("C-%02d", i))
 	}
 	waitFor(t, 5*time.Second, "C rejected", func() bool {
-		return e2eSnapshot(t, zone).Counters.Rejected[ReasonNoWaiting] == 1
+		return zoneSnapshot(t, zone).Counters.Rejected[ReasonNoWaiting] == 1
 	})
 	a.send("A-1")
 	a.expect("A-1", 2*time.Second)
 
 	// A and C go quiet; after the idle_timeout the slot is free again.
 	waitCounts(t, zone, 0, 0)
-	b := e2eDialUDP(t, port, "B")
+	b := dialUDP(t, port, "B")
 	b.send("B-0")
 	b.expect("B-0", 5*time.Second)
 	if _, payloads := echo.seen(); payloads["C-00"] {
@@ -500,35 +358,35 @@ func TestUDPRejectedBurstDoesNotStallListener(t *testing.T) {
 // at the end sees them end.)
 func TestUDPFlowsOfAReplacedConfigFreeTheirSlots(t *testing.T) {
 	const zone = "udp-reload"
-	echo := newE2EUDPEcho(t)
-	port := e2eFreeUDPPort(t)
-	loadConfig(t, e2eUDPConfig(port, echo, obj{"max_connections": 3, "zone": zone}, "3s"))
+	echo := newUDPEcho(t)
+	port := freeUDPPort(t)
+	loadConfig(t, udpConfig(port, echo, obj{"max_connections": 3, "zone": zone}, "3s"))
 	defer stopCaddy(t)
 
 	const n = 3
 	for i := range n {
-		f := e2eDialUDP(t, port, fmt.Sprint(i))
+		f := dialUDP(t, port, fmt.Sprint(i))
 		f.send(fmt.Sprintf("F%d", i))
 		f.expect(fmt.Sprintf("F%d", i), 5*time.Second)
 	}
-	w := e2eDialUDP(t, port, "W")
+	w := dialUDP(t, port, "W")
 	w.send("W-0")
 	waitCounts(t, zone, n, 1)
 
 	reloaded := time.Now()
-	loadConfig(t, e2eUDPConfig(port, echo, obj{"max_connections": 3, "zone": zone}, "5s"))
+	loadConfig(t, udpConfig(port, echo, obj{"max_connections": 3, "zone": zone}, "5s"))
 	waitCounts(t, zone, 0, 0)
 	if d := time.Since(reloaded); d > 2*time.Second {
 		t.Fatalf("the zone drained %s after the reload, want at once (the old flows' idle_timeout is 3s)", d)
 	}
 	// The zone serves the new config's flows with its whole capacity.
 	for i := range n {
-		f := e2eDialUDP(t, port, fmt.Sprint("new", i))
+		f := dialUDP(t, port, fmt.Sprint("new", i))
 		f.send(fmt.Sprintf("G%d", i))
 		f.expect(fmt.Sprintf("G%d", i), 5*time.Second)
 	}
 	waitCounts(t, zone, n, 0)
-	if s := e2eSnapshot(t, zone); s.Counters.Abandoned != 1 {
+	if s := zoneSnapshot(t, zone); s.Counters.Abandoned != 1 {
 		t.Fatalf("abandoned %d, want 1 (the flow that waited under the old config)", s.Counters.Abandoned)
 	}
 }
@@ -541,11 +399,11 @@ func TestUDPFlowsOfAReplacedConfigFreeTheirSlots(t *testing.T) {
 func TestUDPRejectedClientIsAdmittedWhenItComesBack(t *testing.T) {
 	const zone = "udp-retry"
 	be := newBackend(t, true)
-	echo := newE2EUDPEcho(t)
+	echo := newUDPEcho(t)
 	tcpListen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	port := e2eFreeUDPPort(t)
+	port := freeUDPPort(t)
 	fields := obj{"max_connections": 1, "max_waiting": -1, "zone": zone}
-	cfg := e2eUDPConfig(port, echo, fields, "5s")
+	cfg := udpConfig(port, echo, fields, "5s")
 	servers := cfg["apps"].(obj)["layer4"].(obj)["servers"].(obj)
 	servers["tcp"] = obj{
 		"listen": []string{tcpListen},
@@ -555,12 +413,12 @@ func TestUDPRejectedClientIsAdmittedWhenItComesBack(t *testing.T) {
 	defer stopCaddy(t)
 
 	holder := takeSlot(t, be, tcpListen, "holder")
-	c := e2eDialUDP(t, port, "C")
+	c := dialUDP(t, port, "C")
 	for i := range 10 {
 		c.send(fmt.Sprintf("C-%02d", i))
 	}
 	waitFor(t, 5*time.Second, "C rejected", func() bool {
-		return e2eSnapshot(t, zone).Counters.Rejected[ReasonNoWaiting] == 1
+		return zoneSnapshot(t, zone).Counters.Rejected[ReasonNoWaiting] == 1
 	})
 	finish(be, holder)
 	waitCounts(t, zone, 0, 0)

@@ -1,0 +1,196 @@
+package connlimit
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// The stress tests: many goroutines on one zone at once, under -race.
+
+// stressConfig describes one run of runStress.
+type stressConfig struct {
+	goroutines int
+	keys       []string
+	// maxConns are the values of max_connections used during the run; the
+	// check is against the largest (lowering cuts nobody).
+	maxConns []int
+}
+
+func TestQueueStress(t *testing.T) {
+	runStress(t, stressConfig{goroutines: 4000, keys: []string{"", "a", "b", "c"}, maxConns: []int{3}})
+}
+
+func TestQueueStressChangingMax(t *testing.T) {
+	runStress(t, stressConfig{goroutines: 2000, keys: []string{"", "x"}, maxConns: []int{1, 2, 5}})
+}
+
+func runStress(t *testing.T, cfg stressConfig) {
+	maxHeld := slices.Max(cfg.maxConns)
+	limits := func() Limits {
+		return Limits{
+			MaxConnections: cfg.maxConns[rand.IntN(len(cfg.maxConns))],
+			MaxWaiting:     []int{-1, 0, 5, 50, 200, 200}[rand.IntN(6)],
+			WaitTimeout:    []time.Duration{0, time.Millisecond, 5 * time.Millisecond, 20 * time.Millisecond, 50 * time.Millisecond}[rand.IntN(5)],
+			Order:          Order(rand.IntN(2)),
+		}
+	}
+	l := limits()
+	l.MaxConnections = cfg.maxConns[0]
+	z, o := newTestZone(t, l)
+	prios := []int{-1, 0, 0, 0, 3}
+
+	held := make([]atomic.Int32, len(cfg.keys))
+	var attempts, admitted, abandoned, failures atomic.Int64
+	var rejected [numReasons]atomic.Int64
+	var peak atomic.Int32
+
+	fail := func(format string, args ...any) {
+		if failures.Add(1) <= 10 {
+			t.Errorf(format, args...)
+		}
+	}
+
+	hold := func(w *Waiter, ki int) {
+		n := held[ki].Add(1)
+		for {
+			p := peak.Load()
+			if n <= p || peak.CompareAndSwap(p, n) {
+				break
+			}
+		}
+		if n > int32(maxHeld) {
+			fail("key %q: %d hold a slot, max_connections is at most %d", cfg.keys[ki], n, maxHeld)
+		}
+		if z.Abandon(w) {
+			fail("Abandon(active) = true")
+		}
+		if rand.IntN(4) == 0 {
+			time.Sleep(time.Duration(rand.IntN(300)) * time.Microsecond)
+		}
+		held[ki].Add(-1)
+		if !z.Free(w) {
+			fail("Release(admitted) = false")
+		}
+		if z.Free(w) {
+			fail("second Release = true")
+		}
+	}
+
+	start := time.Now()
+	done := make(chan struct{})
+	controlDone := make(chan struct{})
+	go func() { // the operator: new settings and pauses
+		defer close(controlDone)
+		for {
+			select {
+			case <-done:
+				z.SetPaused(false)
+				return
+			case <-time.After(time.Duration(500+rand.IntN(2000)) * time.Microsecond):
+			}
+			switch rand.IntN(3) {
+			case 0:
+				z.SetPaused(!isPaused(z))
+			default:
+				z.SetLimits(limits())
+			}
+		}
+	}()
+
+	var wg sync.WaitGroup
+	for range cfg.goroutines {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(time.Duration(rand.IntN(300)) * time.Millisecond)
+			w := &Waiter{}
+			sig := NewSignal()
+			for range 1 + rand.IntN(3) {
+				ki := rand.IntN(len(cfg.keys))
+				*w = Waiter{Key: cfg.keys[ki], Priority: prios[rand.IntN(len(prios))]}
+				attempts.Add(1)
+				out, r := z.Acquire(w, sig, time.Now())
+				switch out {
+				case Admitted:
+					admitted.Add(1)
+					hold(w, ki)
+				case Rejected:
+					if r == ReasonNone || r == ReasonWaitTimeout {
+						fail("Acquire rejected with reason %v", r)
+					}
+					rejected[r].Add(1)
+				case Queued:
+					var leave chan struct{}
+					if rand.IntN(3) == 0 {
+						l := make(chan struct{})
+						leave = l
+						timer := time.AfterFunc(time.Duration(rand.IntN(15000))*time.Microsecond, func() { close(l) })
+						defer timer.Stop()
+					}
+					out, r := z.Wait(w, sig, leave)
+					switch {
+					case out == Abandoned:
+						abandoned.Add(1)
+					case out == Admitted:
+						admitted.Add(1)
+						hold(w, ki)
+					case out == Rejected && r == ReasonWaitTimeout:
+						rejected[r].Add(1)
+					default:
+						fail("wait ended %v/%v", out, r)
+					}
+				}
+				// Drain a wake-up left over, as a pooled Signal would be.
+				select {
+				case <-sig:
+				default:
+				}
+			}
+		}()
+	}
+	allDone := make(chan struct{})
+	go func() { wg.Wait(); close(allDone) }()
+	select {
+	case <-allDone:
+	case <-time.After(90 * time.Second):
+		s := z.Snapshot(time.Now(), 20)
+		panic(fmt.Sprintf("stress test stuck: %+v", s))
+	}
+	close(done)
+	<-controlDone
+	elapsed := time.Since(start)
+
+	if isPaused(z) {
+		t.Error("zone still paused")
+	}
+	mustCounts(t, z, 0, 0)
+	if keyCount(z) != 0 {
+		t.Errorf("Keys() = %d at the end", keyCount(z))
+	}
+	if a, w := o.gauges(); a != 0 || w != 0 {
+		t.Errorf("observer gauges (%d, %d) at the end", a, w)
+	}
+	s := z.Snapshot(time.Now(), 0)
+	c := s.Counters
+	if got := c.Admitted + c.RejectedTotal() + c.Abandoned; got != uint64(attempts.Load()) {
+		t.Errorf("admitted %d + rejected %d + abandoned %d = %d, attempts %d", c.Admitted, c.RejectedTotal(), c.Abandoned, got, attempts.Load())
+	}
+	if c.Admitted != uint64(admitted.Load()) || c.Abandoned != uint64(abandoned.Load()) {
+		t.Errorf("zone counted admitted %d abandoned %d, goroutines saw %d and %d", c.Admitted, c.Abandoned, admitted.Load(), abandoned.Load())
+	}
+	for _, r := range Reasons {
+		if c.Rejected[r] != uint64(rejected[r].Load()) {
+			t.Errorf("zone counted %d %v, goroutines saw %d", c.Rejected[r], r, rejected[r].Load())
+		}
+	}
+	t.Logf("%d attempts in %v: admitted %d, rejected %v, abandoned %d; peak holders of one key %d (limit %d)",
+		attempts.Load(), elapsed.Round(time.Millisecond), c.Admitted, c.Rejected, c.Abandoned, peak.Load(), maxHeld)
+	if c.Admitted == 0 || c.RejectedTotal()+c.Abandoned == 0 {
+		t.Errorf("the run did not exercise both admissions and rejections: %+v", c)
+	}
+}
