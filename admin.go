@@ -1,8 +1,11 @@
 package connlimit
 
 import (
+	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"time"
@@ -15,13 +18,16 @@ func init() {
 	caddy.RegisterModule(AdminAPI{})
 }
 
-// AdminAPI is the admin endpoint of connection_limit: it shows every zone
-// and pauses or resumes admission to a named zone.
+// AdminAPI is the admin endpoint of connection_limit: it shows every zone,
+// pauses or resumes admission to a named zone, and changes its limits
+// without a config load.
 //
-//	GET  /connection_limit/              all zones (and private handlers)
-//	GET  /connection_limit/<zone>        one zone, with its waiters
-//	POST /connection_limit/<zone>/pause  admit nobody new; everyone waits
-//	POST /connection_limit/<zone>/resume admit again
+//	GET    /connection_limit/               all zones (and private handlers)
+//	GET    /connection_limit/<zone>         one zone, with its waiters
+//	POST   /connection_limit/<zone>/pause   admit nobody new; everyone waits
+//	POST   /connection_limit/<zone>/resume  admit again
+//	POST   /connection_limit/<zone>/limits  set limits over the config's, e.g. {"max_connections": 20}
+//	DELETE /connection_limit/<zone>/limits  back to the config's limits
 type AdminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -32,7 +38,8 @@ func (AdminAPI) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Routes returns the admin routes.
+// Routes returns the admin routes: one prefix, since zone names are part
+// of the paths; serve hands each request to the handler of its route.
 func (a AdminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{{Pattern: adminPrefix, Handler: caddy.AdminHandlerFunc(a.serve)}}
 }
@@ -41,6 +48,8 @@ const (
 	adminPrefix = "/connection_limit/"
 	// maxListedWaiters caps the waiters shown for one zone.
 	maxListedWaiters = 100
+	// maxLimitsBody caps the body of a limits request.
+	maxLimitsBody = 4 << 10
 )
 
 type zoneJSON struct {
@@ -57,6 +66,25 @@ type zoneJSON struct {
 	Rejected         uint64            `json:"rejected"`
 	RejectedByReason map[string]uint64 `json:"rejected_by_reason"`
 	Abandoned        uint64            `json:"abandoned"`
+	// Config is what the config sets; Override what the limits route set
+	// over it (null: nothing). The fields above are the limits in force.
+	Config   limitsJSON    `json:"config"`
+	Override *overrideJSON `json:"override"`
+}
+
+type limitsJSON struct {
+	MaxConnections int    `json:"max_connections"`
+	MaxWaiting     int    `json:"max_waiting"`
+	WaitTimeout    string `json:"wait_timeout"`
+	Order          string `json:"order"`
+}
+
+// overrideJSON is the body of POST .../limits, and how an override is
+// shown: the fields it sets.
+type overrideJSON struct {
+	MaxConnections *int    `json:"max_connections,omitempty"`
+	MaxWaiting     *int    `json:"max_waiting,omitempty"`
+	WaitTimeout    *string `json:"wait_timeout,omitempty"`
 }
 
 // zoneDetailJSON is the one-zone view: the zone and its waiters.
@@ -89,59 +117,175 @@ func zoneView(s Snapshot) zoneJSON {
 		Rejected:         s.Counters.RejectedTotal(),
 		RejectedByReason: make(map[string]uint64, len(Reasons)),
 		Abandoned:        s.Counters.Abandoned,
+		Config: limitsJSON{
+			MaxConnections: s.Config.MaxConnections,
+			MaxWaiting:     s.Config.MaxWaiting,
+			WaitTimeout:    s.Config.WaitTimeout.String(),
+			Order:          s.Config.Order.String(),
+		},
 	}
 	for _, r := range Reasons {
 		v.RejectedByReason[r.String()] = s.Counters.Rejected[r]
 	}
+	if o := s.Override; !o.IsZero() {
+		v.Override = &overrideJSON{MaxConnections: o.MaxConnections, MaxWaiting: o.MaxWaiting}
+		if o.WaitTimeout != nil {
+			d := o.WaitTimeout.String()
+			v.Override.WaitTimeout = &d
+		}
+	}
 	return v
 }
 
+// serve routes a request by its path.
 func (a AdminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 	rest := strings.Trim(strings.TrimPrefix(r.URL.Path, adminPrefix), "/")
 	name, action, _ := strings.Cut(rest, "/")
 	switch {
 	case rest == "":
-		if err := allowMethod(w, r, http.MethodGet); err != nil {
-			return err
-		}
-		zones := zoneRegistry.Zones()
-		list := make([]zoneJSON, 0, len(zones))
-		now := time.Now()
-		for _, z := range zones {
-			list = append(list, zoneView(z.Snapshot(now, 0)))
-		}
-		return writeJSON(w, map[string]any{"zones": list})
+		return a.handleList(w, r)
 	case action == "":
-		if err := allowMethod(w, r, http.MethodGet); err != nil {
-			return err
-		}
-		z, err := lookupZone(name)
-		if err != nil {
-			return err
-		}
-		s := z.Snapshot(time.Now(), maxListedWaiters)
-		v := zoneDetailJSON{zoneJSON: zoneView(s)}
-		v.Waiters = make([]waiterJSON, 0, len(s.Waiters))
-		for _, wi := range s.Waiters {
-			v.Waiters = append(v.Waiters, waiterJSON{RemoteAddr: wi.Remote, Key: wi.Key, Priority: wi.Priority, Waited: wi.Waited.Seconds()})
-		}
-		v.WaitersShownMax = maxListedWaiters
-		v.WaitersTruncated = s.Waiting > len(s.Waiters)
-		return writeJSON(w, v)
+		return a.handleZone(w, r, name)
 	case action == "pause" || action == "resume":
-		if err := allowMethod(w, r, http.MethodPost); err != nil {
-			return err
-		}
-		z, err := lookupZone(name)
-		if err != nil {
-			return err
-		}
-		z.SetPaused(action == "pause")
-		caddy.Log().Named("layer4.handlers.connection_limit").Info("zone "+action+"d", zap.String("zone", name))
-		return writeJSON(w, zoneView(z.Snapshot(time.Now(), 0)))
+		return a.handlePause(w, r, name, action == "pause")
+	case action == "limits":
+		return a.handleLimits(w, r, name)
 	}
 	return caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("no such endpoint: %s", r.URL.Path)}
 }
+
+// handleList: GET /connection_limit/
+func (AdminAPI) handleList(w http.ResponseWriter, r *http.Request) error {
+	if err := allowMethods(w, r, http.MethodGet); err != nil {
+		return err
+	}
+	zones := zoneRegistry.Zones()
+	list := make([]zoneJSON, 0, len(zones))
+	now := time.Now()
+	for _, z := range zones {
+		list = append(list, zoneView(z.Snapshot(now, 0)))
+	}
+	return writeJSON(w, map[string]any{"zones": list})
+}
+
+// handleZone: GET /connection_limit/<zone>
+func (AdminAPI) handleZone(w http.ResponseWriter, r *http.Request, name string) error {
+	if err := allowMethods(w, r, http.MethodGet); err != nil {
+		return err
+	}
+	z, err := lookupZone(name)
+	if err != nil {
+		return err
+	}
+	s := z.Snapshot(time.Now(), maxListedWaiters)
+	v := zoneDetailJSON{zoneJSON: zoneView(s)}
+	v.Waiters = make([]waiterJSON, 0, len(s.Waiters))
+	for _, wi := range s.Waiters {
+		v.Waiters = append(v.Waiters, waiterJSON{RemoteAddr: wi.Remote, Key: wi.Key, Priority: wi.Priority, Waited: wi.Waited.Seconds()})
+	}
+	v.WaitersShownMax = maxListedWaiters
+	v.WaitersTruncated = s.Waiting > len(s.Waiters)
+	return writeJSON(w, v)
+}
+
+// handlePause: POST /connection_limit/<zone>/pause and .../resume
+func (AdminAPI) handlePause(w http.ResponseWriter, r *http.Request, name string, pause bool) error {
+	if err := allowMethods(w, r, http.MethodPost); err != nil {
+		return err
+	}
+	z, err := lookupZone(name)
+	if err != nil {
+		return err
+	}
+	z.SetPaused(pause)
+	msg := "zone resumed"
+	if pause {
+		msg = "zone paused"
+	}
+	adminLogger().Info(msg, zap.String("zone", name))
+	return writeJSON(w, zoneView(z.Snapshot(time.Now(), 0)))
+}
+
+// handleLimits: POST /connection_limit/<zone>/limits sets limits over the
+// config's at once (the fields given; others as before), DELETE puts the
+// config's back. A config load that changes the zone's settings ends the
+// override; one that leaves them as they were keeps it.
+func (AdminAPI) handleLimits(w http.ResponseWriter, r *http.Request, name string) error {
+	if err := allowMethods(w, r, http.MethodPost, http.MethodDelete); err != nil {
+		return err
+	}
+	z, err := lookupZone(name)
+	if err != nil {
+		return err
+	}
+	if r.Method == http.MethodDelete {
+		if z.ClearOverride() {
+			adminLogger().Info("limits override cleared: the config's limits are in force", zap.String("zone", name))
+		}
+		return writeJSON(w, zoneView(z.Snapshot(time.Now(), 0)))
+	}
+	o, err := decodeOverride(r.Body)
+	if err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+	}
+	if err := z.SetOverride(o); err != nil {
+		return caddy.APIError{HTTPStatus: http.StatusBadRequest, Err: err}
+	}
+	s := z.Snapshot(time.Now(), 0)
+	adminLogger().Info("limits override set",
+		zap.String("zone", name),
+		zap.Int("max_connections", s.Limits.MaxConnections),
+		zap.Int("max_waiting", s.Limits.MaxWaiting),
+		zap.Duration("wait_timeout", s.Limits.WaitTimeout))
+	return writeJSON(w, zoneView(s))
+}
+
+// decodeOverride reads a limits body: a JSON object with any of
+// max_connections, max_waiting and wait_timeout (a duration string), and
+// nothing else.
+func decodeOverride(body io.Reader) (Override, error) {
+	raw, err := io.ReadAll(io.LimitReader(body, maxLimitsBody+1))
+	if err != nil {
+		return Override{}, fmt.Errorf("reading the body: %v", err)
+	}
+	if len(raw) > maxLimitsBody {
+		return Override{}, fmt.Errorf("body larger than %d bytes", maxLimitsBody)
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	var v overrideJSON
+	if err := dec.Decode(&v); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) && te.Field != "" {
+			return Override{}, fmt.Errorf("%s: must be %s, got %s", te.Field, jsonKind(te.Field), te.Value)
+		}
+		return Override{}, fmt.Errorf("body must be a JSON object with any of max_connections, max_waiting and wait_timeout: %v", err)
+	}
+	if dec.More() {
+		return Override{}, fmt.Errorf("body must be one JSON object")
+	}
+	o := Override{MaxConnections: v.MaxConnections, MaxWaiting: v.MaxWaiting}
+	if v.WaitTimeout != nil {
+		d, err := caddy.ParseDuration(*v.WaitTimeout)
+		if err != nil {
+			return Override{}, fmt.Errorf("wait_timeout: %v", err)
+		}
+		o.WaitTimeout = &d
+	}
+	if o.IsZero() {
+		return Override{}, fmt.Errorf("body sets none of max_connections, max_waiting and wait_timeout")
+	}
+	return o, nil
+}
+
+func jsonKind(field string) string {
+	if field == "wait_timeout" {
+		return "a duration string such as \"30s\""
+	}
+	return "an integer"
+}
+
+func adminLogger() *zap.Logger { return caddy.Log().Named("layer4.handlers.connection_limit") }
 
 func lookupZone(name string) (*Zone, error) {
 	z, ok := zoneRegistry.Zone(name)
@@ -151,12 +295,15 @@ func lookupZone(name string) (*Zone, error) {
 	return z, nil
 }
 
-func allowMethod(w http.ResponseWriter, r *http.Request, m string) error {
-	if r.Method == m {
-		return nil
+func allowMethods(w http.ResponseWriter, r *http.Request, methods ...string) error {
+	for _, m := range methods {
+		if r.Method == m {
+			return nil
+		}
 	}
-	w.Header().Set("Allow", m)
-	return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed; use %s", r.Method, m)}
+	allow := strings.Join(methods, ", ")
+	w.Header().Set("Allow", allow)
+	return caddy.APIError{HTTPStatus: http.StatusMethodNotAllowed, Err: fmt.Errorf("method %s not allowed; use %s", r.Method, allow)}
 }
 
 func writeJSON(w http.ResponseWriter, v any) error {

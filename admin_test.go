@@ -144,3 +144,108 @@ func TestMetricsAndAdminAPI(t *testing.T) {
 		}
 	}
 }
+
+// POST /connection_limit/<zone>/limits changes a running zone's limits
+// without a config load; DELETE puts the config's back; a config load with
+// the same settings keeps the override, one with new settings ends it.
+func TestLimitsRouteChangesAZoneWithoutReload(t *testing.T) {
+	be := newBackend(t, true)
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	zone := fmt.Sprintf("ovr%d", time.Now().UnixNano())
+	cfg := func(max int) obj {
+		return l4Config(admin, listen, limit(obj{"max_connections": max, "zone": zone}), proxyTo(be.addr()))
+	}
+	loadConfig(t, cfg(1))
+	defer stopCaddy(t)
+	limitsURL := "http://" + admin + "/connection_limit/" + zone + "/limits"
+	post := func(body string) (int, string) {
+		code, b := adminDo(t, http.MethodPost, limitsURL, "application/json", []byte(body))
+		return code, string(b)
+	}
+
+	var clients []*client
+	clients = append(clients, takeSlot(t, be, listen, "h"))
+	for i := range 3 {
+		c := dial(t, listen, fmt.Sprintf("w%d", i))
+		c.hello("")
+		clients = append(clients, c)
+	}
+	waitCounts(t, zone, 1, 3)
+
+	// Raising the limit admits waiters at once.
+	if code, body := post(`{"max_connections": 3}`); code != http.StatusOK {
+		t.Fatalf("POST limits: %d %s", code, body)
+	}
+	be.waitArrivals(2, 5*time.Second)
+	waitCounts(t, zone, 3, 1)
+	z := getZone(t, admin, zone)
+	if z.MaxConnections != 3 || z.Config.MaxConnections != 1 || z.Override == nil || z.Override.MaxConnections == nil || *z.Override.MaxConnections != 3 {
+		t.Fatalf("zone view after the override: max %d, config %+v, override %+v", z.MaxConnections, z.Config, z.Override)
+	}
+	expectMetrics(t, admin, zone, map[string]float64{"max_connections": 3, "limits_overridden": 1})
+
+	// Bad values are refused with the field named, and change nothing.
+	for body, field := range map[string]string{
+		`{"max_connections": 0}`:       "max_connections",
+		`{"max_connections": "many"}`:  "max_connections",
+		`{"max_waiting": -5}`:          "max_waiting",
+		`{"wait_timeout": "soon"}`:     "wait_timeout",
+		`{"wait_timeout": "-1s"}`:      "wait_timeout",
+		`{"order": "lifo"}`:            "order",
+		`{}`:                           "max_connections, max_waiting and wait_timeout",
+		`[1]`:                          "JSON object",
+		`{"max_connections": 2} {"x"}`: "one JSON object",
+	} {
+		code, resp := post(body)
+		if code != http.StatusBadRequest || !strings.Contains(resp, field) {
+			t.Errorf("POST %s: %d %s; want 400 naming %s", body, code, resp, field)
+		}
+	}
+	if code, _ := adminDo(t, http.MethodGet, limitsURL, "", nil); code != http.StatusMethodNotAllowed {
+		t.Errorf("GET limits: %d, want 405", code)
+	}
+	if code, _ := adminDo(t, http.MethodPost, "http://"+admin+"/connection_limit/nosuchzone/limits", "application/json", []byte(`{"max_connections": 2}`)); code != http.StatusNotFound {
+		t.Errorf("POST limits of an unknown zone: %d, want 404", code)
+	}
+	if z := getZone(t, admin, zone); z.MaxConnections != 3 {
+		t.Fatalf("refused bodies changed max_connections to %d", z.MaxConnections)
+	}
+
+	// Lowering cuts nobody.
+	if code, body := post(`{"max_connections": 2, "wait_timeout": "1m"}`); code != http.StatusOK {
+		t.Fatalf("POST limits: %d %s", code, body)
+	}
+	waitCounts(t, zone, 3, 1)
+	be.noArrival(100 * time.Millisecond)
+
+	// A config load with the same settings keeps the override.
+	if code, body := adminLoad(t, admin, cfg(1)); code != http.StatusOK {
+		t.Fatalf("load: %d %s", code, body)
+	}
+	if z := getZone(t, admin, zone); z.MaxConnections != 2 || z.WaitTimeout != "1m0s" || z.Override == nil {
+		t.Fatalf("a load with the same settings: max %d, wait_timeout %s, override %+v", z.MaxConnections, z.WaitTimeout, z.Override)
+	}
+	// One with new settings ends it: max 4 admits the last waiter.
+	if code, body := adminLoad(t, admin, cfg(4)); code != http.StatusOK {
+		t.Fatalf("load: %d %s", code, body)
+	}
+	be.waitArrivals(1, 5*time.Second)
+	waitCounts(t, zone, 4, 0)
+	if z := getZone(t, admin, zone); z.MaxConnections != 4 || z.WaitTimeout != "0s" || z.Override != nil {
+		t.Fatalf("a load with new settings: max %d, wait_timeout %s, override %+v", z.MaxConnections, z.WaitTimeout, z.Override)
+	}
+	expectMetrics(t, admin, zone, map[string]float64{"max_connections": 4, "limits_overridden": 0})
+
+	// DELETE puts the config's limits back.
+	if code, body := post(`{"max_connections": 1}`); code != http.StatusOK {
+		t.Fatalf("POST limits: %d %s", code, body)
+	}
+	if code, body := adminDo(t, http.MethodDelete, limitsURL, "", nil); code != http.StatusOK || !strings.Contains(string(body), `"max_connections":4`) || !strings.Contains(string(body), `"override":null`) {
+		t.Fatalf("DELETE limits: %d %s", code, body)
+	}
+	for _, c := range clients {
+		finish(be, c)
+	}
+	waitCounts(t, zone, 0, 0)
+}

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 )
 
 // The collectors live at package level, for the life of the process:
@@ -32,13 +34,22 @@ var (
 		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "abandoned_total",
 		Help: "Waiting connections whose client went away before a slot freed.",
 	}, []string{"zone"})
+	metricMax = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "max_connections",
+		Help: "The max_connections in force (per key value, when a key is set).",
+	}, []string{"zone"})
+	metricOverridden = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "limits_overridden",
+		Help: "1 while limits set through the admin API are in force over the config's, else 0.",
+	}, []string{"zone"})
 	metricWait = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "wait_seconds",
 		Help:    "Time each admitted connection waited (0 for those admitted at once).",
 		Buckets: []float64{0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300},
 	}, []string{"zone"})
 
-	allCollectors = []prometheus.Collector{metricActive, metricWaiting, metricAdmitted, metricRejected, metricAbandoned, metricWait}
+	allCollectors = []prometheus.Collector{metricActive, metricWaiting, metricAdmitted, metricRejected, metricAbandoned,
+		metricMax, metricOverridden, metricWait}
 )
 
 // registerMetrics registers the collectors into reg; having them there
@@ -61,7 +72,9 @@ func registerMetrics(reg prometheus.Registerer) error {
 // zoneMetrics is the Observer of one zone: the children of its label,
 // looked up once, so that each event costs an atomic add.
 type zoneMetrics struct {
+	zone            string
 	active, waiting prometheus.Gauge
+	max, overridden prometheus.Gauge
 	admitted        prometheus.Counter
 	rejected        [numReasons]prometheus.Counter
 	abandoned       prometheus.Counter
@@ -70,11 +83,14 @@ type zoneMetrics struct {
 
 func newZoneMetrics(zone string) Observer {
 	m := &zoneMetrics{
-		active:    metricActive.WithLabelValues(zone),
-		waiting:   metricWaiting.WithLabelValues(zone),
-		admitted:  metricAdmitted.WithLabelValues(zone),
-		abandoned: metricAbandoned.WithLabelValues(zone),
-		wait:      metricWait.WithLabelValues(zone),
+		zone:       zone,
+		max:        metricMax.WithLabelValues(zone),
+		overridden: metricOverridden.WithLabelValues(zone),
+		active:     metricActive.WithLabelValues(zone),
+		waiting:    metricWaiting.WithLabelValues(zone),
+		admitted:   metricAdmitted.WithLabelValues(zone),
+		abandoned:  metricAbandoned.WithLabelValues(zone),
+		wait:       metricWait.WithLabelValues(zone),
 	}
 	for _, r := range Reasons {
 		m.rejected[r] = metricRejected.WithLabelValues(zone, r.String())
@@ -89,4 +105,20 @@ func (m *zoneMetrics) Rejected(r Reason)  { m.rejected[r].Inc() }
 func (m *zoneMetrics) Admitted(waited time.Duration) {
 	m.admitted.Inc()
 	m.wait.Observe(waited.Seconds())
+}
+
+func (m *zoneMetrics) LimitsChanged(l Limits, overridden bool) {
+	m.max.Set(float64(l.MaxConnections))
+	if overridden {
+		m.overridden.Set(1)
+	} else {
+		m.overridden.Set(0)
+	}
+}
+
+// OverrideEnded logs that a config load ended the limits set through the
+// admin API; setting and clearing them is logged by the admin API.
+func (m *zoneMetrics) OverrideEnded() {
+	caddy.Log().Named("layer4.handlers.connection_limit").Info("a config load changed the zone's settings: the limits override set through the admin API ended",
+		zap.String("zone", m.zone))
 }

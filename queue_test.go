@@ -30,6 +30,10 @@ type testObserver struct {
 	rejected  [numReasons]uint64
 	abandoned uint64
 	problems  []string
+	// the limits it was told of
+	max           int
+	overridden    bool
+	overrideEnded int
 }
 
 func (o *testObserver) problem(format string, args ...any) {
@@ -88,6 +92,18 @@ func (o *testObserver) Abandoned() {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	o.abandoned++
+}
+
+func (o *testObserver) LimitsChanged(l Limits, overridden bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.max, o.overridden = l.MaxConnections, overridden
+}
+
+func (o *testObserver) OverrideEnded() {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.overrideEnded++
 }
 
 func (o *testObserver) gauges() (active, waiting int) {
@@ -1368,5 +1384,94 @@ func TestQueueCountersAndSnapshot(t *testing.T) {
 	o.mu.Unlock()
 	if !slices.Equal(waits, []time.Duration{0, 0, 11 * time.Second, 58 * time.Second}) {
 		t.Errorf("observer waits %v", waits)
+	}
+}
+
+// An override sets limits over the config's at run time: raising the
+// limit admits waiters at once, lowering it cuts nobody, bad values change
+// nothing, the same config keeps it and a new config ends it.
+func TestZoneOverride(t *testing.T) {
+	config := Limits{MaxConnections: 2, MaxWaiting: 10}
+	z, o := newTestZone(t, config)
+	var held []*qw
+	for i := range 2 {
+		held = append(held, admit(t, z, i, "", t0))
+	}
+	var waiting []*qw
+	for i := range 3 {
+		waiting = append(waiting, enqueue(t, z, 10+i, "", 0, t0))
+	}
+	wakes := wakeCounts(waiting)
+
+	if err := z.SetOverride(Override{MaxConnections: ptr(4)}); err != nil {
+		t.Fatal(err)
+	}
+	if g := granted(t, waiting, wakes); len(g) != 2 {
+		t.Fatalf("raising the limit to 4 granted %d waiters at once, want 2", len(g))
+	}
+	mustCounts(t, z, 4, 1)
+	s := z.Snapshot(t0, 0)
+	if s.Limits.MaxConnections != 4 || s.Config != config || s.Override.MaxConnections == nil || *s.Override.MaxConnections != 4 {
+		t.Fatalf("snapshot limits %+v, config %+v, override %+v", s.Limits, s.Config, s.Override)
+	}
+	if o.max != 4 || !o.overridden {
+		t.Fatalf("observer told max %d, overridden %v; want 4, true", o.max, o.overridden)
+	}
+
+	// Lowering cuts nobody: the four stay, and a freed slot admits nobody
+	// while the count is not below the new limit.
+	if err := z.SetOverride(Override{MaxConnections: ptr(1)}); err != nil {
+		t.Fatal(err)
+	}
+	mustCounts(t, z, 4, 1)
+	z.Free(held[0].w)
+	mustCounts(t, z, 3, 1)
+
+	// Out of range: refused with the field named, and nothing changes.
+	for _, bad := range []Override{{MaxConnections: ptr(0)}, {MaxWaiting: ptr(-2)}, {WaitTimeout: ptr(-time.Second)}} {
+		err := z.SetOverride(bad)
+		if err == nil {
+			t.Fatalf("SetOverride(%+v) accepted", bad)
+		}
+		if l := limitsOf(z); l.MaxConnections != 1 || l.MaxWaiting != 10 || l.WaitTimeout != 0 {
+			t.Fatalf("a refused override changed the limits to %+v (%v)", l, err)
+		}
+	}
+	if err := z.SetOverride(Override{MaxWaiting: ptr(-2)}); err == nil || !strings.Contains(err.Error(), "max_waiting") {
+		t.Errorf("error %v does not name max_waiting", err)
+	}
+
+	// Fields merge with the override already in force.
+	if err := z.SetOverride(Override{WaitTimeout: ptr(3 * time.Second)}); err != nil {
+		t.Fatal(err)
+	}
+	if l := limitsOf(z); l.MaxConnections != 1 || l.WaitTimeout != 3*time.Second || l.MaxWaiting != 10 {
+		t.Fatalf("merged limits %+v", l)
+	}
+
+	// A config load with the same settings keeps the override; new ones end it.
+	z.SetLimits(config)
+	if l := limitsOf(z); l.MaxConnections != 1 || o.overrideEnded != 0 {
+		t.Fatalf("the same config ended the override: %+v, ended %d", l, o.overrideEnded)
+	}
+	newConfig := Limits{MaxConnections: 3, MaxWaiting: 10}
+	z.SetLimits(newConfig)
+	if l := limitsOf(z); l != newConfig || o.overrideEnded != 1 || o.overridden || !z.Snapshot(t0, 0).Override.IsZero() {
+		t.Fatalf("a new config left limits %+v, ended %d, overridden %v", l, o.overrideEnded, o.overridden)
+	}
+	if z.ClearOverride() {
+		t.Error("ClearOverride with no override reported true")
+	}
+
+	// Clearing puts the config back in force.
+	if err := z.SetOverride(Override{MaxConnections: ptr(5)}); err != nil {
+		t.Fatal(err)
+	}
+	if !z.ClearOverride() || limitsOf(z) != newConfig || o.overridden {
+		t.Fatalf("after ClearOverride: %+v, overridden %v", limitsOf(z), o.overridden)
+	}
+	for _, c := range append(held[1:], waiting...) {
+		z.Abandon(c.w)
+		z.Free(c.w)
 	}
 }

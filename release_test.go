@@ -115,10 +115,12 @@ func (o *blockingObserver) ActiveDelta(d int) {
 		})
 	}
 }
-func (*blockingObserver) WaitingDelta(int)       {}
-func (*blockingObserver) Admitted(time.Duration) {}
-func (*blockingObserver) Rejected(Reason)        {}
-func (*blockingObserver) Abandoned()             {}
+func (*blockingObserver) WaitingDelta(int)           {}
+func (*blockingObserver) Admitted(time.Duration)     {}
+func (*blockingObserver) Rejected(Reason)            {}
+func (*blockingObserver) Abandoned()                 {}
+func (*blockingObserver) LimitsChanged(Limits, bool) {}
+func (*blockingObserver) OverrideEnded()             {}
 
 // heldSlot.free, called twice at once (a CloseWrite in some goroutine and
 // the end of serve): the slot is freed once, and the second call does not

@@ -88,6 +88,12 @@ type Observer interface {
 	Rejected(r Reason)
 	// Abandoned is called once for every waiter whose client went away.
 	Abandoned()
+	// LimitsChanged is called with the limits in force when the zone is
+	// made and whenever they change, and whether an override is in force.
+	LimitsChanged(l Limits, overridden bool)
+	// OverrideEnded is called when new settings from a config end an
+	// override (SetLimits).
+	OverrideEnded()
 }
 
 // Waker wakes the goroutine of one waiting connection. A zone calls its
@@ -191,15 +197,17 @@ type Zone struct {
 	name string
 	obs  Observer
 
-	mu      sync.Mutex
-	limits  Limits
-	paused  bool
-	def     keyState
-	keys    map[string]*keyState // key values other than ""
-	spare   []*keyState          // freed key states, for reuse
-	active  int                  // over all keys
-	waiting int                  // over all keys
-	stats   Counters
+	mu       sync.Mutex
+	limits   Limits // in force: config with override applied
+	config   Limits
+	override Override
+	paused   bool
+	def      keyState
+	keys     map[string]*keyState // key values other than ""
+	spare    []*keyState          // freed key states, for reuse
+	active   int                  // over all keys
+	waiting  int                  // over all keys
+	stats    Counters
 }
 
 // NewZone returns a zone with the given limits. obs may be nil.
@@ -207,7 +215,8 @@ func NewZone(name string, l Limits, obs Observer) *Zone {
 	if obs == nil {
 		obs = nopObserver{}
 	}
-	return &Zone{name: name, limits: l, obs: obs}
+	obs.LimitsChanged(l, false)
+	return &Zone{name: name, limits: l, config: l, obs: obs}
 }
 
 func (z *Zone) keyState(key string, create bool) *keyState {
@@ -482,16 +491,99 @@ func (z *Zone) wakeAll() {
 	}
 }
 
-// SetLimits puts new settings in force for everyone, waiting or not: more
-// slots admit waiters at once; fewer slots cut nobody (new admissions wait
-// until the count is below the new limit); a new wait_timeout counts from
-// when each waiter started waiting; a smaller max_waiting rejects newcomers
-// until the list is shorter, and rejects nobody already waiting.
+// SetLimits puts the settings a config gives in force for everyone,
+// waiting or not. New settings (not the ones in force before) end an
+// override; the same ones keep it. See apply for what a change does.
 func (z *Zone) SetLimits(l Limits) {
 	z.mu.Lock()
 	defer z.mu.Unlock()
+	if l == z.config {
+		return
+	}
+	z.config = l
+	if !z.override.IsZero() {
+		z.override = Override{}
+		z.obs.OverrideEnded()
+	}
+	z.apply(l)
+}
+
+// Override sets some of a zone's limits at run time, over those of the
+// config; a nil field keeps the config's.
+type Override struct {
+	MaxConnections *int
+	MaxWaiting     *int
+	WaitTimeout    *time.Duration
+}
+
+// IsZero reports whether o overrides nothing.
+func (o Override) IsZero() bool {
+	return o.MaxConnections == nil && o.MaxWaiting == nil && o.WaitTimeout == nil
+}
+
+// on returns l with o's fields in place of its own.
+func (o Override) on(l Limits) Limits {
+	if o.MaxConnections != nil {
+		l.MaxConnections = *o.MaxConnections
+	}
+	if o.MaxWaiting != nil {
+		l.MaxWaiting = *o.MaxWaiting
+	}
+	if o.WaitTimeout != nil {
+		l.WaitTimeout = *o.WaitTimeout
+	}
+	return l
+}
+
+// SetOverride overrides the fields that o sets, on top of any override
+// already in force, and puts the result in force at once. It refuses, and
+// changes nothing, if the limits would be out of range.
+func (z *Zone) SetOverride(o Override) error {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	merged := z.override // copies of the values: the caller keeps its own
+	if o.MaxConnections != nil {
+		merged.MaxConnections = ptr(*o.MaxConnections)
+	}
+	if o.MaxWaiting != nil {
+		merged.MaxWaiting = ptr(*o.MaxWaiting)
+	}
+	if o.WaitTimeout != nil {
+		merged.WaitTimeout = ptr(*o.WaitTimeout)
+	}
+	l := merged.on(z.config)
+	if err := l.Validate(); err != nil {
+		return err
+	}
+	z.override = merged
+	z.apply(l)
+	return nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// ClearOverride puts the config's settings back in force; it reports
+// whether there was an override.
+func (z *Zone) ClearOverride() bool {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	if z.override.IsZero() {
+		return false
+	}
+	z.override = Override{}
+	z.apply(z.config)
+	return true
+}
+
+// apply puts l in force: more slots admit waiters at once; fewer slots cut
+// nobody (new admissions wait until the count is below the new limit); a
+// new wait_timeout counts from when each waiter started waiting; a smaller
+// max_waiting rejects newcomers until the list is shorter, and rejects
+// nobody already waiting. Lock held.
+func (z *Zone) apply(l Limits) {
 	old := z.limits
 	z.limits = l
+	z.obs.LimitsChanged(l, !z.override.IsZero())
 	if l.WaitTimeout != old.WaitTimeout {
 		z.wakeAll()
 	}
@@ -522,8 +614,12 @@ type WaiterInfo struct {
 
 // Snapshot is a zone's state at one moment.
 type Snapshot struct {
-	Name       string
-	Limits     Limits
+	Name   string
+	Limits Limits // in force
+	// Config is what the config sets, and Override what is set over it
+	// at run time (zero: nothing).
+	Config     Limits
+	Override   Override
 	Paused     bool
 	Active     int
 	Waiting    int
@@ -541,6 +637,8 @@ func (z *Zone) Snapshot(now time.Time, maxWaiters int) Snapshot {
 	s := Snapshot{
 		Name:     z.name,
 		Limits:   z.limits,
+		Config:   z.config,
+		Override: z.override,
 		Paused:   z.paused,
 		Active:   z.active,
 		Waiting:  z.waiting,
@@ -575,8 +673,10 @@ func (z *Zone) Counts() (active, waiting int) {
 
 type nopObserver struct{}
 
-func (nopObserver) ActiveDelta(int)        {}
-func (nopObserver) WaitingDelta(int)       {}
-func (nopObserver) Admitted(time.Duration) {}
-func (nopObserver) Rejected(Reason)        {}
-func (nopObserver) Abandoned()             {}
+func (nopObserver) ActiveDelta(int)            {}
+func (nopObserver) WaitingDelta(int)           {}
+func (nopObserver) Admitted(time.Duration)     {}
+func (nopObserver) Rejected(Reason)            {}
+func (nopObserver) Abandoned()                 {}
+func (nopObserver) LimitsChanged(Limits, bool) {}
+func (nopObserver) OverrideEnded()             {}
