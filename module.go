@@ -153,7 +153,13 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// The config's context identifies the config: handlers of one config
 	// that share a zone must agree on its settings.
 	h.zone, h.leave, err = zoneRegistry.Use(h.Zone, ctx.Context, limits)
-	return err
+	if err != nil {
+		return err
+	}
+	if h.Zone != "" {
+		h.warnReloadLoss()
+	}
+	return nil
 }
 
 // limits checks the configuration and returns the zone settings it gives.

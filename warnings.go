@@ -1,6 +1,7 @@
 package connlimit
 
 import (
+	"sync"
 	"time"
 
 	"github.com/mholt/caddy-l4/layer4"
@@ -8,8 +9,9 @@ import (
 )
 
 // What the handler tells the operator: a debug line per event, a warning
-// (rate-limited) while a zone rejects connections, and a warning (once)
-// when the handler is placed where the limit cannot hold.
+// (rate-limited) while a zone rejects connections, a warning (once) when
+// the handler is placed where the limit cannot hold, and a warning (once
+// per process) when config reloads can reset connections.
 
 // logEvent logs one connection's event at debug level.
 func (h *Handler) logEvent(msg string, cx *layer4.Connection, w *Waiter, fields ...zap.Field) {
@@ -75,4 +77,24 @@ func (h *Handler) checkPlacement(cx *layer4.Connection) {
 			zap.String("zone", h.Zone),
 			zap.String("remote", cx.RemoteAddr().String()))
 	}
+}
+
+// reloadLoss makes the reload warning once per process, not per reload.
+var reloadLoss sync.Once
+
+// readMigrateReq reads net.ipv4.tcp_migrate_req; tests replace it.
+var readMigrateReq = tcpMigrateReq
+
+// warnReloadLoss warns, once per process, that config loads can reset
+// connections: Caddy opens each new config's listener with SO_REUSEPORT
+// and closes the old one, and Linux resets the connections still queued
+// on the old socket unless net.ipv4.tcp_migrate_req is 1. Zones are what
+// operators reload to change, so handlers with a zone ask.
+func (h *Handler) warnReloadLoss() {
+	reloadLoss.Do(func() {
+		if on, known := readMigrateReq(); known && !on {
+			h.logger.Warn("net.ipv4.tcp_migrate_req is 0: each config load can reset connections the kernel accepted on the old listener but Caddy had not yet taken; set it to 1 (sysctl -w net.ipv4.tcp_migrate_req=1, Linux 5.14 or later) so that they move to the new listener, or change limits without a load through POST /connection_limit/<zone>/limits",
+				zap.String("zone", h.Zone))
+		}
+	})
 }
