@@ -224,7 +224,9 @@ func (h *limitHistory) maxSince(since time.Time) int {
 // open connections against the limit: every connection open now was
 // admitted after its client connected, and the last of them was admitted
 // while all the others held their slots, so the count cannot exceed the
-// largest limit in force since the earliest of those connects.
+// largest limit in force since the earliest of those connects. (Those the
+// proxy has closed or half-closed are not counted: a slot can be freed
+// before this side has read the close.)
 type soakBackend struct {
 	t              testing.TB
 	ln             net.Listener
@@ -306,8 +308,14 @@ func (b *soakBackend) handle(c net.Conn) {
 	}
 	b.mu.Lock()
 	b.open[c] = time.Unix(0, connected)
-	earliest, count := time.Now(), len(b.open)
-	for _, at := range b.open {
+	earliest, count := time.Now(), 0
+	for oc, at := range b.open {
+		// The proxy may have closed a connection whose goroutine here has
+		// not noticed yet (it sleeps): its slot may be free already.
+		if oc != c && probeConn(oc) == peerGone {
+			continue
+		}
+		count++
 		if at.Before(earliest) {
 			earliest = at
 		}
