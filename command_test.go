@@ -47,14 +47,37 @@ func runCLI(t *testing.T, ctx context.Context, args ...string) (stdout, stderr s
 // returns its cells (columns are two or more spaces apart).
 func cliRow(t *testing.T, out, name string) []string {
 	t.Helper()
+	cells, ok := tableRow(out, name)
+	if !ok {
+		t.Fatalf("no line for zone %q in:\n%s", name, out)
+	}
+	return cells
+}
+
+var columnGap = regexp.MustCompile(`\s{2,}`)
+
+func tableRow(out, name string) ([]string, bool) {
 	for _, line := range strings.Split(out, "\n") {
-		cells := regexp.MustCompile(`\s{2,}`).Split(strings.TrimSpace(line), -1)
+		cells := columnGap.Split(strings.TrimSpace(line), -1)
 		if cells[0] == name {
-			return cells
+			return cells, true
 		}
 	}
-	t.Fatalf("no line for zone %q in:\n%s", name, out)
-	return nil
+	return nil, false
+}
+
+// rowByColumn is zone name's line in out, cell by column name.
+func rowByColumn(out, name string) (map[string]string, bool) {
+	header, ok1 := tableRow(out, "ZONE")
+	cells, ok2 := tableRow(out, name)
+	if !ok1 || !ok2 || len(header) != len(cells) {
+		return nil, false
+	}
+	m := make(map[string]string, len(cells))
+	for i, col := range header {
+		m[col] = cells[i]
+	}
+	return m, true
 }
 
 // expectRow checks a zone's line: want maps column names to cells ("*"
