@@ -435,3 +435,42 @@ func TestCommandWatchNotATerminal(t *testing.T) {
 		t.Errorf(`"2s" without --watch: zone %q, %v`, zone, err)
 	}
 }
+
+// A fleet-wide zone's totals (a "fleet" object in the zone's JSON, which
+// no zone has yet) are printed under its line, field by field.
+func TestCommandFleetTotals(t *testing.T) {
+	s := newCLISetup(t, nil)
+	c, err := newAdminClient(s.admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := &view{client: c}
+	smp, err := v.fetch(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The admin API's own document, with fleet totals added to zone A.
+	var doc map[string][]map[string]any
+	if err := json.Unmarshal(smp.raw, &doc); err != nil {
+		t.Fatal(err)
+	}
+	for _, z := range doc["zones"] {
+		if z["zone"] == s.a {
+			z["fleet"] = map[string]any{"instances": 3, "active": 5, "waiting": 7, "region": "eu"}
+		}
+	}
+	raw, _ := json.Marshal(doc)
+	var list struct{ Zones []zoneInfo }
+	if err := json.Unmarshal(raw, &list); err != nil {
+		t.Fatal(err)
+	}
+	out := strings.Join(zoneTable(nil, &sample{zones: list.Zones}, list.Zones), "\n")
+	_, after, _ := strings.Cut(out, "\n"+s.a+" ")
+	lines := strings.Split(after, "\n")
+	if len(lines) < 2 || lines[1] != "  fleet: active 5, instances 3, region eu, waiting 7" {
+		t.Errorf("no fleet line under zone %s:\n%s", s.a, out)
+	}
+	if strings.Count(out, "fleet:") != 1 {
+		t.Errorf("fleet lines for zones without fleet totals:\n%s", out)
+	}
+}
