@@ -63,9 +63,10 @@ connection_limit zones are doing.
 A zone's line shows active/max_connections, waiting (/max_waiting when the
 list is bounded), how long the oldest waiter has waited, admitted/s and
 refused/s, refusals since Caddy started (in total, then by reason), waiters
-whose client left (abandoned), and whether the zone is paused. Handlers
-without a zone are shown as "(no zone)"; they cannot be named in status,
-pause or resume.
+whose client left (abandoned), and whether the zone is paused. In a zone
+with a key the limits apply to each key value, so the counts, which are
+the zone's, can be above them (marked *). Handlers without a zone are shown
+as "(no zone)"; they cannot be named in status, pause or resume.
 
 Rates need two samples: the one-shot view takes them one second apart (so
 it takes a second), and --watch counts them over each interval (its first
@@ -469,6 +470,7 @@ func zoneTable(prev, cur *sample, zones []zoneInfo) []string {
 	}
 	rows := [][]string{tableHeader}
 	var fleet []string // per row; "" for none
+	perKey := false    // a zone holds more than its limit: it has a key
 	fleet = append(fleet, "")
 	for i := range zones {
 		z := &zones[i]
@@ -477,8 +479,17 @@ func zoneTable(prev, cur *sample, zones []zoneInfo) []string {
 			admitted = fmt.Sprintf("%.1f", float64(z.Admitted-p.Admitted)/dt)
 			refused = fmt.Sprintf("%.1f", float64(z.Rejected-p.Rejected)/dt)
 		}
+		active, waiting := z.activeCell(), z.waitingCell()
+		if z.Active > z.MaxConnections {
+			active += "*"
+			perKey = true
+		}
+		if z.MaxWaiting > 0 && z.Waiting > z.MaxWaiting {
+			waiting += "*"
+			perKey = true
+		}
 		rows = append(rows, []string{
-			z.nameCell(zones, i), z.activeCell(), z.waitingCell(), formatWait(z.OldestWait),
+			z.nameCell(zones, i), active, waiting, formatWait(z.OldestWait),
 			admitted, refused, z.refusedCell(), strconv.FormatUint(z.Abandoned, 10), yesNo(z.Paused),
 		})
 		fleet = append(fleet, z.fleetLine())
@@ -489,6 +500,9 @@ func zoneTable(prev, cur *sample, zones []zoneInfo) []string {
 		if fleet[i] != "" {
 			lines = append(lines, "  "+fleet[i])
 		}
+	}
+	if perKey {
+		lines = append(lines, "* more than the limit: the zone has a key, and its limits apply to each key value")
 	}
 	return lines
 }

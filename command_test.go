@@ -474,3 +474,33 @@ func TestCommandFleetTotals(t *testing.T) {
 		t.Errorf("fleet lines for zones without fleet totals:\n%s", out)
 	}
 }
+
+// In a zone with a key the limits are per key value: the zone's counts
+// above them are marked, and the mark explained.
+func TestCommandPerKeyZone(t *testing.T) {
+	be := newBackend(t, true)
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	zone := fmt.Sprintf("cliK%d", time.Now().UnixNano())
+	loadConfig(t, l4Config(admin, listen, limit(obj{"zone": zone, "max_connections": 1, "max_waiting": 1, "key": "{l4.conn.remote_ip}"}), proxyTo(be.addr())))
+	defer stopCaddy(t)
+	for i, ip := range []string{"127.0.0.2", "127.0.0.3"} {
+		c := dialFrom(t, ip, listen, "h"+ip)
+		c.hello("")
+		be.waitArrivals(1, 5*time.Second)
+		w := dialFrom(t, ip, listen, "w"+ip)
+		w.hello("")
+		waitCounts(t, zone, i+1, i+1)
+		r := dialFrom(t, ip, listen, "r"+ip) // the list of each IP holds one
+		r.hello("")
+		r.expectClosed(5 * time.Second)
+	}
+	out, _, err := runCLI(t, nil, "--address", admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expectRow(t, out, zone, map[string]string{"ACTIVE": "2/1*", "WAITING": "2/1*", "REFUSED": "2 (queue_full 2)"})
+	if !strings.Contains(out, "\n* more than the limit: the zone has a key, and its limits apply to each key value\n") {
+		t.Errorf("no footnote for the marks:\n%s", out)
+	}
+}
