@@ -172,6 +172,14 @@ func zoneAndInterval(args []string, w *watchFlag) (string, error) {
 	return zone, nil
 }
 
+// contextOf is the command's context (cobra gives one when executed).
+func contextOf(cmd *cobra.Command) context.Context {
+	if ctx := cmd.Context(); ctx != nil {
+		return ctx
+	}
+	return context.Background()
+}
+
 func clientFor(cmd *cobra.Command) (*adminClient, error) {
 	fl := caddycmd.Flags{FlagSet: cmd.Flags()}
 	addr, err := caddycmd.DetermineAdminAPIAddress(fl.String("address"), nil, fl.String("config"), fl.String("adapter"))
@@ -197,10 +205,7 @@ func runStatus(cmd *cobra.Command, args []string) error {
 	v := &view{client: c, zone: zone, maxWaiters: maxWaiters}
 
 	if !w.on {
-		ctx := cmd.Context()
-		if ctx == nil {
-			ctx = context.Background()
-		}
+		ctx := contextOf(cmd)
 		first, err := v.fetch(ctx)
 		if err != nil {
 			return err
@@ -223,11 +228,7 @@ func runStatus(cmd *cobra.Command, args []string) error {
 	}
 
 	// --watch: until Ctrl-C (or SIGTERM), which ends it cleanly.
-	ctx := cmd.Context()
-	if ctx == nil {
-		ctx = context.Background()
-	}
-	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	ctx, stop := signal.NotifyContext(contextOf(cmd), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return v.watch(ctx, out, w.interval, jsonOut)
 }
@@ -237,11 +238,7 @@ func runPause(cmd *cobra.Command, action, zone string) error {
 	if err != nil {
 		return err
 	}
-	ctx := cmd.Context()
-	if ctx == nil {
-		ctx = context.Background()
-	}
-	raw, err := c.zoneRequest(ctx, http.MethodPost, zone, action)
+	raw, err := c.zoneRequest(contextOf(cmd), http.MethodPost, zone, action)
 	if err != nil {
 		return err
 	}
