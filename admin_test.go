@@ -185,7 +185,7 @@ func TestLimitsRouteChangesAZoneWithoutReload(t *testing.T) {
 	}
 	expectMetrics(t, admin, zone, map[string]float64{"max_connections": 3, "limits_overridden": 1})
 
-	// Bad values are refused with the field named, and change nothing.
+	// Bad values answer 400 with the field named, and change nothing.
 	for body, field := range map[string]string{
 		`{"max_connections": 0}`:       "max_connections",
 		`{"max_connections": "many"}`:  "max_connections",
@@ -209,7 +209,7 @@ func TestLimitsRouteChangesAZoneWithoutReload(t *testing.T) {
 		t.Errorf("POST limits of an unknown zone: %d, want 404", code)
 	}
 	if z := getZone(t, admin, zone); z.MaxConnections != 3 {
-		t.Fatalf("refused bodies changed max_connections to %d", z.MaxConnections)
+		t.Fatalf("bad bodies changed max_connections to %d", z.MaxConnections)
 	}
 
 	// Lowering cuts nobody.

@@ -1427,14 +1427,14 @@ func TestZoneOverride(t *testing.T) {
 	z.Free(held[0].w)
 	mustCounts(t, z, 3, 1)
 
-	// Out of range: refused with the field named, and nothing changes.
+	// Out of range: an error naming the field, and nothing changes.
 	for _, bad := range []Override{{MaxConnections: ptr(0)}, {MaxWaiting: ptr(-2)}, {WaitTimeout: ptr(-time.Second)}} {
 		err := z.SetOverride(bad)
 		if err == nil {
 			t.Fatalf("SetOverride(%+v) accepted", bad)
 		}
 		if l := limitsOf(z); l.MaxConnections != 1 || l.MaxWaiting != 10 || l.WaitTimeout != 0 {
-			t.Fatalf("a refused override changed the limits to %+v (%v)", l, err)
+			t.Fatalf("a bad override changed the limits to %+v (%v)", l, err)
 		}
 	}
 	if err := z.SetOverride(Override{MaxWaiting: ptr(-2)}); err == nil || !strings.Contains(err.Error(), "max_waiting") {

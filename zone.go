@@ -536,7 +536,7 @@ func (o Override) on(l Limits) Limits {
 }
 
 // SetOverride overrides the fields that o sets, on top of any override
-// already in force, and puts the result in force at once. It refuses, and
+// already in force, and puts the result in force at once. It fails, and
 // changes nothing, if the limits would be out of range.
 func (z *Zone) SetOverride(o Override) error {
 	z.mu.Lock()
