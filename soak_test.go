@@ -231,7 +231,8 @@ type soakBackend struct {
 	t              testing.TB
 	ln             net.Listener
 	limits         limitHistory
-	total, peak    atomic.Int64
+	total          atomic.Int64
+	peak           atomic.Int64 // of the open connections counted at a request
 	violations     atomic.Int64
 	firstViolation atomic.Value
 	wg             sync.WaitGroup
@@ -286,9 +287,6 @@ func (b *soakBackend) handle(c net.Conn) {
 	b.total.Add(1)
 	b.mu.Lock()
 	b.open[c] = time.Now().Add(-soakMaxWait)
-	if n := int64(len(b.open)); n > b.peak.Load() {
-		b.peak.Store(n)
-	}
 	b.mu.Unlock()
 	defer func() {
 		b.mu.Lock()
@@ -319,6 +317,9 @@ func (b *soakBackend) handle(c net.Conn) {
 		if at.Before(earliest) {
 			earliest = at
 		}
+	}
+	if int64(count) > b.peak.Load() {
+		b.peak.Store(int64(count))
 	}
 	b.mu.Unlock()
 	if allowed := b.limits.maxSince(earliest); count > allowed {
