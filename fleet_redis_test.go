@@ -2,12 +2,12 @@ package connlimit
 
 import (
 	"context"
-	_ "errors"
+	"errors"
 	"fmt"
 	_ "net"
 	"sort"
 	"strings"
-	_ "sync"
+	"sync"
 	_ "sync/atomic"
 	"testing"
 	"time"
@@ -139,9 +139,15 @@ func checkStore(t testing.TB, r *redisServer, zone string) {
 	members := map[string]bool{}
 	tickets := map[string]bool{}
 	for _, k := range keys {
-		if !strings.HasPrefix(k, base+":") {
-			t.Errorf("key %q is not under the zone's base %q (Cluster hash tag)", k, base)
+		// every key is "<prefix>:{<zone>}:...": one hash tag per zone
+		_, rest, _ := strings.Cut(k, "{")
+		tag, _, _ := strings.Cut(rest, "}")
+		if !strings.HasPrefix(k, DefaultKeyPrefix+":{"+tag+"}:") {
+			t.Errorf("key %q is not under a zone's base key (Cluster hash tag)", k)
 			continue
+		}
+		if tag != zone {
+			continue // another zone's
 		}
 		what := strings.TrimPrefix(k, base+":")
 		switch {
@@ -267,4 +273,360 @@ func TestRedisFleetTakeGiveLeave(t *testing.T) {
 	if len(st.Nodes) != 3 || st.NodeCount != 3 || st.Limits.MaxConnections != 2 {
 		t.Fatalf("status: %+v", st)
 	}
+}
+
+// grantsOf delivers every grant of the given stores on one channel, until
+// the test ends.
+type nodeGrant struct {
+	node string
+	t    Ticket
+}
+
+func grantsOf(t testing.TB, stores ...FleetStore) <-chan nodeGrant {
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan nodeGrant, 64)
+	var wg sync.WaitGroup
+	for _, s := range stores {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				g, err := s.NextGrant(ctx)
+				if ctx.Err() != nil {
+					return
+				}
+				if err != nil {
+					t.Errorf("grant for %s: %v", s.NodeID(), err)
+					return
+				}
+				ch <- nodeGrant{s.NodeID(), g}
+			}
+		}()
+	}
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	return ch
+}
+
+func recvGrant(t testing.TB, ch <-chan nodeGrant, within time.Duration) nodeGrant {
+	t.Helper()
+	select {
+	case g := <-ch:
+		return g
+	case <-time.After(within):
+		t.Fatalf("no grant within %s", within)
+	}
+	return nodeGrant{}
+}
+
+// With max 1, waiters that arrive alternately at A, B, C, A, B, C are
+// admitted fleet-wide in arrival order (FIFO), in the reverse (LIFO), or
+// by priority, then in order.
+func TestRedisFleetOrder(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	for _, tc := range []struct {
+		name  string
+		order Order
+		prios []int
+		want  string
+	}{
+		{"fifo", FIFO, []int{0, 0, 0, 0, 0, 0}, "A/1 B/2 C/3 A/4 B/5 C/6"},
+		{"lifo", LIFO, []int{0, 0, 0, 0, 0, 0}, "C/6 B/5 A/4 C/3 B/2 A/1"},
+		{"priority fifo", FIFO, []int{0, 5, -3, 5, 0, 1000000}, "C/6 B/2 A/4 A/1 B/5 C/3"},
+		{"priority lifo", LIFO, []int{0, 5, -3, 5, 0, 1000000}, "C/6 A/4 B/2 B/5 A/1 C/3"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			zone := "order-" + strings.ReplaceAll(tc.name, " ", "-")
+			a := newFleet(t, r, zone, "A")
+			b := newFleet(t, r, zone, "B")
+			c := newFleet(t, r, zone, "C")
+			nodes := []FleetStore{a, b, c}
+			l := fifo(1, 0)
+			l.Order = tc.order
+			for _, s := range nodes {
+				mustRegister(t, s, NodeState{Limits: l})
+			}
+			grants := grantsOf(t, a, b, c)
+			take(t, a, Ticket{ID: 100}, Admitted)
+			for i, p := range tc.prios {
+				take(t, nodes[i%3], Ticket{ID: uint64(i + 1), Priority: p}, Queued)
+			}
+			checkStore(t, r, zone)
+			holder := a
+			var got []string
+			for range tc.prios {
+				give(t, holder, "")
+				g := recvGrant(t, grants, 2*time.Second)
+				got = append(got, fmt.Sprintf("%s/%d", g.node, g.t.ID))
+				holder = nodes[g.node[0]-'A']
+				if g.t.Priority != tc.prios[g.t.ID-1] {
+					t.Errorf("grant %+v: priority %d, want %d", g, g.t.Priority, tc.prios[g.t.ID-1])
+				}
+			}
+			if s := strings.Join(got, " "); s != tc.want {
+				t.Errorf("admitted %s, want %s", s, tc.want)
+			}
+			give(t, holder, "")
+			wantCounts(t, a, 0, 0)
+			checkStore(t, r, zone)
+		})
+	}
+}
+
+// A waiter that leaves just as it is granted: Leave says false, the grant
+// arrives, and the node gives it back to the next waiter.
+func TestRedisFleetLeaveAfterGrant(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
+	mustRegister(t, b, NodeState{})
+	take(t, a, Ticket{ID: 1, Key: "k"}, Admitted)
+	take(t, b, Ticket{ID: 7, Key: "k"}, Queued)
+	take(t, a, Ticket{ID: 2, Key: "k"}, Queued)
+	give(t, a, "k") // granted to B's ticket 7
+	left, err := b.Leave(tctx(t), Ticket{ID: 7, Key: "k"})
+	if err != nil || left {
+		t.Fatalf("leave of a granted ticket: left %v, %v", left, err)
+	}
+	g := nextGrant(t, b, 2*time.Second)
+	if g.ID != 7 || g.Key != "k" {
+		t.Fatalf("grant: %+v", g)
+	}
+	give(t, b, g.Key) // its waiter left: give it back, to A's ticket 2
+	g = nextGrant(t, a, 2*time.Second)
+	if g.ID != 2 {
+		t.Fatalf("grant after give back: %+v", g)
+	}
+	wantCounts(t, a, 1, 0)
+	give(t, a, "k")
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
+// renewLoop renews s every RenewEvery(lease) until the test ends.
+func renewLoop(t testing.TB, s FleetStore) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(RenewEvery(s.Lease()))
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				if _, err := s.Renew(ctx, NodeState{}); err != nil && ctx.Err() == nil {
+					t.Errorf("renew %s: %v", s.NodeID(), err)
+				}
+			}
+		}
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+}
+
+// A node that stops renewing (crashed) is reaped by another node's
+// renewals within lease + 1 s: its slots and tickets are gone and its
+// slots go to the other nodes' waiters. It then finds itself lapsed, and
+// repairs by registering what it still holds.
+func TestRedisFleetReapsANodeThatStoppedRenewing(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	const lease = time.Second
+	a := newFleet(t, r, testZone, "A", withLease(lease))
+	b := newFleet(t, r, testZone, "B", withLease(lease))
+	mustRegister(t, a, NodeState{Limits: fifo(2, 0)})
+	mustRegister(t, b, NodeState{})
+	take(t, a, Ticket{ID: 1}, Admitted)
+	take(t, a, Ticket{ID: 2}, Admitted)
+	take(t, a, Ticket{ID: 3}, Queued)
+	take(t, b, Ticket{ID: 1}, Queued)
+	take(t, b, Ticket{ID: 2}, Queued)
+	if _, err := a.Renew(tctx(t), NodeState{Active: 2, Waiters: 1}); err != nil {
+		t.Fatal(err)
+	}
+	lastRenewal := time.Now() // A renews no more from here
+	renewLoop(t, b)
+	g1 := nextGrant(t, b, lease+2*time.Second)
+	g2 := nextGrant(t, b, time.Second)
+	took := time.Since(lastRenewal)
+	t.Logf("A's slots reached B's waiters %s after A's last renewal (lease %s)", took.Round(time.Millisecond), lease)
+	if took > lease+time.Second+200*time.Millisecond {
+		t.Errorf("reaped after %s, want within lease + 1 s", took)
+	}
+	if g1.ID != 1 || g2.ID != 2 {
+		t.Errorf("grants %+v %+v, want B's tickets 1 and 2", g1, g2)
+	}
+	st := status(t, b)
+	if st.Active != 2 || st.Waiting != 0 || len(st.Nodes) != 1 || st.Nodes[0].ID != "B" {
+		t.Fatalf("after reaping: %+v", st)
+	}
+	checkStore(t, r, testZone)
+	for _, k := range []string{"held:A", "tickets:A", "grants:A"} {
+		if n := r.Admin().Exists(tctx(t), "connlimit:{db}:"+k).Val(); n != 0 {
+			t.Errorf("%s left behind", k)
+		}
+	}
+
+	// A comes back: lapsed; it admits nobody new until it registers.
+	fs, err := a.Renew(tctx(t), NodeState{})
+	if err != nil || !fs.Lapsed || fs.Epoch != 0 {
+		t.Fatalf("renew after reaping: %+v, %v", fs, err)
+	}
+	_, _, err = a.Take(tctx(t), Ticket{ID: 4})
+	var fe *FleetError
+	if !errors.Is(err, ErrLapsed) || !errors.As(err, &fe) || fe.Uncertain || fe.Op != "take" {
+		t.Fatalf("take while lapsed: %v", err)
+	}
+	// It still serves its 2 connections: the fleet's count becomes the
+	// truth (4 > max 2) and nobody is admitted until it is below max.
+	mustRegister(t, a, NodeState{Held: map[string]int{"": 2}, Waiting: []Ticket{{ID: 3}}})
+	wantCounts(t, a, 4, 1)
+	give(t, b, "")
+	give(t, b, "")
+	noGrant(t, a, 100*time.Millisecond)
+	give(t, a, "")
+	if g := nextGrant(t, a, time.Second); g.ID != 3 {
+		t.Fatalf("grant: %+v", g)
+	}
+	wantCounts(t, a, 2, 0)
+	give(t, a, "")
+	give(t, a, "")
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
+// Register repairs a node's counts: its held slots replace the store's,
+// its tickets are queued anew (at the end of the line), its undelivered
+// grants are dropped (their tickets are re-queued) and grants carry the
+// epoch of the registration they were made under.
+func TestRedisFleetRegisterRepairs(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	fa := mustRegister(t, a, NodeState{Limits: fifo(3, 0)})
+	mustRegister(t, b, NodeState{})
+	take(t, a, Ticket{ID: 1}, Admitted)
+	take(t, b, Ticket{ID: 1}, Admitted)
+	take(t, b, Ticket{ID: 2}, Admitted)
+	take(t, a, Ticket{ID: 2}, Queued)
+	take(t, b, Ticket{ID: 3}, Queued)
+	take(t, a, Ticket{ID: 3}, Queued)
+	give(t, b, "") // granted to A's ticket 2, not yet delivered
+	wantCounts(t, a, 3, 2)
+
+	// A lost track (an uncertain reply): it registers what it knows. It
+	// holds 1 (its grant was not delivered: ticket 2 still waits there),
+	// and tickets 2 and 3 wait. Its old grant is dropped, its tickets go
+	// to the end of the line, behind B's ticket 3.
+	fa2 := mustRegister(t, a, NodeState{Held: map[string]int{"": 1}, Waiting: []Ticket{{ID: 2}, {ID: 3}}})
+	if fa2.Epoch <= fa.Epoch {
+		t.Fatalf("epoch %d after %d", fa2.Epoch, fa.Epoch)
+	}
+	// the slot it gave up was granted at once to B's ticket 3, now first
+	// in line
+	wantCounts(t, a, 3, 2)
+	checkStore(t, r, testZone)
+	gb := nextGrant(t, b, time.Second)
+	if gb.ID != 3 {
+		t.Fatalf("grant for B: %+v", gb)
+	}
+	give(t, b, "")
+	ga := nextGrant(t, a, time.Second)
+	if ga.ID != 2 || ga.Epoch != fa2.Epoch {
+		t.Fatalf("grant for A: %+v (epoch %d)", ga, fa2.Epoch)
+	}
+
+	// Register with more held than the store knows, and a grant
+	// delivered while the registration is on its way: its epoch is the
+	// old one, so the node drops it (its ticket was in Waiting).
+	give(t, b, "") // to A's ticket 3 (epoch fa2)
+	old := nextGrant(t, a, time.Second)
+	fa3 := mustRegister(t, a, NodeState{Held: map[string]int{"": 2}, Waiting: []Ticket{{ID: 3}}})
+	if old.Epoch == fa3.Epoch {
+		t.Fatalf("grant epoch %d is the new registration's", old.Epoch)
+	}
+	// A holds 2, B 0: one free slot, granted at once to ticket 3 again
+	g := nextGrant(t, a, time.Second)
+	if g.ID != 3 || g.Epoch != fa3.Epoch {
+		t.Fatalf("grant after register: %+v, epoch %d", g, fa3.Epoch)
+	}
+	wantCounts(t, a, 3, 0)
+	// Register with nothing: everything of A is gone
+	mustRegister(t, a, NodeState{})
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
+// SetLimits (newest wins, by the store's clock) grants what a raise frees;
+// pause stops every admission and grant of the fleet, resume grants.
+func TestRedisFleetLimitsAndPause(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	_, _, err := a.Take(tctx(t), Ticket{ID: 1})
+	if !errors.Is(err, ErrLapsed) {
+		t.Fatalf("take before register: %v", err)
+	}
+	fs := mustRegister(t, a, NodeState{})
+	if !fs.LimitsSet.IsZero() || fs.Limits.MaxConnections != 0 {
+		t.Fatalf("no limits yet: %+v", fs)
+	}
+	if _, _, err := a.Take(tctx(t), Ticket{ID: 1}); !errors.Is(err, ErrNoLimits) {
+		t.Fatalf("take without limits: %v", err)
+	}
+	mustRegister(t, b, NodeState{})
+	mustSetLimits(t, a, Limits{MaxConnections: 1, MaxWaiting: 2, WaitTimeout: 1500 * time.Millisecond, Order: LIFO})
+	fs, err = b.Renew(tctx(t), NodeState{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Limits{MaxConnections: 1, MaxWaiting: 2, WaitTimeout: 1500 * time.Millisecond, Order: LIFO}
+	if fs.Limits != want || fs.LimitsSet.IsZero() || time.Since(fs.LimitsSet).Abs() > time.Minute {
+		t.Fatalf("limits seen by B: %+v", fs)
+	}
+	set1 := fs.LimitsSet
+
+	take(t, a, Ticket{ID: 1}, Admitted)
+	take(t, b, Ticket{ID: 1}, Queued)
+	take(t, b, Ticket{ID: 2}, Queued)
+	if out, why, err := a.Take(tctx(t), Ticket{ID: 2}); err != nil || out != Rejected || why != ReasonQueueFull {
+		t.Fatalf("take with the line full: %v %v %v", out, why, err)
+	}
+	take(t, a, Ticket{ID: 3, Key: "x"}, Admitted)
+
+	// a raise grants at once
+	time.Sleep(2 * time.Millisecond)
+	mustSetLimits(t, b, fifo(3, -1))
+	g1, g2 := nextGrant(t, b, time.Second), nextGrant(t, b, time.Second)
+	if g1.ID != 1 || g2.ID != 2 {
+		t.Fatalf("grants after raise: %+v %+v", g1, g2)
+	}
+	if out, why, err := a.Take(tctx(t), Ticket{ID: 4}); err != nil || out != Rejected || why != ReasonNoWaiting {
+		t.Fatalf("take with max_waiting -1: %v %v %v", out, why, err)
+	}
+	fs, _ = a.Renew(tctx(t), NodeState{})
+	if !fs.LimitsSet.After(set1) || fs.Limits.MaxConnections != 3 {
+		t.Fatalf("limits after the second set: %+v (first set %s)", fs, set1)
+	}
+
+	// pause: nobody is admitted, not even below max
+	mustSetLimits(t, a, fifo(5, 0))
+	if err := b.SetPaused(tctx(t), true); err != nil {
+		t.Fatal(err)
+	}
+	take(t, a, Ticket{ID: 5}, Queued)
+	give(t, a, "")
+	noGrant(t, a, 100*time.Millisecond)
+	fs, _ = a.Renew(tctx(t), NodeState{})
+	if !fs.Paused {
+		t.Fatal("not paused")
+	}
+	if err := a.SetPaused(tctx(t), false); err != nil {
+		t.Fatal(err)
+	}
+	if g := nextGrant(t, a, time.Second); g.ID != 5 {
+		t.Fatalf("grant at resume: %+v", g)
+	}
+	wantCounts(t, a, 4, 0)
+	checkStore(t, r, testZone)
 }
