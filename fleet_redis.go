@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strconv"
 	"strings"
@@ -216,10 +217,17 @@ func DefaultNodeID() string {
 func (s *redisFleet) NodeID() string       { return s.node }
 func (s *redisFleet) Lease() time.Duration { return s.lease }
 
+// fail wraps an error that is certain: the store answered (an error reply,
+// a refusal, a reply that makes no sense) or was not asked.
 func (s *redisFleet) fail(op string, err error) error {
+	return &FleetError{Zone: s.zone, Op: op, Err: err}
+}
+
+// failCall wraps an error of the client: uncertain unless it is an error
+// reply, or the client was closed.
+func (s *redisFleet) failCall(op string, err error) error {
 	var rerr redis.Error
-	uncertain := !errors.As(err, &rerr) && !errors.Is(err, ErrStoreClosed) &&
-		!errors.Is(err, ErrLapsed) && !errors.Is(err, ErrNoLimits) && !errors.Is(err, redis.ErrClosed)
+	uncertain := !errors.As(err, &rerr) && !errors.Is(err, redis.ErrClosed)
 	return &FleetError{Zone: s.zone, Op: op, Err: err, Uncertain: uncertain}
 }
 
@@ -251,15 +259,21 @@ func (s *redisFleet) run(ctx context.Context, op string, sc *redis.Script, idemp
 		}
 	}
 	if err != nil {
-		return nil, s.fail(op, err)
+		return nil, s.failCall(op, err)
 	}
 	return v, nil
 }
 
+// retryable: a connection error that a second try may not meet (a pooled
+// connection that the server closed, a refused dial), not a timeout (the
+// server is slow or gone: a second try would only double the wait) nor an
+// error reply.
 func retryable(err error) bool {
 	var rerr redis.Error
+	var nerr net.Error
 	return !errors.As(err, &rerr) && !errors.Is(err, redis.ErrClosed) &&
-		!errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded)
+		!errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) &&
+		!(errors.As(err, &nerr) && nerr.Timeout())
 }
 
 func (s *redisFleet) Take(ctx context.Context, t Ticket) (Outcome, Reason, error) {
@@ -421,7 +435,7 @@ func (s *redisFleet) pump() {
 			if s.isClosed() {
 				return
 			}
-			r.err = s.fail("grant", err)
+			r.err = s.failCall("grant", err)
 			pause = min(max(2*pause, 100*time.Millisecond), time.Second)
 		case len(v) != 2:
 			r.err = s.fail("grant", fmt.Errorf("unexpected reply %q", v))

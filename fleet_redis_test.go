@@ -4,15 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	_ "net"
+	"net"
 	"sort"
 	"strings"
 	"sync"
-	_ "sync/atomic"
+	"sync/atomic"
 	"testing"
 	"time"
 
-	_ "github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9"
 )
 
 // Tests of the fleet store (fleet.go, fleet_redis.go) against a real
@@ -295,9 +295,12 @@ func grantsOf(t testing.TB, stores ...FleetStore) <-chan nodeGrant {
 				if ctx.Err() != nil {
 					return
 				}
-				if err != nil {
-					t.Errorf("grant for %s: %v", s.NodeID(), err)
+				if errors.Is(err, ErrStoreClosed) {
 					return
+				}
+				if err != nil {
+					t.Logf("grant for %s: %v", s.NodeID(), err)
+					continue
 				}
 				ch <- nodeGrant{s.NodeID(), g}
 			}
@@ -629,4 +632,541 @@ func TestRedisFleetLimitsAndPause(t *testing.T) {
 	}
 	wantCounts(t, a, 4, 0)
 	checkStore(t, r, testZone)
+}
+
+// Redis restarts empty: every node finds itself lapsed, re-registers what
+// it holds and who waits there (the first one with its limits), and the
+// fleet goes on from the truth.
+func TestRedisFleetStoreRestartsEmpty(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	l := fifo(1, 0)
+	mustRegister(t, a, NodeState{Limits: l})
+	mustRegister(t, b, NodeState{})
+	grants := grantsOf(t, b)
+	take(t, a, Ticket{ID: 1}, Admitted)
+	take(t, b, Ticket{ID: 1}, Queued)
+
+	r.Kill()
+	r.Restart()
+	var fs FleetState
+	var err error
+	for range 40 { // the client may need a moment to dial again
+		if fs, err = a.Renew(tctx(t), NodeState{}); err == nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil || !fs.Lapsed {
+		t.Fatalf("renew after restart: %+v, %v", fs, err)
+	}
+	if _, _, err := a.Take(tctx(t), Ticket{ID: 2}); !errors.Is(err, ErrLapsed) {
+		t.Fatalf("take after restart: %v", err)
+	}
+	mustRegister(t, b, NodeState{Waiting: []Ticket{{ID: 1}}})
+	fs = mustRegister(t, a, NodeState{Held: map[string]int{"": 1}, Limits: l})
+	if fs.Limits != l || fs.Active != 1 || fs.Waiting != 1 {
+		t.Fatalf("after re-registering: %+v", fs)
+	}
+	give(t, a, "")
+	if g := recvGrant(t, grants, 3*time.Second); g.t.ID != 1 {
+		t.Fatalf("grant: %+v", g)
+	}
+	give(t, b, "")
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
+// A key of the wrong type or a garbled value under the prefix gives a
+// clear error, naming the zone and the operation, and no panic; a garbled
+// list member or grant is dropped.
+func TestRedisFleetBadData(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	ctx := tctx(t)
+	adm := r.Admin()
+	base := "connlimit:{db}"
+	a := newFleet(t, r, testZone, "A")
+	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
+	take(t, a, Ticket{ID: 1}, Admitted)
+
+	check := func(what string, err error, want string) {
+		t.Helper()
+		var fe *FleetError
+		if err == nil || !errors.As(err, &fe) || fe.Uncertain || fe.Zone != testZone ||
+			!strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), `zone "db"`) {
+			t.Errorf("%s: got %v, want a FleetError with %q", what, err, want)
+		}
+	}
+	// wrong types
+	adm.Set(ctx, base+":active", "x", 0)
+	_, _, err := a.Take(ctx, Ticket{ID: 2})
+	check("take, active a string", err, "WRONGTYPE")
+	check("give, active a string", a.Give(ctx, ""), "WRONGTYPE")
+	adm.Del(ctx, base+":active")
+	adm.HSet(ctx, base+":active", "", 1)
+	adm.Set(ctx, base+":cfg", "x", 0)
+	_, err = a.Renew(ctx, NodeState{})
+	check("renew, cfg a string", err, "WRONGTYPE")
+	_, err = a.Status(ctx)
+	check("status, cfg a string", err, "WRONGTYPE")
+	adm.Del(ctx, base+":cfg")
+	adm.Del(ctx, base+":nodes")
+	adm.LPush(ctx, base+":nodes", "A")
+	_, _, err = a.Take(ctx, Ticket{ID: 2})
+	check("take, nodes a list", err, "WRONGTYPE")
+	_, err = a.Register(ctx, NodeState{})
+	check("register, nodes a list", err, "WRONGTYPE")
+	adm.Del(ctx, base+":nodes")
+
+	// garbled values
+	mustRegister(t, a, NodeState{Held: map[string]int{"": 1}, Limits: fifo(1, 0)})
+	for _, tc := range []struct{ field, value, want string }{
+		{"max", "many", "garbled value in cfg.max"},
+		{"max", "0", "garbled value in cfg.max"},
+		{"order", "random", "garbled value in cfg.order"},
+		{"paused", "yes", "garbled value in cfg.paused"},
+		{"wait_ms", "1.5", "garbled value in cfg.wait_ms"},
+	} {
+		old := adm.HGet(ctx, base+":cfg", tc.field).Val()
+		adm.HSet(ctx, base+":cfg", tc.field, tc.value)
+		_, _, err := a.Take(ctx, Ticket{ID: 2})
+		check("take, cfg."+tc.field+" "+tc.value, err, tc.want)
+		_, err = a.Renew(ctx, NodeState{})
+		check("renew, cfg."+tc.field+" "+tc.value, err, tc.want)
+		if old == "" {
+			adm.HDel(ctx, base+":cfg", tc.field)
+		} else {
+			adm.HSet(ctx, base+":cfg", tc.field, old)
+		}
+	}
+	adm.HSet(ctx, base+":held:A", "", "one")
+	check("give, held garbled", a.Give(ctx, ""), "garbled value in held:A")
+	adm.HSet(ctx, base+":held:A", "", 1)
+	adm.HSet(ctx, base+":waiting", "", "\x00\xff")
+	_, _, err = a.Take(ctx, Ticket{ID: 2})
+	check("take, waiting garbled", err, "garbled value in waiting")
+	// Register repairs a garbled count of its own keys
+	mustRegister(t, a, NodeState{Held: map[string]int{"": 1}})
+	adm.HDel(ctx, base+":waiting", "")
+	adm.HDel(ctx, base+":tot", "w")
+
+	// a garbled member of a waiting list is dropped at its turn
+	take(t, a, Ticket{ID: 3}, Queued)
+	adm.ZAdd(ctx, base+":q:0:", redis.Z{Score: 0, Member: "not a ticket"})
+	adm.HIncrBy(ctx, base+":waiting", "", 1)
+	adm.HIncrBy(ctx, base+":tot", "w", 1)
+	give(t, a, "")
+	if g := nextGrant(t, a, time.Second); g.ID != 3 {
+		t.Fatalf("grant after a garbled member: %+v", g)
+	}
+	// a garbled grant is an error of NextGrant, and the next one comes
+	adm.RPush(ctx, base+":grants:A", "garbage")
+	_, err = a.NextGrant(ctx)
+	check("grant garbled", err, "garbled grant")
+	give(t, a, "")
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
+// Zone names and prefixes that would move the hash tag are refused.
+func TestRedisFleetNames(t *testing.T) {
+	for _, tc := range []struct{ prefix, zone string }{
+		{"", ""}, {"", "a{b"}, {"", "a}"}, {"x{}", "db"}, {"{", "db"},
+	} {
+		if _, err := NewRedisFleet(RedisOptions{Address: "127.0.0.1:1", KeyPrefix: tc.prefix}, tc.zone, "n"); err == nil {
+			t.Errorf("prefix %q zone %q: no error", tc.prefix, tc.zone)
+		}
+	}
+	if _, err := NewRedisFleet(RedisOptions{Address: "127.0.0.1:1", Lease: 999 * time.Millisecond}, "db", "n"); err == nil {
+		t.Error("lease below 1s: no error")
+	}
+	s, err := NewRedisFleet(RedisOptions{Address: "127.0.0.1:1"}, "db", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if s.NodeID() == "" || s.Lease() != DefaultLease {
+		t.Errorf("defaults: node %q lease %s", s.NodeID(), s.Lease())
+	}
+}
+
+// Password (requirepass, and an ACL user) and TLS.
+func TestRedisFleetAuthAndTLS(t *testing.T) {
+	roundTrip := func(t *testing.T, s FleetStore) {
+		t.Helper()
+		mustRegister(t, s, NodeState{Limits: fifo(1, 0)})
+		take(t, s, Ticket{ID: 1}, Admitted)
+		give(t, s, "")
+	}
+	t.Run("password", func(t *testing.T) {
+		r := startRedis(t, redisConfig{Password: "pa ss{word}", User: "alice", UserPassword: "secret"})
+		roundTrip(t, newFleet(t, r, testZone, "A"))
+		roundTrip(t, newFleet(t, r, testZone, "B", func(o *RedisOptions) { o.Username, o.Password = "alice", "secret" }))
+		bad := newFleet(t, r, testZone, "C", func(o *RedisOptions) { o.Password = "wrong" })
+		_, err := bad.Register(tctx(t), NodeState{})
+		var fe *FleetError
+		if !errors.As(err, &fe) || !strings.Contains(err.Error(), "WRONGPASS") {
+			t.Fatalf("wrong password: %v", err)
+		}
+		none := newFleet(t, r, testZone, "D", func(o *RedisOptions) { o.Password = "" })
+		if _, err := none.Renew(tctx(t), NodeState{}); err == nil || !strings.Contains(err.Error(), "NOAUTH") {
+			t.Fatalf("no password: %v", err)
+		}
+	})
+	t.Run("tls", func(t *testing.T) {
+		r := startRedis(t, redisConfig{TLS: true})
+		roundTrip(t, newFleet(t, r, testZone, "A"))
+		start := time.Now()
+		plain := newFleet(t, r, testZone, "B", func(o *RedisOptions) { o.TLS = nil })
+		if _, err := plain.Renew(tctx(t), NodeState{}); err == nil {
+			t.Fatal("plain text to a TLS port: no error")
+		}
+		if d := time.Since(start); d > 3*time.Second {
+			t.Errorf("plain text to a TLS port: error after %s", d)
+		}
+	})
+}
+
+// Redis down, or hanging: every call returns an error within about the
+// timeout (never hangs), NextGrant too; the store can be made while Redis
+// is down; once it is back, the node finds itself lapsed and registers.
+func TestRedisFleetStoreDown(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
+	take(t, a, Ticket{ID: 1}, Admitted)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	grantErr := make(chan error, 1)
+	go func() {
+		_, err := a.NextGrant(ctx)
+		grantErr <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // its BLPOP is armed
+	r.Kill()
+
+	calls := map[string]func(s FleetStore) error{
+		"take":     func(s FleetStore) error { _, _, err := s.Take(tctx(t), Ticket{ID: 9}); return err },
+		"give":     func(s FleetStore) error { return s.Give(tctx(t), "") },
+		"leave":    func(s FleetStore) error { _, err := s.Leave(tctx(t), Ticket{ID: 9}); return err },
+		"renew":    func(s FleetStore) error { _, err := s.Renew(tctx(t), NodeState{}); return err },
+		"register": func(s FleetStore) error { _, err := s.Register(tctx(t), NodeState{}); return err },
+		"limits":   func(s FleetStore) error { return s.SetLimits(tctx(t), fifo(2, 0)) },
+		"pause":    func(s FleetStore) error { return s.SetPaused(tctx(t), true) },
+		"status":   func(s FleetStore) error { _, err := s.Status(tctx(t)); return err },
+	}
+	late := newFleet(t, r, testZone, "B") // made while Redis is down
+	for _, s := range []FleetStore{a, late} {
+		for name, call := range calls {
+			start := time.Now()
+			err := call(s)
+			var fe *FleetError
+			if err == nil || !errors.As(err, &fe) || !fe.Uncertain {
+				t.Errorf("%s %s with Redis down: %v", s.NodeID(), name, err)
+			}
+			if d := time.Since(start); d > 1500*time.Millisecond {
+				t.Errorf("%s %s with Redis down took %s", s.NodeID(), name, d)
+			}
+		}
+	}
+	select {
+	case err := <-grantErr:
+		if err == nil {
+			t.Error("NextGrant with Redis down: no error")
+		}
+	case <-time.After(2 * time.Second):
+		t.Error("NextGrant with Redis down: no error within 2 s")
+	}
+
+	r.Restart()
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		fs, err := a.Renew(tctx(t), NodeState{})
+		if err == nil {
+			if !fs.Lapsed {
+				t.Fatalf("renew after an empty restart: %+v", fs)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("store still unreachable 3 s after restart: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	mustRegister(t, a, NodeState{Held: map[string]int{"": 1}, Limits: fifo(1, 0)})
+	wantCounts(t, a, 1, 0)
+
+	t.Run("hanging", func(t *testing.T) {
+		// a server that accepts and never answers
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var mu sync.Mutex
+		var conns []net.Conn
+		accepted := make(chan struct{})
+		go func() {
+			defer close(accepted)
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				conns = append(conns, c)
+				mu.Unlock()
+			}
+		}()
+		defer func() {
+			l.Close()
+			<-accepted
+			mu.Lock()
+			defer mu.Unlock()
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+		s, err := NewRedisFleet(RedisOptions{Address: l.Addr().String()}, testZone, "H")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		for _, name := range []string{"take", "renew"} {
+			start := time.Now()
+			err := calls[name](s)
+			d := time.Since(start)
+			var fe *FleetError
+			if !errors.As(err, &fe) || !fe.Uncertain || d > 1500*time.Millisecond {
+				t.Errorf("%s against a hanging server: %v after %s", name, err, d)
+			}
+			t.Logf("%s against a hanging server: error after %s", name, d.Round(time.Millisecond))
+		}
+	})
+}
+
+// An idle node costs only its renewals and a BLPOP re-armed once a lease,
+// whatever the number of waiters: 20 queued tickets idle for 3 s cost no
+// more commands than none.
+func TestRedisFleetIdleCommandCost(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	idle := func(zone string, waiters int) map[string]int64 {
+		a := newFleet(t, r, zone, "A")
+		b := newFleet(t, r, zone, "B")
+		mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
+		mustRegister(t, b, NodeState{})
+		take(t, a, Ticket{ID: 1}, Admitted)
+		for i := range waiters {
+			take(t, []FleetStore{a, b}[i%2], Ticket{ID: uint64(10 + i)}, Queued)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		for _, s := range []FleetStore{a, b} {
+			wg.Add(2)
+			go func() { // the caller's grant loop
+				defer wg.Done()
+				for ctx.Err() == nil {
+					_, _ = s.NextGrant(ctx)
+				}
+			}()
+			go func() { // the caller's renewal loop
+				defer wg.Done()
+				tick := time.NewTicker(RenewEvery(s.Lease()))
+				defer tick.Stop()
+				for {
+					select {
+					case <-ctx.Done():
+						return
+					case <-tick.C:
+						_, _ = s.Renew(ctx, NodeState{Active: 1, Waiters: waiters / 2})
+					}
+				}
+			}()
+		}
+		// warm up: the BLPOPs armed, the renewals' connections made and
+		// their script loaded
+		time.Sleep(RenewEvery(a.Lease()) + 200*time.Millisecond)
+		r.ResetStats()
+		time.Sleep(3 * time.Second)
+		stats := r.CommandStats()
+		cancel()
+		wg.Wait()
+		_ = a.Close()
+		_ = b.Close()
+		return stats
+	}
+	none := idle("idle-none", 0)
+	twenty := idle("idle-twenty", 20)
+	// what the clients sent: the commands that scripts run are counted
+	// too, by name, and told apart by the fleet's own scripts' use
+	sent := map[string]bool{"evalsha": true, "eval": true, "blpop": true, "hello": true,
+		"auth": true, "select": true, "ping": true, "script|load": true}
+	total := func(m map[string]int64) (n int64) {
+		for c, v := range m {
+			if sent[c] {
+				n += v
+			}
+		}
+		return n
+	}
+	t.Logf("2 nodes idle 3 s (lease 2 s, renewal every %s): no waiters %v; 20 waiters %v",
+		RenewEvery(2*time.Second), none, twenty)
+	// one renewal a node per RenewEvery, one BLPOP re-armed per lease; a
+	// tick more or less where the 3 s window cuts them
+	if total(twenty) > total(none)+2 {
+		t.Errorf("20 waiters cost %d commands in 3 s, none %d", total(twenty), total(none))
+	}
+	if max := int64(2*(3*time.Second/RenewEvery(2*time.Second)+1) + 2*2 + 2); total(twenty) > max {
+		t.Errorf("20 waiters cost %d commands in 3 s, want at most %d", total(twenty), max)
+	}
+	for cmd, n := range twenty {
+		if sent[cmd] && cmd != "evalsha" && cmd != "blpop" {
+			t.Errorf("an idle node sent %s %d times", cmd, n)
+		}
+	}
+}
+
+// Many nodes' connections taking, waiting, leaving and giving at once:
+// the fleet never holds more than max, and everything is given back.
+func TestRedisFleetConcurrent(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	const max = 3
+	var nodes []FleetStore
+	for _, id := range []string{"A", "B", "C"} {
+		s := newFleet(t, r, testZone, id)
+		mustRegister(t, s, NodeState{Limits: fifo(max, 0)})
+		nodes = append(nodes, s)
+	}
+	var overMax atomic.Bool
+	var queued, left atomic.Int64
+	var held [2]atomic.Int64 // by key, as the nodes see it
+	keys := []string{"", "k"}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var wg, all sync.WaitGroup
+	for n, s := range nodes {
+		var mu sync.Mutex
+		waiting := map[uint64]chan Ticket{}
+		wg.Add(1)
+		go func() { // grant loop: hand each grant to its waiter, or give it back
+			defer wg.Done()
+			for {
+				g, err := s.NextGrant(ctx)
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				ch := waiting[g.ID]
+				delete(waiting, g.ID)
+				mu.Unlock()
+				if ch != nil {
+					ch <- g
+				} else if err := s.Give(context.Background(), g.Key); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+		var conns sync.WaitGroup
+		for c := range 4 {
+			conns.Add(1)
+			go func() {
+				defer conns.Done()
+				for i := range 15 {
+					id := uint64(c*1000 + i + 1)
+					ki := (c + i) % 2
+					key := keys[ki]
+					ch := make(chan Ticket, 1)
+					mu.Lock()
+					waiting[id] = ch
+					mu.Unlock()
+					out, _, err := s.Take(context.Background(), Ticket{ID: id, Key: key, Priority: i % 3})
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					if out == Queued {
+						queued.Add(1)
+						select {
+						case <-ch:
+						case <-time.After(time.Duration(n+1) * 5 * time.Millisecond):
+							ok, err := s.Leave(context.Background(), Ticket{ID: id, Key: key, Priority: i % 3})
+							if err != nil {
+								t.Error(err)
+								return
+							}
+							if ok {
+								left.Add(1)
+								mu.Lock()
+								delete(waiting, id)
+								mu.Unlock()
+								continue
+							}
+							<-ch // granted meanwhile: it comes
+						}
+					} else {
+						mu.Lock()
+						delete(waiting, id)
+						mu.Unlock()
+					}
+					if held[ki].Add(1) > max {
+						overMax.Store(true)
+					}
+					time.Sleep(time.Millisecond)
+					held[ki].Add(-1)
+					if err := s.Give(context.Background(), key); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}()
+		}
+		all.Add(1)
+		go func() { defer all.Done(); conns.Wait() }()
+	}
+	finished := make(chan struct{})
+	go func() { all.Wait(); close(finished) }()
+	select {
+	case <-finished:
+	case <-time.After(60 * time.Second):
+		t.Fatal("connections not done within 60 s")
+	}
+	wantCounts(t, nodes[0], 0, 0)
+	cancel()
+	wg.Wait()
+	if overMax.Load() {
+		t.Error("more than max held at once")
+	}
+	t.Logf("180 connections on 3 nodes: %d waited, %d of them left", queued.Load(), left.Load())
+	if queued.Load() == 0 {
+		t.Error("nobody waited")
+	}
+	checkStore(t, r, testZone)
+}
+
+// Take and give of a connection admitted at once: two round trips, one
+// after the other (serial), or from many connections at once (parallel).
+func BenchmarkRedisFleetTakeGive(b *testing.B) {
+	r := startRedis(b, redisConfig{})
+	s := newFleet(b, r, testZone, "A")
+	mustRegister(b, s, NodeState{Limits: fifo(1<<30, 0)})
+	ctx := context.Background()
+	var ids atomic.Uint64
+	loop := func(b *testing.B, next func() bool) {
+		for next() {
+			out, _, err := s.Take(ctx, Ticket{ID: ids.Add(1)})
+			if err != nil || out != Admitted {
+				b.Errorf("take: %v %v", out, err)
+				return
+			}
+			if err := s.Give(ctx, ""); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	}
+	b.Run("serial", func(b *testing.B) { loop(b, b.Loop) })
+	b.Run("parallel", func(b *testing.B) {
+		b.SetParallelism(8)
+		b.RunParallel(func(pb *testing.PB) { loop(b, pb.Next) })
+	})
 }

@@ -40,7 +40,7 @@ type redisConfig struct {
 }
 
 type redisServer struct {
-	t    *testing.T
+	t    testing.TB
 	cfg  redisConfig
 	port int
 	dir  string
@@ -70,7 +70,7 @@ func redisServerPath(t testing.TB) string {
 }
 
 // startRedis starts a redis-server for t, stopped at t's cleanup.
-func startRedis(t *testing.T, cfg redisConfig) *redisServer {
+func startRedis(t testing.TB, cfg redisConfig) *redisServer {
 	t.Helper()
 	redisServerPath(t)
 	r := &redisServer{t: t, cfg: cfg, dir: t.TempDir()}
