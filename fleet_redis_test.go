@@ -1149,6 +1149,7 @@ func BenchmarkRedisFleetTakeGive(b *testing.B) {
 	r := startRedis(b, redisConfig{})
 	s := newFleet(b, r, testZone, "A")
 	mustRegister(b, s, NodeState{Limits: fifo(1<<30, 0)})
+	renewLoop(b, s)
 	ctx := context.Background()
 	var ids atomic.Uint64
 	loop := func(b *testing.B, next func() bool) {
