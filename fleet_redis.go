@@ -32,8 +32,9 @@ import (
 // routes it by that key's slot) and derives the others from it, per node
 // and per key value, which it cannot know beforehand; they are in the same
 // slot by their hash tag. Zone names and the prefix may not contain '{' or
-// '}', which would move the tag. A Cluster client is not wired in yet: a
-// standalone client works against one shard.
+// '}', which would move the tag. With RedisOptions.Cluster the client is a
+// Cluster client that routes each script (and the BLPOP of a node's
+// grants) to the shard of the zone's slot.
 
 //go:embed fleet_redis/*.lua
 var fleetRedisLua embed.FS
@@ -71,6 +72,9 @@ type RedisOptions struct {
 	DB int
 	// TLS, if not nil, is used for the connection.
 	TLS *tls.Config
+	// Cluster: Address is a node of a Redis Cluster, from which the
+	// client learns the others; DB must be 0.
+	Cluster bool
 	// KeyPrefix starts every key; default "connlimit". It may not contain
 	// '{' or '}'.
 	KeyPrefix string
@@ -116,7 +120,7 @@ type redisFleet struct {
 	kGrants    string
 	lease      time.Duration
 	retryPause time.Duration
-	c          *redis.Client
+	c          redis.UniversalClient
 
 	pumpOnce  sync.Once
 	grants    chan grantResult
@@ -153,8 +157,8 @@ func NewRedisFleet(opts RedisOptions, zone, nodeID string) (FleetStore, error) {
 	if opts.Lease < MinLease {
 		return nil, fmt.Errorf("connlimit: fleet store: lease must be at least %s, got %s", MinLease, opts.Lease)
 	}
-	if opts.DB < 0 {
-		return nil, fmt.Errorf("connlimit: fleet store: db must not be negative, got %d", opts.DB)
+	if opts.DB < 0 || (opts.Cluster && opts.DB != 0) {
+		return nil, fmt.Errorf("connlimit: fleet store: db must be 0 with a Cluster, and never negative, got %d", opts.DB)
 	}
 	if opts.timeout <= 0 {
 		opts.timeout = time.Second
@@ -166,28 +170,53 @@ func NewRedisFleet(opts RedisOptions, zone, nodeID string) (FleetStore, error) {
 		nodeID = DefaultNodeID()
 	}
 	base := opts.KeyPrefix + ":{" + zone + "}"
-	c := redis.NewClient(&redis.Options{
-		Addr:      opts.Address,
-		Username:  opts.Username,
-		Password:  opts.Password,
-		DB:        opts.DB,
-		TLSConfig: opts.TLS,
-		// RESP2, no CLIENT SETINFO, no maintenance notifications: a
-		// connection costs AUTH/SELECT at most, and any Redis >= 5 (or
-		// Valkey, KeyDB) serves it.
-		Protocol:                 2,
-		DisableIdentity:          true,
-		MaintNotificationsConfig: &maintnotifications.Config{Mode: maintnotifications.ModeDisabled},
-		// Take, Give and Leave must not run twice: no automatic retry;
-		// the idempotent operations retry once themselves.
-		MaxRetries:            -1,
-		DialTimeout:           opts.timeout,
-		DialerRetries:         1,
-		ReadTimeout:           opts.timeout,
-		WriteTimeout:          opts.timeout,
-		PoolTimeout:           opts.timeout,
-		ContextTimeoutEnabled: true,
-	})
+	// RESP2, no CLIENT SETINFO, no maintenance notifications: a
+	// connection costs AUTH/SELECT at most, and any Redis >= 5 (or
+	// Valkey, KeyDB) serves it. Take, Give and Leave must not run twice:
+	// no automatic retry (nor redirect: a Cluster client would resend on
+	// a connection error while following one); run retries itself where
+	// that is safe.
+	noMaint := &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
+	var c redis.UniversalClient
+	if opts.Cluster {
+		c = redis.NewClusterClient(&redis.ClusterOptions{
+			Addrs:     []string{opts.Address},
+			Username:  opts.Username,
+			Password:  opts.Password,
+			TLSConfig: opts.TLS,
+
+			Protocol:                 2,
+			DisableIdentity:          true,
+			MaintNotificationsConfig: noMaint,
+			MaxRetries:               -1,
+			MaxRedirects:             -1,
+			DialTimeout:              opts.timeout,
+			DialerRetries:            1,
+			ReadTimeout:              opts.timeout,
+			WriteTimeout:             opts.timeout,
+			PoolTimeout:              opts.timeout,
+			ContextTimeoutEnabled:    true,
+		})
+	} else {
+		c = redis.NewClient(&redis.Options{
+			Addr:      opts.Address,
+			Username:  opts.Username,
+			Password:  opts.Password,
+			DB:        opts.DB,
+			TLSConfig: opts.TLS,
+
+			Protocol:                 2,
+			DisableIdentity:          true,
+			MaintNotificationsConfig: noMaint,
+			MaxRetries:               -1,
+			DialTimeout:              opts.timeout,
+			DialerRetries:            1,
+			ReadTimeout:              opts.timeout,
+			WriteTimeout:             opts.timeout,
+			PoolTimeout:              opts.timeout,
+			ContextTimeoutEnabled:    true,
+		})
+	}
 	return &redisFleet{
 		zone:       zone,
 		node:       nodeID,
@@ -240,14 +269,15 @@ func (s *redisFleet) isClosed() bool {
 	}
 }
 
-// run runs one script; an idempotent one is tried once more after a
-// connection error (never after an error reply).
+// run runs one script. It is tried once more after a Cluster's redirect
+// or refusal (it did not run), and an idempotent one also after a
+// connection error.
 func (s *redisFleet) run(ctx context.Context, op string, sc *redis.Script, idempotent bool, args ...any) (any, error) {
 	if s.isClosed() {
 		return nil, s.fail(op, ErrStoreClosed)
 	}
 	v, err := sc.Run(ctx, s.c, s.keys, args...).Result()
-	if err != nil && idempotent && retryable(err) && ctx.Err() == nil {
+	if err != nil && (notRun(err) || idempotent && retryable(err)) && ctx.Err() == nil {
 		t := time.NewTimer(s.retryPause)
 		select {
 		case <-t.C:
@@ -262,6 +292,17 @@ func (s *redisFleet) run(ctx context.Context, op string, sc *redis.Script, idemp
 		return nil, s.failCall(op, err)
 	}
 	return v, nil
+}
+
+// notRun: a Cluster's reply that the script did not run there (the slot
+// moved, is moving, or the cluster is down).
+func notRun(err error) bool {
+	for _, p := range []string{"MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN"} {
+		if redis.HasErrorPrefix(err, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // retryable: a connection error that a second try may not meet (a pooled

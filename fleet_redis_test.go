@@ -1171,3 +1171,46 @@ func BenchmarkRedisFleetTakeGive(b *testing.B) {
 		b.RunParallel(func(pb *testing.PB) { loop(b, pb.Next) })
 	})
 }
+
+// In a Redis Cluster (of one node serving every slot), through a Cluster
+// client: every key of a zone is in the slot of its base key.
+func TestRedisFleetCluster(t *testing.T) {
+	r := startRedis(t, redisConfig{Cluster: true})
+	cluster := func(o *RedisOptions) { o.Cluster = true }
+	a := newFleet(t, r, testZone, "A", cluster)
+	b := newFleet(t, r, testZone, "B", cluster)
+	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
+	mustRegister(t, b, NodeState{})
+	take(t, a, Ticket{ID: 1, Key: "k{1}"}, Admitted)
+	take(t, b, Ticket{ID: 1, Key: "k{1}", Priority: 3}, Queued)
+	take(t, a, Ticket{ID: 2, Key: "k{1}"}, Queued)
+	checkStore(t, r, testZone)
+	ctx := tctx(t)
+	keys, err := r.Admin().Keys(ctx, "connlimit:*").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	slot := r.Admin().ClusterKeySlot(ctx, "connlimit:{db}").Val()
+	for _, k := range keys {
+		if s := r.Admin().ClusterKeySlot(ctx, k).Val(); s != slot {
+			t.Errorf("key %q in slot %d, the zone's is %d", k, s, slot)
+		}
+	}
+	if len(keys) < 10 {
+		t.Errorf("only %d keys: %q", len(keys), keys)
+	}
+	give(t, a, "k{1}")
+	if g := nextGrant(t, b, 2*time.Second); g.ID != 1 || g.Key != "k{1}" {
+		t.Fatalf("grant: %+v", g)
+	}
+	left, err := a.Leave(tctx(t), Ticket{ID: 2, Key: "k{1}"})
+	if err != nil || !left {
+		t.Fatalf("leave: %v %v", left, err)
+	}
+	give(t, b, "k{1}")
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+	if _, err := NewRedisFleet(RedisOptions{Address: r.Addr(), Cluster: true, DB: 1}, testZone, "C"); err == nil {
+		t.Error("db 1 with a Cluster: no error")
+	}
+}

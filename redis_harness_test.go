@@ -37,6 +37,9 @@ type redisConfig struct {
 	// TLS: the server listens with TLS only, with a certificate for
 	// 127.0.0.1 and localhost from a CA made for the test.
 	TLS bool
+	// Cluster: the server is a Redis Cluster of one node, which serves
+	// every slot.
+	Cluster bool
 }
 
 type redisServer struct {
@@ -117,6 +120,10 @@ func (r *redisServer) args() []string {
 	if r.cfg.Password != "" {
 		a = append(a, "--requirepass", r.cfg.Password)
 	}
+	if r.cfg.Cluster {
+		a = append(a, "--cluster-enabled", "yes",
+			"--cluster-config-file", filepath.Join(r.dir, fmt.Sprintf("nodes-%d.conf", r.port)))
+	}
 	if r.cfg.User != "" {
 		a = append(a, "--user", r.cfg.User, "on", ">"+r.cfg.UserPassword, "~*", "&*", "+@all")
 	}
@@ -154,6 +161,9 @@ func (r *redisServer) start() error {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		err := r.admin.Ping(ctx).Err()
+		if err == nil && r.cfg.Cluster {
+			err = r.clusterUp(ctx)
+		}
 		cancel()
 		if err == nil {
 			return nil
@@ -165,6 +175,24 @@ func (r *redisServer) start() error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// clusterUp gives the one node every slot (unless it has them) and says
+// whether the cluster is up.
+func (r *redisServer) clusterUp(ctx context.Context) error {
+	info, err := r.admin.ClusterInfo(ctx).Result()
+	if err != nil {
+		return err
+	}
+	if strings.Contains(info, "cluster_slots_assigned:0") {
+		if err := r.admin.Do(ctx, "CLUSTER", "ADDSLOTSRANGE", 0, 16383).Err(); err != nil {
+			return err
+		}
+	}
+	if !strings.Contains(info, "cluster_state:ok") {
+		return fmt.Errorf("cluster not up yet")
+	}
+	return nil
 }
 
 func tail(s string, n int) string {

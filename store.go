@@ -98,6 +98,7 @@ func (p UnreachablePolicy) Admits(maxConnections, nodesSeen int) int {
 //		username <name>
 //		password <password>
 //		db <n>
+//		cluster
 //		tls
 //		tls_ca_file <file>
 //		tls_server_name <name>
@@ -124,6 +125,11 @@ type RedisStore struct {
 
 	// The database number. Default 0.
 	DB int `json:"db,omitempty"`
+
+	// address is a node of a Redis Cluster: the client learns the other
+	// nodes from it and sends each zone's commands to the shard of its
+	// slot. db must then be 0.
+	Cluster bool `json:"cluster,omitempty"`
 
 	// Connect with TLS (to a Redis with tls-port), verifying the server's
 	// certificate against the system's roots, or tls_ca_file.
@@ -231,6 +237,9 @@ func (s *RedisStore) provision(repl *caddy.Replacer) error {
 	if s.DB < 0 {
 		return fail("db must not be negative, got %d", s.DB)
 	}
+	if s.Cluster && s.DB != 0 {
+		return fail("db must be 0 with cluster, got %d", s.DB)
+	}
 	s.tlsConfig, s.caFile = nil, ""
 	if !s.TLS && (s.TLSCAFile != "" || s.TLSServerName != "") {
 		return fail("tls_ca_file and tls_server_name need tls")
@@ -291,6 +300,7 @@ func (s *RedisStore) Open(zone, nodeID string) (FleetStore, error) {
 		Username:  s.username,
 		Password:  s.password,
 		DB:        s.DB,
+		Cluster:   s.Cluster,
 		TLS:       s.tlsConfig,
 		KeyPrefix: s.KeyPrefix,
 		Lease:     s.lease,
@@ -318,6 +328,8 @@ func (s *RedisStore) Differs(other StoreModule) string {
 		return "password"
 	case s.DB != o.DB:
 		return "db"
+	case s.Cluster != o.Cluster:
+		return "cluster"
 	case s.TLS != o.TLS:
 		return "tls"
 	case s.caFile != o.caFile:
@@ -401,6 +413,9 @@ func (s *RedisStore) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		case "tls":
 			err = want(0)
 			s.TLS = true
+		case "cluster":
+			err = want(0)
+			s.Cluster = true
 		case "lease":
 			if err := want(1); err != nil {
 				return err

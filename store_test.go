@@ -43,7 +43,8 @@ func TestStoreCaddyfile(t *testing.T) {
 		address 127.0.0.1:6379
 		username u
 		password {env.CONNLIMIT_REDIS_PASSWORD}
-		db 2
+		db 0
+		cluster
 		tls
 		tls_ca_file /etc/ca.pem
 		tls_server_name redis.internal
@@ -64,7 +65,7 @@ func TestStoreCaddyfile(t *testing.T) {
 	}
 	want := map[string]any{
 		"backend": "redis", "address": "127.0.0.1:6379", "username": "u",
-		"password": "{env.CONNLIMIT_REDIS_PASSWORD}", "db": 2.0, "tls": true,
+		"password": "{env.CONNLIMIT_REDIS_PASSWORD}", "cluster": true, "tls": true,
 		"tls_ca_file": "/etc/ca.pem", "tls_server_name": "redis.internal",
 		"key_prefix": "fleet1", "lease": float64(3 * time.Second),
 		"on_unreachable": "local_share", "local_share": 20.0,
@@ -96,6 +97,7 @@ func TestStoreCaddyfileErrors(t *testing.T) {
 		"store redis {\n address a:1 b:1\n}":               "'address' needs one value",
 		"store redis {\n db x\n}":                          "'db': 'x' is not an integer",
 		"store redis {\n db -1\n}":                         "'db' must not be negative",
+		"store redis {\n cluster 1\n}":                     "'cluster' takes no value",
 		"store redis {\n tls yes\n}":                       "'tls' takes no value",
 		"store redis {\n lease soon\n}":                    "option 'lease'",
 		"store redis {\n lease 500ms\n}":                   "'lease' must be at least 1s",
@@ -158,6 +160,7 @@ func TestStoreProvision(t *testing.T) {
 		`{"address": "localhost:0"}`:                                       "address must be host:port",
 		`{"address": "r:1", "password": "{env.CONNLIMIT_TEST_UNSET}"}`:     "password",
 		`{"address": "r:1", "username": "u"}`:                              "username needs a password",
+		`{"address": "r:1", "db": 1, "cluster": true}`:                     "db must be 0 with cluster",
 		`{"address": "r:1", "db": -1}`:                                     "db must not be negative",
 		`{"address": "r:1", "tls_ca_file": "/x"}`:                          "tls_ca_file and tls_server_name need tls",
 		`{"address": "r:1", "tls": true, "tls_ca_file": "/nonexistent"}`:   "tls_ca_file",
@@ -209,6 +212,7 @@ func TestStoreDiffers(t *testing.T) {
 		`{` + base + `, "on_unreachable": "refuse"}`: "on_unreachable",
 		`{` + base + `, "local_share": 3}`:           "local_share",
 		`{` + base + `, "tls": true}`:                "tls",
+		`{` + base + `, "cluster": true}`:            "cluster",
 	} {
 		b, err := provisioned(t, js)
 		if err != nil {
