@@ -469,6 +469,11 @@ func TestRedisFleetReapsANodeThatStoppedRenewing(t *testing.T) {
 			t.Errorf("%s left behind", k)
 		}
 	}
+	for _, h := range []string{"info", "epochs"} {
+		if r.Admin().HExists(tctx(t), "connlimit:{db}:"+h, "A").Val() {
+			t.Errorf("A left behind in %s", h)
+		}
+	}
 
 	// A comes back: lapsed; it admits nobody new until it registers.
 	fs, err := a.Renew(tctx(t), NodeState{})
@@ -1212,5 +1217,44 @@ func TestRedisFleetCluster(t *testing.T) {
 	checkStore(t, r, testZone)
 	if _, err := NewRedisFleet(RedisOptions{Address: r.Addr(), Cluster: true, DB: 1}, testZone, "C"); err == nil {
 		t.Error("db 1 with a Cluster: no error")
+	}
+}
+
+// Round trips per connection: 2 for one admitted at once (take, give), 3
+// for one that waited (take, its grant's BLPOP, give).
+func TestRedisFleetRoundTrips(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
+	mustRegister(t, b, NodeState{})
+	// load the scripts
+	take(t, a, Ticket{ID: 1}, Admitted)
+	take(t, b, Ticket{ID: 1}, Queued)
+	_, _ = b.Leave(tctx(t), Ticket{ID: 1})
+	give(t, a, "")
+	grants := grantsOf(t, b)
+	time.Sleep(50 * time.Millisecond) // B's BLPOP is armed
+
+	r.ResetStats()
+	take(t, a, Ticket{ID: 2}, Admitted)
+	give(t, a, "")
+	if got := r.CommandStats()["evalsha"]; got != 2 {
+		t.Errorf("admitted at once: %d scripts, want 2", got)
+	}
+
+	take(t, a, Ticket{ID: 3}, Admitted) // the holder
+	r.ResetStats()
+	take(t, b, Ticket{ID: 2}, Queued)
+	give(t, a, "") // the holder's own give
+	recvGrant(t, grants, time.Second)
+	give(t, b, "")
+	time.Sleep(50 * time.Millisecond) // the BLPOP re-armed
+	st := r.CommandStats()
+	// B: take, give (evalsha) and the BLPOP that delivered its grant; the
+	// holder's give is the holder's own. BLPOP: counted when served, the
+	// re-armed one not yet.
+	if st["evalsha"] != 3 || st["blpop"] != 1 {
+		t.Errorf("one that waited: %v, want 3 evalsha (2 of its own) and 1 blpop", st)
 	}
 }

@@ -207,6 +207,7 @@ local function reap(node)
 	redis.call('DEL', k_grants(node))
 	redis.call('ZREM', K_NODES, node)
 	redis.call('HDEL', K_INFO, node)
+	redis.call('HDEL', K_EPOCHS, node)
 	return keys
 end
 
