@@ -119,6 +119,7 @@ type redisFleet struct {
 	keys       []string // {base}: every script's KEYS
 	kGrants    string
 	lease      time.Duration
+	timeout    time.Duration
 	retryPause time.Duration
 	c          redis.UniversalClient
 
@@ -223,6 +224,7 @@ func NewRedisFleet(opts RedisOptions, zone, nodeID string) (FleetStore, error) {
 		keys:       []string{base},
 		kGrants:    base + ":grants:" + nodeID,
 		lease:      opts.Lease,
+		timeout:    opts.timeout,
 		retryPause: opts.retryPause,
 		c:          c,
 		grants:     make(chan grantResult),
@@ -462,13 +464,17 @@ func (s *redisFleet) NextGrant(ctx context.Context) (Ticket, error) {
 // pump keeps one BLPOP on this node's grants list armed, with a timeout of
 // one lease (an idle node re-arms it once a lease), and hands what it pops
 // to NextGrant. Being a goroutine of its own, it never loses a popped
-// grant when a NextGrant's ctx ends. It backs off after errors.
+// grant when a NextGrant's ctx ends. A server that does not answer within
+// the lease and the timeout is an error; it backs off after errors (up to
+// a second).
 func (s *redisFleet) pump() {
 	defer close(s.pumpDone)
 	pause := time.Duration(0)
 	for !s.isClosed() {
 		var r grantResult
-		v, err := s.c.BLPop(context.Background(), s.lease, s.kGrants).Result()
+		ctx, cancel := context.WithTimeout(context.Background(), s.lease+s.timeout)
+		v, err := s.c.BLPop(ctx, s.lease, s.kGrants).Result()
+		cancel()
 		switch {
 		case errors.Is(err, redis.Nil):
 			continue // timed out: re-arm

@@ -932,11 +932,21 @@ func TestRedisFleetStoreDown(t *testing.T) {
 				c.Close()
 			}
 		}()
-		s, err := NewRedisFleet(RedisOptions{Address: l.Addr().String()}, testZone, "H")
+		s, err := NewRedisFleet(RedisOptions{Address: l.Addr().String(), Lease: time.Second}, testZone, "H")
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer s.Close()
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err = s.NextGrant(ctx)
+		var fe *FleetError
+		if d := time.Since(start); !errors.As(err, &fe) || d > 2500*time.Millisecond {
+			t.Errorf("NextGrant against a hanging server: %v after %s", err, d)
+		} else {
+			t.Logf("NextGrant against a hanging server (lease 1s): error after %s", d.Round(time.Millisecond))
+		}
 		for _, name := range []string{"take", "renew"} {
 			start := time.Now()
 			err := calls[name](s)
