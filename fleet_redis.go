@@ -1,0 +1,636 @@
+package connlimit
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"embed"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/redis/go-redis/v9/maintnotifications"
+)
+
+// This file is the FleetStore of fleet.go in Redis (or any server that
+// speaks its protocol and runs its Lua scripts: Valkey, KeyDB). Every
+// operation is one Lua script, run with EVALSHA (EVAL once after the server
+// lost its script cache), so each is atomic and one round trip. Times
+// (leases, when limits were set) are Redis' own clock (TIME), never a
+// node's. The key layout and what each script does are in fleet_redis/.
+//
+// Redis Cluster: every key of a zone is "<prefix>:{<zone>}:<what>", so they
+// share the hash tag {<zone>} and one zone lives in one slot. A script is
+// given the zone's base key "<prefix>:{<zone>}" as KEYS[1] (the client
+// routes it by that key's slot) and derives the others from it, per node
+// and per key value, which it cannot know beforehand; they are in the same
+// slot by their hash tag. Zone names and the prefix may not contain '{' or
+// '}', which would move the tag. With RedisOptions.Cluster the client is a
+// Cluster client that routes each script (and the BLPOP of a node's
+// grants) to the shard of the zone's slot.
+
+//go:embed fleet_redis/*.lua
+var fleetRedisLua embed.FS
+
+func fleetRedisScript(name string) *redis.Script {
+	lib, err := fleetRedisLua.ReadFile("fleet_redis/lib.lua")
+	if err != nil {
+		panic(err)
+	}
+	op, err := fleetRedisLua.ReadFile("fleet_redis/" + name + ".lua")
+	if err != nil {
+		panic(err)
+	}
+	return redis.NewScript(string(lib) + "\n" + string(op))
+}
+
+var (
+	fleetTake      = fleetRedisScript("take")
+	fleetGive      = fleetRedisScript("give")
+	fleetLeave     = fleetRedisScript("leave")
+	fleetRenew     = fleetRedisScript("renew")
+	fleetRegister  = fleetRedisScript("register")
+	fleetSetLimits = fleetRedisScript("set_limits")
+	fleetSetPaused = fleetRedisScript("set_paused")
+	fleetStatus    = fleetRedisScript("status")
+)
+
+// RedisOptions say how to reach Redis and how to keep a fleet zone there.
+type RedisOptions struct {
+	// Address is host:port.
+	Address string
+	// Username and Password authenticate (AUTH); both optional.
+	Username, Password string
+	// DB is the database number (SELECT).
+	DB int
+	// TLS, if not nil, is used for the connection.
+	TLS *tls.Config
+	// Cluster: Address is a node of a Redis Cluster, from which the
+	// client learns the others; DB must be 0.
+	Cluster bool
+	// KeyPrefix starts every key; default "connlimit". It may not contain
+	// '{' or '}'.
+	KeyPrefix string
+	// Lease is how long the store keeps a node registered without a
+	// renewal: at least a second; default 5 s.
+	Lease time.Duration
+
+	// timeout bounds each dial, read and write (default 1 s): a store that
+	// does not answer gives an error within about that long.
+	timeout time.Duration
+	// retryPause is the pause before the one retry of an idempotent
+	// operation (default 50 ms).
+	retryPause time.Duration
+}
+
+const (
+	// DefaultKeyPrefix starts every key of a fleet zone in Redis.
+	DefaultKeyPrefix = "connlimit"
+	// DefaultLease is a fleet node's lease in the store.
+	DefaultLease = 5 * time.Second
+	// MinLease is the shortest lease allowed.
+	MinLease = time.Second
+
+	fleetReapLimit = 16 // expired nodes reaped by one renewal at most
+)
+
+// CheckFleetName reports whether s can name a zone or be a key prefix in
+// the store: not empty, and no '{' or '}' (they would move the Cluster hash
+// tag).
+func CheckFleetName(what, s string) error {
+	if s == "" {
+		return fmt.Errorf("%s must not be empty", what)
+	}
+	if strings.ContainsAny(s, "{}") {
+		return fmt.Errorf("%s must not contain '{' or '}' (Redis Cluster hash tags), got %q", what, s)
+	}
+	return nil
+}
+
+type redisFleet struct {
+	zone, node string
+	keys       []string // {base}: every script's KEYS
+	kGrants    string
+	lease      time.Duration
+	timeout    time.Duration
+	retryPause time.Duration
+	c          redis.UniversalClient
+
+	pumpOnce  sync.Once
+	grants    chan grantResult
+	pumpDone  chan struct{}
+	closeOnce sync.Once
+	closed    chan struct{}
+}
+
+type grantResult struct {
+	t   Ticket
+	err error
+}
+
+// NewRedisFleet returns zone's shared state in the Redis at opts.Address,
+// as seen by the node nodeID (a random id if empty; it must be unique in
+// the fleet and should stay the same across config reloads). It does not
+// connect: Redis need not be up.
+func NewRedisFleet(opts RedisOptions, zone, nodeID string) (FleetStore, error) {
+	if opts.Address == "" {
+		return nil, errors.New("connlimit: fleet store: no Redis address")
+	}
+	if opts.KeyPrefix == "" {
+		opts.KeyPrefix = DefaultKeyPrefix
+	}
+	if err := CheckFleetName("key_prefix", opts.KeyPrefix); err != nil {
+		return nil, fmt.Errorf("connlimit: fleet store: %v", err)
+	}
+	if err := CheckFleetName("zone", zone); err != nil {
+		return nil, fmt.Errorf("connlimit: fleet store: %v", err)
+	}
+	if opts.Lease == 0 {
+		opts.Lease = DefaultLease
+	}
+	if opts.Lease < MinLease {
+		return nil, fmt.Errorf("connlimit: fleet store: lease must be at least %s, got %s", MinLease, opts.Lease)
+	}
+	if opts.DB < 0 || (opts.Cluster && opts.DB != 0) {
+		return nil, fmt.Errorf("connlimit: fleet store: db must be 0 with a Cluster, and never negative, got %d", opts.DB)
+	}
+	if opts.timeout <= 0 {
+		opts.timeout = time.Second
+	}
+	if opts.retryPause <= 0 {
+		opts.retryPause = 50 * time.Millisecond
+	}
+	if nodeID == "" {
+		nodeID = DefaultNodeID()
+	}
+	base := opts.KeyPrefix + ":{" + zone + "}"
+	// RESP2, no CLIENT SETINFO, no maintenance notifications: a
+	// connection costs AUTH/SELECT at most, and any Redis >= 5 (or
+	// Valkey, KeyDB) serves it. Take, Give and Leave must not run twice:
+	// no automatic retry (nor redirect: a Cluster client would resend on
+	// a connection error while following one); run retries itself where
+	// that is safe.
+	noMaint := &maintnotifications.Config{Mode: maintnotifications.ModeDisabled}
+	var c redis.UniversalClient
+	if opts.Cluster {
+		c = redis.NewClusterClient(&redis.ClusterOptions{
+			Addrs:     []string{opts.Address},
+			Username:  opts.Username,
+			Password:  opts.Password,
+			TLSConfig: opts.TLS,
+
+			Protocol:                 2,
+			DisableIdentity:          true,
+			MaintNotificationsConfig: noMaint,
+			MaxRetries:               -1,
+			MaxRedirects:             -1,
+			DialTimeout:              opts.timeout,
+			DialerRetries:            1,
+			ReadTimeout:              opts.timeout,
+			WriteTimeout:             opts.timeout,
+			PoolTimeout:              opts.timeout,
+			ContextTimeoutEnabled:    true,
+		})
+	} else {
+		c = redis.NewClient(&redis.Options{
+			Addr:      opts.Address,
+			Username:  opts.Username,
+			Password:  opts.Password,
+			DB:        opts.DB,
+			TLSConfig: opts.TLS,
+
+			Protocol:                 2,
+			DisableIdentity:          true,
+			MaintNotificationsConfig: noMaint,
+			MaxRetries:               -1,
+			DialTimeout:              opts.timeout,
+			DialerRetries:            1,
+			ReadTimeout:              opts.timeout,
+			WriteTimeout:             opts.timeout,
+			PoolTimeout:              opts.timeout,
+			ContextTimeoutEnabled:    true,
+		})
+	}
+	return &redisFleet{
+		zone:       zone,
+		node:       nodeID,
+		keys:       []string{base},
+		kGrants:    base + ":grants:" + nodeID,
+		lease:      opts.Lease,
+		timeout:    opts.timeout,
+		retryPause: opts.retryPause,
+		c:          c,
+		grants:     make(chan grantResult),
+		pumpDone:   make(chan struct{}),
+		closed:     make(chan struct{}),
+	}, nil
+}
+
+// DefaultNodeID is a node id unique to this process: host name, process
+// id and a random part.
+func DefaultNodeID() string {
+	host, err := os.Hostname()
+	if err != nil || host == "" {
+		host = "node"
+	}
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b[:]))
+}
+
+func (s *redisFleet) NodeID() string       { return s.node }
+func (s *redisFleet) Lease() time.Duration { return s.lease }
+
+// fail wraps an error that is certain: the store answered (an error reply,
+// a refusal, a reply that makes no sense) or was not asked.
+func (s *redisFleet) fail(op string, err error) error {
+	return &FleetError{Zone: s.zone, Op: op, Err: err}
+}
+
+// failCall wraps an error of the client: uncertain unless it is an error
+// reply, or the client was closed.
+func (s *redisFleet) failCall(op string, err error) error {
+	var rerr redis.Error
+	uncertain := !errors.As(err, &rerr) && !errors.Is(err, redis.ErrClosed)
+	return &FleetError{Zone: s.zone, Op: op, Err: err, Uncertain: uncertain}
+}
+
+func (s *redisFleet) isClosed() bool {
+	select {
+	case <-s.closed:
+		return true
+	default:
+		return false
+	}
+}
+
+// run runs one script. It is tried once more after a Cluster's redirect
+// or refusal (it did not run), and an idempotent one also after a
+// connection error.
+func (s *redisFleet) run(ctx context.Context, op string, sc *redis.Script, idempotent bool, args ...any) (any, error) {
+	if s.isClosed() {
+		return nil, s.fail(op, ErrStoreClosed)
+	}
+	v, err := sc.Run(ctx, s.c, s.keys, args...).Result()
+	if err != nil && (notRun(err) || idempotent && retryable(err)) && ctx.Err() == nil {
+		t := time.NewTimer(s.retryPause)
+		select {
+		case <-t.C:
+			v, err = sc.Run(ctx, s.c, s.keys, args...).Result()
+		case <-ctx.Done():
+			t.Stop()
+		case <-s.closed:
+			t.Stop()
+		}
+	}
+	if err != nil {
+		return nil, s.failCall(op, err)
+	}
+	return v, nil
+}
+
+// notRun: a Cluster's reply that the script did not run there (the slot
+// moved, is moving, or the cluster is down).
+func notRun(err error) bool {
+	for _, p := range []string{"MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN"} {
+		if redis.HasErrorPrefix(err, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// retryable: a connection error that a second try may not meet (a pooled
+// connection that the server closed, a refused dial), not a timeout (the
+// server is slow or gone: a second try would only double the wait) nor an
+// error reply.
+func retryable(err error) bool {
+	var rerr redis.Error
+	var nerr net.Error
+	return !errors.As(err, &rerr) && !errors.Is(err, redis.ErrClosed) &&
+		!errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) &&
+		!(errors.As(err, &nerr) && nerr.Timeout())
+}
+
+func (s *redisFleet) Take(ctx context.Context, t Ticket) (Outcome, Reason, error) {
+	v, err := s.run(ctx, "take", fleetTake, false,
+		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key)
+	if err != nil {
+		return Rejected, ReasonNone, err
+	}
+	r, ok := v.([]any)
+	if !ok || len(r) == 0 {
+		return Rejected, ReasonNone, s.fail("take", fmt.Errorf("unexpected reply %v", v))
+	}
+	switch r[0] {
+	case "admitted":
+		return Admitted, ReasonNone, nil
+	case "queued":
+		return Queued, ReasonNone, nil
+	case "lapsed":
+		return Rejected, ReasonNone, s.fail("take", ErrLapsed)
+	case "nolimits":
+		return Rejected, ReasonNone, s.fail("take", ErrNoLimits)
+	case "rejected":
+		if len(r) == 2 {
+			switch r[1] {
+			case "queue_full":
+				return Rejected, ReasonQueueFull, nil
+			case "no_waiting":
+				return Rejected, ReasonNoWaiting, nil
+			}
+		}
+	}
+	return Rejected, ReasonNone, s.fail("take", fmt.Errorf("unexpected reply %v", v))
+}
+
+func (s *redisFleet) Give(ctx context.Context, key string) error {
+	_, err := s.run(ctx, "give", fleetGive, false, s.node, key)
+	return err
+}
+
+func (s *redisFleet) Leave(ctx context.Context, t Ticket) (bool, error) {
+	v, err := s.run(ctx, "leave", fleetLeave, false,
+		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key)
+	if err != nil {
+		return false, err
+	}
+	return v == int64(1), nil
+}
+
+func (s *redisFleet) Renew(ctx context.Context, counts NodeState) (FleetState, error) {
+	v, err := s.run(ctx, "renew", fleetRenew, true,
+		s.node, s.lease.Milliseconds(), counts.Active, counts.Waiters, fleetReapLimit)
+	if err != nil {
+		return FleetState{}, err
+	}
+	st, err := parseFleetState(v)
+	if err != nil {
+		return FleetState{}, s.fail("renew", err)
+	}
+	return st, nil
+}
+
+func (s *redisFleet) Register(ctx context.Context, st NodeState) (FleetState, error) {
+	args := make([]any, 0, 11+2*len(st.Held)+3*len(st.Waiting))
+	args = append(args, s.node, s.lease.Milliseconds(), st.Active, st.Waiters, fleetReapLimit)
+	if st.Limits.MaxConnections != 0 {
+		if err := st.Limits.Validate(); err != nil {
+			return FleetState{}, s.fail("register", err)
+		}
+		l := st.Limits
+		args = append(args, 1, l.MaxConnections, l.MaxWaiting, l.WaitTimeout.Milliseconds(), l.Order.String())
+	} else {
+		args = append(args, 0, 0, 0, 0, "fifo")
+	}
+	n := 0
+	for _, c := range st.Held {
+		if c > 0 {
+			n++
+		}
+	}
+	args = append(args, n)
+	for k, c := range st.Held {
+		if c > 0 {
+			args = append(args, k, c)
+		}
+	}
+	for _, t := range st.Waiting {
+		args = append(args, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key)
+	}
+	v, err := s.run(ctx, "register", fleetRegister, true, args...)
+	if err != nil {
+		return FleetState{}, err
+	}
+	fs, err := parseFleetState(v)
+	if err != nil {
+		return FleetState{}, s.fail("register", err)
+	}
+	return fs, nil
+}
+
+func (s *redisFleet) SetLimits(ctx context.Context, l Limits) error {
+	if err := l.Validate(); err != nil {
+		return s.fail("set_limits", err)
+	}
+	_, err := s.run(ctx, "set_limits", fleetSetLimits, true,
+		l.MaxConnections, l.MaxWaiting, l.WaitTimeout.Milliseconds(), l.Order.String())
+	return err
+}
+
+func (s *redisFleet) SetPaused(ctx context.Context, paused bool) error {
+	p := 0
+	if paused {
+		p = 1
+	}
+	_, err := s.run(ctx, "set_paused", fleetSetPaused, true, p)
+	return err
+}
+
+func (s *redisFleet) Status(ctx context.Context) (FleetStatus, error) {
+	v, err := s.run(ctx, "status", fleetStatus, true, s.node)
+	if err != nil {
+		return FleetStatus{}, err
+	}
+	st, err := parseFleetStatus(v)
+	if err != nil {
+		return FleetStatus{}, s.fail("status", err)
+	}
+	return st, nil
+}
+
+func (s *redisFleet) NextGrant(ctx context.Context) (Ticket, error) {
+	if s.isClosed() {
+		return Ticket{}, s.fail("grant", ErrStoreClosed)
+	}
+	s.pumpOnce.Do(func() { go s.pump() })
+	select {
+	case r := <-s.grants:
+		return r.t, r.err
+	case <-ctx.Done():
+		return Ticket{}, ctx.Err()
+	case <-s.closed:
+		return Ticket{}, s.fail("grant", ErrStoreClosed)
+	}
+}
+
+// pump keeps one BLPOP on this node's grants list armed, with a timeout of
+// one lease (an idle node re-arms it once a lease), and hands what it pops
+// to NextGrant. Being a goroutine of its own, it never loses a popped
+// grant when a NextGrant's ctx ends. A server that does not answer within
+// the lease and the timeout is an error; it backs off after errors (up to
+// a second).
+func (s *redisFleet) pump() {
+	defer close(s.pumpDone)
+	pause := time.Duration(0)
+	for !s.isClosed() {
+		var r grantResult
+		ctx, cancel := context.WithTimeout(context.Background(), s.lease+s.timeout)
+		v, err := s.c.BLPop(ctx, s.lease, s.kGrants).Result()
+		cancel()
+		switch {
+		case errors.Is(err, redis.Nil):
+			continue // timed out: re-arm
+		case err != nil:
+			if s.isClosed() {
+				return
+			}
+			r.err = s.failCall("grant", err)
+			pause = min(max(2*pause, 100*time.Millisecond), time.Second)
+		case len(v) != 2:
+			r.err = s.fail("grant", fmt.Errorf("unexpected reply %q", v))
+		default:
+			pause = 0
+			r.t, err = parseGrant(v[1])
+			if err != nil {
+				r.err = s.fail("grant", err)
+			}
+		}
+		select {
+		case s.grants <- r:
+		case <-s.closed:
+			return
+		}
+		if pause > 0 {
+			t := time.NewTimer(pause)
+			select {
+			case <-t.C:
+			case <-s.closed:
+				t.Stop()
+				return
+			}
+		}
+	}
+}
+
+func (s *redisFleet) Close() error {
+	var err error
+	s.closeOnce.Do(func() {
+		close(s.closed)
+		err = s.c.Close()
+		started := true
+		s.pumpOnce.Do(func() { started = false })
+		if started {
+			<-s.pumpDone
+		}
+	})
+	return err
+}
+
+// parseGrant reads "<epoch>\n<ticket id>\n<priority>\n<key value>".
+func parseGrant(g string) (Ticket, error) {
+	f := strings.SplitN(g, "\n", 4)
+	if len(f) == 4 {
+		ep, err1 := strconv.ParseUint(f[0], 10, 64)
+		id, err2 := strconv.ParseUint(f[1], 10, 64)
+		prio, err3 := strconv.Atoi(f[2])
+		if err1 == nil && err2 == nil && err3 == nil {
+			return Ticket{ID: id, Key: f[3], Priority: prio, Epoch: ep}, nil
+		}
+	}
+	return Ticket{}, fmt.Errorf("garbled grant %q", truncate(g, 60))
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "..."
+	}
+	return s
+}
+
+// replyInt reads an integer reply element.
+func replyInt(v any) (int64, bool) {
+	n, ok := v.(int64)
+	return n, ok
+}
+
+// parseFleetState reads the reply of state() in lib.lua:
+// {lapsed, max, maxw, wait_ms, order, set_at, paused, active, waiting,
+// nodes, epoch, now}.
+func parseFleetState(v any) (FleetState, error) {
+	r, ok := v.([]any)
+	if !ok || len(r) != 12 {
+		return FleetState{}, fmt.Errorf("unexpected reply %v", v)
+	}
+	var n [12]int64
+	for i, e := range r {
+		if i == 4 {
+			continue
+		}
+		if n[i], ok = replyInt(e); !ok {
+			return FleetState{}, fmt.Errorf("unexpected reply %v", v)
+		}
+	}
+	st := FleetState{
+		Lapsed:    n[0] == 1,
+		Paused:    n[6] == 1,
+		Active:    int(n[7]),
+		Waiting:   int(n[8]),
+		NodeCount: int(n[9]),
+		Epoch:     uint64(n[10]),
+	}
+	if n[1] > 0 {
+		st.Limits = Limits{
+			MaxConnections: int(n[1]),
+			MaxWaiting:     int(n[2]),
+			WaitTimeout:    time.Duration(n[3]) * time.Millisecond,
+		}
+		if r[4] == "lifo" {
+			st.Limits.Order = LIFO
+		}
+		if n[5] > 0 {
+			st.LimitsSet = time.UnixMilli(n[5])
+		}
+	}
+	return st, nil
+}
+
+// parseFleetStatus reads the reply of status.lua: {state, {id, expiry,
+// info, ...}}.
+func parseFleetStatus(v any) (FleetStatus, error) {
+	r, ok := v.([]any)
+	if !ok || len(r) != 2 {
+		return FleetStatus{}, fmt.Errorf("unexpected reply %v", v)
+	}
+	st, err := parseFleetState(r[0])
+	if err != nil {
+		return FleetStatus{}, err
+	}
+	now, _ := replyInt(r[0].([]any)[11])
+	ns, ok := r[1].([]any)
+	if !ok || len(ns)%3 != 0 {
+		return FleetStatus{}, fmt.Errorf("unexpected reply %v", v)
+	}
+	fs := FleetStatus{FleetState: st}
+	for i := 0; i < len(ns); i += 3 {
+		id, _ := ns[i].(string)
+		exps, _ := ns[i+1].(string)
+		info, _ := ns[i+2].(string)
+		exp, err := strconv.ParseFloat(exps, 64)
+		if err != nil {
+			return FleetStatus{}, fmt.Errorf("garbled lease of node %q: %q", id, truncate(exps, 60))
+		}
+		ni := NodeInfo{ID: id, Expires: time.Duration(int64(exp)-now) * time.Millisecond}
+		if f := strings.Fields(info); len(f) == 3 {
+			a, err1 := strconv.Atoi(f[0])
+			w, err2 := strconv.Atoi(f[1])
+			at, err3 := strconv.ParseInt(f[2], 10, 64)
+			if err1 != nil || err2 != nil || err3 != nil {
+				return FleetStatus{}, fmt.Errorf("garbled info of node %q: %q", id, truncate(info, 60))
+			}
+			ni.Active, ni.Waiting = a, w
+			ni.Renewed = time.Duration(now-at) * time.Millisecond
+		} else if info != "" {
+			return FleetStatus{}, fmt.Errorf("garbled info of node %q: %q", id, truncate(info, 60))
+		}
+		fs.Nodes = append(fs.Nodes, ni)
+	}
+	return fs, nil
+}

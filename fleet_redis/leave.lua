@@ -1,0 +1,6 @@
+-- Leave: ARGV node, ticket id, priority, key value. Reply: 1 if the ticket
+-- was in line (and is no more), 0 if not (granted, or unknown).
+local node, id, prio, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if not unqueue(node, id, prio, key) then return 0 end
+redis.call('HDEL', k_tickets(node), id)
+return 1

@@ -1,0 +1,237 @@
+-- connlimit fleet zone: the functions every script shares. Each script is
+-- this file followed by its own part, run with EVALSHA.
+--
+-- KEYS[1] is the zone's base key "<prefix>:{<zone>}". Every key a script
+-- touches is KEYS[1] .. ":" .. suffix, so it carries the base key's Cluster
+-- hash tag {<zone>}: one zone is one slot, and the keys a script derives
+-- (per node, per key value) are in the slot of the key it was given.
+--
+--   cfg            hash   max, maxw, wait_ms, order, paused, set_at (ms)
+--   seq            string sequence: ticket places and node epochs
+--   nodes          zset   node id -> lease expiry (ms, Redis' clock)
+--   info           hash   node id -> "active waiting renewed_ms" (as reported)
+--   epochs         hash   node id -> epoch of its latest registration
+--   tot            hash   a -> fleet active, w -> fleet waiting
+--   active         hash   key value -> slots held fleet-wide
+--   waiting        hash   key value -> waiters fleet-wide
+--   wkeys          set    key values that have waiters
+--   held:<node>    hash   key value -> slots held by that node
+--   tickets:<node> hash   ticket id -> "<priority>\n<key value>"
+--   grants:<node>  list   "<epoch>\n<ticket id>\n<priority>\n<key value>"
+--   prios:<key>    zset   that key value's priorities that have waiters
+--   q:<prio>:<key> zset   "<ticket id>\n<node id>" -> place (seq)
+local B = KEYS[1]
+local K_CFG, K_SEQ, K_NODES = B .. ':cfg', B .. ':seq', B .. ':nodes'
+local K_INFO, K_EPOCHS, K_TOT = B .. ':info', B .. ':epochs', B .. ':tot'
+local K_ACTIVE, K_WAITING, K_WKEYS = B .. ':active', B .. ':waiting', B .. ':wkeys'
+local function k_held(node) return B .. ':held:' .. node end
+local function k_tickets(node) return B .. ':tickets:' .. node end
+local function k_grants(node) return B .. ':grants:' .. node end
+local function k_prios(key) return B .. ':prios:' .. key end
+local function k_q(prio, key) return B .. ':q:' .. prio .. ':' .. key end
+
+-- now in ms, by Redis' clock
+local function now_ms()
+	local t = redis.call('TIME')
+	return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function fail(msg)
+	error({err = 'ERR connlimit: ' .. msg})
+end
+
+local function quote(v)
+	return string.format('%q', string.sub(tostring(v), 1, 60))
+end
+
+-- an integer read from Redis (false: absent, 0); errors if garbled
+local function int(v, where)
+	if not v then return 0 end
+	if type(v) == 'number' then return v end
+	if not string.match(v, '^%-?%d+$') then
+		fail('garbled value in ' .. where .. ': ' .. quote(v))
+	end
+	return tonumber(v)
+end
+
+-- an integer read from Redis, or nil if garbled (false: absent, 0)
+local function lint(v)
+	if not v then return 0 end
+	if string.match(v, '^%-?%d+$') then return tonumber(v) end
+	return nil
+end
+
+-- adds d to field f of hash h; a garbled value counts as 0 (this is how
+-- the repairing paths reset it); a result <= 0 deletes the field.
+local function add(h, f, d)
+	local n = (lint(redis.call('HGET', h, f)) or 0) + d
+	if n <= 0 then
+		redis.call('HDEL', h, f)
+	else
+		redis.call('HSET', h, f, n)
+	end
+	return n
+end
+
+-- the zone's settings; c.max is nil if none were set
+local function cfg()
+	local v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'wait_ms', 'order', 'paused', 'set_at')
+	local c = {paused = false, maxw = 0, wait = 0, order = 'fifo', set_at = 0}
+	if v[5] then
+		if v[5] ~= '0' and v[5] ~= '1' then fail('garbled value in cfg.paused: ' .. quote(v[5])) end
+		c.paused = v[5] == '1'
+	end
+	if not v[1] then return c end
+	c.max = int(v[1], 'cfg.max')
+	if c.max < 1 then fail('garbled value in cfg.max: ' .. quote(v[1])) end
+	c.maxw = int(v[2], 'cfg.maxw')
+	c.wait = int(v[3], 'cfg.wait_ms')
+	c.set_at = int(v[6], 'cfg.set_at')
+	if v[4] then
+		if v[4] ~= 'fifo' and v[4] ~= 'lifo' then fail('garbled value in cfg.order: ' .. quote(v[4])) end
+		c.order = v[4]
+	end
+	return c
+end
+
+-- takes the next waiter of key out of its list: ticket id, node, priority;
+-- nil if none. A garbled member is dropped (and counted out of waiting).
+local function popnext(key, order)
+	local pk = k_prios(key)
+	for _ = 1, 64 do
+		local top = redis.call('ZREVRANGE', pk, 0, 0)[1]
+		if not top then return nil end
+		local q = k_q(top, key)
+		local r
+		if order == 'lifo' then r = redis.call('ZPOPMAX', q) else r = redis.call('ZPOPMIN', q) end
+		if redis.call('EXISTS', q) == 0 then redis.call('ZREM', pk, top) end
+		local m = r[1]
+		if m then
+			local id, node = string.match(m, '^(%d+)\n(.*)$')
+			if id then return id, node, top end
+			add(K_WAITING, key, -1)
+			add(K_TOT, 'w', -1)
+		end
+	end
+	return nil
+end
+
+-- grants free slots of key to its next waiters: each one's node now
+-- holds the slot, and finds the grant in its grants list. Returns how many.
+local function grant(key, c)
+	if c.paused or not c.max then return 0 end
+	local a = int(redis.call('HGET', K_ACTIVE, key), 'active')
+	local n, empty = 0, false
+	while a < c.max do
+		local id, node, prio = popnext(key, c.order)
+		if not id then
+			empty = true
+			break
+		end
+		a, n = a + 1, n + 1
+		redis.call('HINCRBY', k_held(node), key, 1)
+		redis.call('HDEL', k_tickets(node), id)
+		local ep = redis.call('HGET', K_EPOCHS, node) or '0'
+		redis.call('RPUSH', k_grants(node), ep .. '\n' .. id .. '\n' .. prio .. '\n' .. key)
+	end
+	if n > 0 then
+		redis.call('HSET', K_ACTIVE, key, a)
+		add(K_TOT, 'a', n)
+		add(K_TOT, 'w', -n)
+		if add(K_WAITING, key, -n) <= 0 then redis.call('SREM', K_WKEYS, key) end
+	end
+	if empty then
+		-- nobody left in line: the key's waiting count must be 0 too
+		local w = redis.call('HGET', K_WAITING, key)
+		if w then
+			redis.call('HDEL', K_WAITING, key)
+			add(K_TOT, 'w', -(lint(w) or 0))
+		end
+		redis.call('SREM', K_WKEYS, key)
+	end
+	return n
+end
+
+local function grant_all(c)
+	if c.paused or not c.max then return 0 end
+	local n = 0
+	for _, key in ipairs(redis.call('SMEMBERS', K_WKEYS)) do
+		n = n + grant(key, c)
+	end
+	return n
+end
+
+-- takes one ticket of node out of its waiting list; true if it was there
+local function unqueue(node, id, prio, key)
+	local q = k_q(prio, key)
+	if redis.call('ZREM', q, id .. '\n' .. node) == 0 then return false end
+	if redis.call('EXISTS', q) == 0 then redis.call('ZREM', k_prios(key), prio) end
+	if add(K_WAITING, key, -1) <= 0 then redis.call('SREM', K_WKEYS, key) end
+	add(K_TOT, 'w', -1)
+	return true
+end
+
+-- drops every ticket of node from the waiting lists
+local function drop_tickets(node)
+	local tk = k_tickets(node)
+	local ts = redis.call('HGETALL', tk)
+	for i = 1, #ts, 2 do
+		local prio, key = string.match(ts[i + 1], '^(%-?%d+)\n(.*)$')
+		if prio then unqueue(node, ts[i], prio, key) end
+	end
+	redis.call('DEL', tk)
+end
+
+-- drops node's held slots from the fleet's counts; returns their keys
+local function drop_held(node)
+	local hh = k_held(node)
+	local held = redis.call('HGETALL', hh)
+	local keys = {}
+	for i = 1, #held, 2 do
+		local n = lint(held[i + 1]) or 0
+		if n > 0 then
+			add(K_ACTIVE, held[i], -n)
+			add(K_TOT, 'a', -n)
+		end
+		keys[#keys + 1] = held[i]
+	end
+	redis.call('DEL', hh)
+	return keys
+end
+
+-- removes a node whose lease ran out, with everything it held or queued;
+-- returns the keys whose slots it held
+local function reap(node)
+	local keys = drop_held(node)
+	drop_tickets(node)
+	redis.call('DEL', k_grants(node))
+	redis.call('ZREM', K_NODES, node)
+	redis.call('HDEL', K_INFO, node)
+	redis.call('HDEL', K_EPOCHS, node)
+	return keys
+end
+
+-- reaps at most limit expired nodes, then grants what they held. Costs
+-- O(log nodes) when none expired.
+local function reap_expired(now, limit, c)
+	local dead = redis.call('ZRANGEBYSCORE', K_NODES, '-inf', now, 'LIMIT', 0, limit)
+	if #dead == 0 then return 0 end
+	local keys = {}
+	for _, node in ipairs(dead) do
+		for _, key in ipairs(reap(node)) do keys[key] = true end
+	end
+	for key in pairs(keys) do grant(key, c) end
+	return #dead
+end
+
+-- the reply that Renew, Register and Status share
+local function state(now, lapsed, node, c)
+	local t = redis.call('HMGET', K_TOT, 'a', 'w')
+	local ep = 0
+	if not lapsed then ep = lint(redis.call('HGET', K_EPOCHS, node)) or 0 end
+	local max = 0
+	if c.max then max = c.max end
+	return {lapsed and 1 or 0, max, c.maxw, c.wait, c.order, c.set_at, c.paused and 1 or 0,
+		math.max(lint(t[1]) or 0, 0), math.max(lint(t[2]) or 0, 0),
+		redis.call('ZCARD', K_NODES), ep, now}
+end

@@ -1,0 +1,30 @@
+-- Take: ARGV node, ticket id, priority, key value.
+-- Reply: {'admitted'} | {'queued'} | {'rejected', reason} | {'lapsed'} | {'nolimits'}
+-- Everything is read (and checked) before anything is written.
+local node, id, prio, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now = now_ms()
+local exp = redis.call('ZSCORE', K_NODES, node)
+if not exp or tonumber(exp) <= now then return {'lapsed'} end
+local c = cfg()
+if not c.max then return {'nolimits'} end
+local a = int(redis.call('HGET', K_ACTIVE, key), 'active')
+local w = int(redis.call('HGET', K_WAITING, key), 'waiting')
+if not c.paused and a < c.max and w <= 0 then
+	redis.call('HINCRBY', k_held(node), key, 1)
+	redis.call('HSET', K_ACTIVE, key, a + 1)
+	redis.call('HINCRBY', K_TOT, 'a', 1)
+	return {'admitted'}
+end
+if c.maxw < 0 then return {'rejected', 'no_waiting'} end
+if c.maxw > 0 and w >= c.maxw then return {'rejected', 'queue_full'} end
+local tk = k_tickets(node)
+if redis.call('HSETNX', tk, id, prio .. '\n' .. key) == 0 then
+	fail('ticket ' .. id .. ' of node ' .. quote(node) .. ' is already queued')
+end
+local seq = redis.call('INCR', K_SEQ)
+redis.call('ZADD', k_q(prio, key), seq, id .. '\n' .. node)
+redis.call('ZADD', k_prios(key), prio, prio)
+redis.call('HSET', K_WAITING, key, w + 1)
+redis.call('HINCRBY', K_TOT, 'w', 1)
+redis.call('SADD', K_WKEYS, key)
+return {'queued'}

@@ -1,0 +1,1270 @@
+package connlimit
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// Tests of the fleet store (fleet.go, fleet_redis.go) against a real
+// redis-server (redis_harness_test.go).
+
+const testZone = "db"
+
+// newFleet opens zone's store at r for node; closed at cleanup.
+func newFleet(t testing.TB, r *redisServer, zone, node string, mod ...func(*RedisOptions)) FleetStore {
+	t.Helper()
+	o := RedisOptions{Address: r.Addr(), Password: r.cfg.Password, TLS: r.clientTLS, Lease: 2 * time.Second}
+	for _, m := range mod {
+		m(&o)
+	}
+	s, err := NewRedisFleet(o, zone, node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = s.Close() })
+	return s
+}
+
+func withLease(d time.Duration) func(*RedisOptions) {
+	return func(o *RedisOptions) { o.Lease = d }
+}
+
+func tctx(t testing.TB) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func mustRegister(t testing.TB, s FleetStore, st NodeState) FleetState {
+	t.Helper()
+	fs, err := s.Register(tctx(t), st)
+	if err != nil {
+		t.Fatalf("register %s: %v", s.NodeID(), err)
+	}
+	if fs.Lapsed {
+		t.Fatalf("register %s: lapsed", s.NodeID())
+	}
+	return fs
+}
+
+func mustSetLimits(t testing.TB, s FleetStore, l Limits) {
+	t.Helper()
+	if err := s.SetLimits(tctx(t), l); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func take(t testing.TB, s FleetStore, tk Ticket, want Outcome) {
+	t.Helper()
+	out, r, err := s.Take(tctx(t), tk)
+	if err != nil {
+		t.Fatalf("take %s/%d: %v", s.NodeID(), tk.ID, err)
+	}
+	if out != want {
+		t.Fatalf("take %s/%d: got outcome %d (%s), want %d", s.NodeID(), tk.ID, out, r, want)
+	}
+}
+
+func give(t testing.TB, s FleetStore, key string) {
+	t.Helper()
+	if err := s.Give(tctx(t), key); err != nil {
+		t.Fatalf("give %s %q: %v", s.NodeID(), key, err)
+	}
+}
+
+func status(t testing.TB, s FleetStore) FleetStatus {
+	t.Helper()
+	st, err := s.Status(tctx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func wantCounts(t testing.TB, s FleetStore, active, waiting int) {
+	t.Helper()
+	st := status(t, s)
+	if st.Active != active || st.Waiting != waiting {
+		t.Fatalf("fleet counts: active %d waiting %d, want %d %d", st.Active, st.Waiting, active, waiting)
+	}
+}
+
+// nextGrant waits up to within for a grant of s.
+func nextGrant(t testing.TB, s FleetStore, within time.Duration) Ticket {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), within)
+	defer cancel()
+	g, err := s.NextGrant(ctx)
+	if err != nil {
+		t.Fatalf("grant for %s: %v", s.NodeID(), err)
+	}
+	return g
+}
+
+// noGrant checks that s gets no grant within d.
+func noGrant(t testing.TB, s FleetStore, d time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	if g, err := s.NextGrant(ctx); err == nil {
+		t.Fatalf("unexpected grant for %s: %+v", s.NodeID(), g)
+	}
+}
+
+// checkStore checks the store's own consistency for zone: per key value,
+// the fleet's active count is the sum of the nodes' held slots and the
+// waiting count the length of its lists; the totals are their sums; every
+// ticket is in a list and every list member has its ticket.
+func checkStore(t testing.TB, r *redisServer, zone string) {
+	t.Helper()
+	ctx := tctx(t)
+	c := r.Admin()
+	base := DefaultKeyPrefix + ":{" + zone + "}"
+	keys, err := c.Keys(ctx, DefaultKeyPrefix+":*").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := map[string]int{}
+	queued := map[string]int{}
+	members := map[string]bool{}
+	tickets := map[string]bool{}
+	for _, k := range keys {
+		// every key is "<prefix>:{<zone>}:...": one hash tag per zone
+		_, rest, _ := strings.Cut(k, "{")
+		tag, _, _ := strings.Cut(rest, "}")
+		if !strings.HasPrefix(k, DefaultKeyPrefix+":{"+tag+"}:") {
+			t.Errorf("key %q is not under a zone's base key (Cluster hash tag)", k)
+			continue
+		}
+		if tag != zone {
+			continue // another zone's
+		}
+		what := strings.TrimPrefix(k, base+":")
+		switch {
+		case strings.HasPrefix(what, "held:"):
+			for key, v := range c.HGetAll(ctx, k).Val() {
+				var n int
+				fmt.Sscan(v, &n)
+				held[key] += n
+			}
+		case strings.HasPrefix(what, "q:"):
+			_, key, _ := strings.Cut(strings.TrimPrefix(what, "q:"), ":")
+			for _, m := range c.ZRange(ctx, k, 0, -1).Val() {
+				queued[key]++
+				id, node, _ := strings.Cut(m, "\n")
+				members[node+"/"+id] = true
+			}
+		case strings.HasPrefix(what, "tickets:"):
+			node := strings.TrimPrefix(what, "tickets:")
+			for id := range c.HGetAll(ctx, k).Val() {
+				tickets[node+"/"+id] = true
+			}
+		}
+	}
+	toInt := func(m map[string]string) map[string]int {
+		out := map[string]int{}
+		for k, v := range m {
+			var n int
+			fmt.Sscan(v, &n)
+			out[k] = n
+		}
+		return out
+	}
+	active := toInt(c.HGetAll(ctx, base+":active").Val())
+	waiting := toInt(c.HGetAll(ctx, base+":waiting").Val())
+	tot := toInt(c.HGetAll(ctx, base+":tot").Val())
+	sum := func(m map[string]int) (n int) {
+		for _, v := range m {
+			n += v
+		}
+		return n
+	}
+	for _, m := range []map[string]int{held, queued} {
+		for k, v := range m {
+			if v == 0 {
+				delete(m, k)
+			}
+		}
+	}
+	if fmt.Sprint(active) != fmt.Sprint(held) {
+		t.Errorf("store: active %v, held by the nodes %v", active, held)
+	}
+	if fmt.Sprint(waiting) != fmt.Sprint(queued) {
+		t.Errorf("store: waiting %v, in the lists %v", waiting, queued)
+	}
+	if tot["a"] != sum(active) || tot["w"] != sum(waiting) {
+		t.Errorf("store: totals %v, sums active %d waiting %d", tot, sum(active), sum(waiting))
+	}
+	if fmt.Sprint(members) != fmt.Sprint(tickets) {
+		t.Errorf("store: list members %v, tickets %v", members, tickets)
+	}
+	wkeys := c.SMembers(ctx, base+":wkeys").Val()
+	sort.Strings(wkeys)
+	var want []string
+	for k := range waiting {
+		want = append(want, k)
+	}
+	sort.Strings(want)
+	if fmt.Sprint(wkeys) != fmt.Sprint(want) {
+		t.Errorf("store: keys with waiters %q, want %q", wkeys, want)
+	}
+}
+
+func fifo(max, maxWaiting int) Limits {
+	return Limits{MaxConnections: max, MaxWaiting: maxWaiting}
+}
+
+// Take admits up to max per key across nodes, queues the rest, Give hands
+// a freed slot to the next waiter's node, Leave takes a waiter out.
+func TestRedisFleetTakeGiveLeave(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	c := newFleet(t, r, testZone, "C")
+	fs := mustRegister(t, a, NodeState{Limits: fifo(2, 0)})
+	if fs.Limits.MaxConnections != 2 || fs.LimitsSet.IsZero() {
+		t.Fatalf("register with limits: %+v", fs)
+	}
+	mustRegister(t, b, NodeState{Limits: fifo(5, 0)}) // limits in force are kept
+	mustRegister(t, c, NodeState{})
+
+	take(t, a, Ticket{ID: 1}, Admitted)
+	take(t, b, Ticket{ID: 1}, Admitted)
+	take(t, c, Ticket{ID: 1}, Queued)
+	take(t, a, Ticket{ID: 2}, Queued)
+	take(t, b, Ticket{ID: 2, Key: "other"}, Admitted) // keys count apart
+	wantCounts(t, a, 3, 2)
+	checkStore(t, r, testZone)
+
+	give(t, b, "") // to C's ticket, first in line
+	g := nextGrant(t, c, 2*time.Second)
+	if g.ID != 1 || g.Key != "" {
+		t.Fatalf("grant for C: %+v", g)
+	}
+	noGrant(t, a, 100*time.Millisecond)
+	wantCounts(t, a, 3, 1)
+
+	left, err := a.Leave(tctx(t), Ticket{ID: 2})
+	if err != nil || !left {
+		t.Fatalf("leave: %v %v", left, err)
+	}
+	left, err = a.Leave(tctx(t), Ticket{ID: 2})
+	if err != nil || left {
+		t.Fatalf("second leave: %v %v", left, err)
+	}
+	wantCounts(t, a, 3, 0)
+	give(t, a, "")
+	give(t, c, "")
+	give(t, b, "other")
+	give(t, b, "other") // holds none: nothing happens
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+	st := status(t, a)
+	if len(st.Nodes) != 3 || st.NodeCount != 3 || st.Limits.MaxConnections != 2 {
+		t.Fatalf("status: %+v", st)
+	}
+}
+
+// grantsOf delivers every grant of the given stores on one channel, until
+// the test ends.
+type nodeGrant struct {
+	node string
+	t    Ticket
+}
+
+func grantsOf(t testing.TB, stores ...FleetStore) <-chan nodeGrant {
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan nodeGrant, 64)
+	var wg sync.WaitGroup
+	for _, s := range stores {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				g, err := s.NextGrant(ctx)
+				if ctx.Err() != nil {
+					return
+				}
+				if errors.Is(err, ErrStoreClosed) {
+					return
+				}
+				if err != nil {
+					t.Logf("grant for %s: %v", s.NodeID(), err)
+					continue
+				}
+				ch <- nodeGrant{s.NodeID(), g}
+			}
+		}()
+	}
+	t.Cleanup(func() { cancel(); wg.Wait() })
+	return ch
+}
+
+func recvGrant(t testing.TB, ch <-chan nodeGrant, within time.Duration) nodeGrant {
+	t.Helper()
+	select {
+	case g := <-ch:
+		return g
+	case <-time.After(within):
+		t.Fatalf("no grant within %s", within)
+	}
+	return nodeGrant{}
+}
+
+// With max 1, waiters that arrive alternately at A, B, C, A, B, C are
+// admitted fleet-wide in arrival order (FIFO), in the reverse (LIFO), or
+// by priority, then in order.
+func TestRedisFleetOrder(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	for _, tc := range []struct {
+		name  string
+		order Order
+		prios []int
+		want  string
+	}{
+		{"fifo", FIFO, []int{0, 0, 0, 0, 0, 0}, "A/1 B/2 C/3 A/4 B/5 C/6"},
+		{"lifo", LIFO, []int{0, 0, 0, 0, 0, 0}, "C/6 B/5 A/4 C/3 B/2 A/1"},
+		{"priority fifo", FIFO, []int{0, 5, -3, 5, 0, 1000000}, "C/6 B/2 A/4 A/1 B/5 C/3"},
+		{"priority lifo", LIFO, []int{0, 5, -3, 5, 0, 1000000}, "C/6 A/4 B/2 B/5 A/1 C/3"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			zone := "order-" + strings.ReplaceAll(tc.name, " ", "-")
+			a := newFleet(t, r, zone, "A")
+			b := newFleet(t, r, zone, "B")
+			c := newFleet(t, r, zone, "C")
+			nodes := []FleetStore{a, b, c}
+			l := fifo(1, 0)
+			l.Order = tc.order
+			for _, s := range nodes {
+				mustRegister(t, s, NodeState{Limits: l})
+			}
+			grants := grantsOf(t, a, b, c)
+			take(t, a, Ticket{ID: 100}, Admitted)
+			for i, p := range tc.prios {
+				take(t, nodes[i%3], Ticket{ID: uint64(i + 1), Priority: p}, Queued)
+			}
+			checkStore(t, r, zone)
+			holder := a
+			var got []string
+			for range tc.prios {
+				give(t, holder, "")
+				g := recvGrant(t, grants, 2*time.Second)
+				got = append(got, fmt.Sprintf("%s/%d", g.node, g.t.ID))
+				holder = nodes[g.node[0]-'A']
+				if g.t.Priority != tc.prios[g.t.ID-1] {
+					t.Errorf("grant %+v: priority %d, want %d", g, g.t.Priority, tc.prios[g.t.ID-1])
+				}
+			}
+			if s := strings.Join(got, " "); s != tc.want {
+				t.Errorf("admitted %s, want %s", s, tc.want)
+			}
+			give(t, holder, "")
+			wantCounts(t, a, 0, 0)
+			checkStore(t, r, zone)
+		})
+	}
+}
+
+// A waiter that leaves just as it is granted: Leave says false, the grant
+// arrives, and the node gives it back to the next waiter.
+func TestRedisFleetLeaveAfterGrant(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
+	mustRegister(t, b, NodeState{})
+	take(t, a, Ticket{ID: 1, Key: "k"}, Admitted)
+	take(t, b, Ticket{ID: 7, Key: "k"}, Queued)
+	take(t, a, Ticket{ID: 2, Key: "k"}, Queued)
+	give(t, a, "k") // granted to B's ticket 7
+	left, err := b.Leave(tctx(t), Ticket{ID: 7, Key: "k"})
+	if err != nil || left {
+		t.Fatalf("leave of a granted ticket: left %v, %v", left, err)
+	}
+	g := nextGrant(t, b, 2*time.Second)
+	if g.ID != 7 || g.Key != "k" {
+		t.Fatalf("grant: %+v", g)
+	}
+	give(t, b, g.Key) // its waiter left: give it back, to A's ticket 2
+	g = nextGrant(t, a, 2*time.Second)
+	if g.ID != 2 {
+		t.Fatalf("grant after give back: %+v", g)
+	}
+	wantCounts(t, a, 1, 0)
+	give(t, a, "k")
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
+// renewLoop renews s every RenewEvery(lease) until the test ends.
+func renewLoop(t testing.TB, s FleetStore) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tick := time.NewTicker(RenewEvery(s.Lease()))
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				if _, err := s.Renew(ctx, NodeState{}); err != nil && ctx.Err() == nil {
+					t.Errorf("renew %s: %v", s.NodeID(), err)
+				}
+			}
+		}
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+}
+
+// A node that stops renewing (crashed) is reaped by another node's
+// renewals within lease + 1 s: its slots and tickets are gone and its
+// slots go to the other nodes' waiters. It then finds itself lapsed, and
+// repairs by registering what it still holds.
+func TestRedisFleetReapsANodeThatStoppedRenewing(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	const lease = time.Second
+	a := newFleet(t, r, testZone, "A", withLease(lease))
+	b := newFleet(t, r, testZone, "B", withLease(lease))
+	mustRegister(t, a, NodeState{Limits: fifo(2, 0)})
+	mustRegister(t, b, NodeState{})
+	take(t, a, Ticket{ID: 1}, Admitted)
+	take(t, a, Ticket{ID: 2}, Admitted)
+	take(t, a, Ticket{ID: 3}, Queued)
+	take(t, b, Ticket{ID: 1}, Queued)
+	take(t, b, Ticket{ID: 2}, Queued)
+	if _, err := a.Renew(tctx(t), NodeState{Active: 2, Waiters: 1}); err != nil {
+		t.Fatal(err)
+	}
+	lastRenewal := time.Now() // A renews no more from here
+	renewLoop(t, b)
+	g1 := nextGrant(t, b, lease+2*time.Second)
+	g2 := nextGrant(t, b, time.Second)
+	took := time.Since(lastRenewal)
+	t.Logf("A's slots reached B's waiters %s after A's last renewal (lease %s)", took.Round(time.Millisecond), lease)
+	if took > lease+time.Second+200*time.Millisecond {
+		t.Errorf("reaped after %s, want within lease + 1 s", took)
+	}
+	if g1.ID != 1 || g2.ID != 2 {
+		t.Errorf("grants %+v %+v, want B's tickets 1 and 2", g1, g2)
+	}
+	st := status(t, b)
+	if st.Active != 2 || st.Waiting != 0 || len(st.Nodes) != 1 || st.Nodes[0].ID != "B" {
+		t.Fatalf("after reaping: %+v", st)
+	}
+	checkStore(t, r, testZone)
+	for _, k := range []string{"held:A", "tickets:A", "grants:A"} {
+		if n := r.Admin().Exists(tctx(t), "connlimit:{db}:"+k).Val(); n != 0 {
+			t.Errorf("%s left behind", k)
+		}
+	}
+	for _, h := range []string{"info", "epochs"} {
+		if r.Admin().HExists(tctx(t), "connlimit:{db}:"+h, "A").Val() {
+			t.Errorf("A left behind in %s", h)
+		}
+	}
+
+	// A comes back: lapsed; it admits nobody new until it registers.
+	fs, err := a.Renew(tctx(t), NodeState{})
+	if err != nil || !fs.Lapsed || fs.Epoch != 0 {
+		t.Fatalf("renew after reaping: %+v, %v", fs, err)
+	}
+	_, _, err = a.Take(tctx(t), Ticket{ID: 4})
+	var fe *FleetError
+	if !errors.Is(err, ErrLapsed) || !errors.As(err, &fe) || fe.Uncertain || fe.Op != "take" {
+		t.Fatalf("take while lapsed: %v", err)
+	}
+	// It still serves its 2 connections: the fleet's count becomes the
+	// truth (4 > max 2) and nobody is admitted until it is below max.
+	mustRegister(t, a, NodeState{Held: map[string]int{"": 2}, Waiting: []Ticket{{ID: 3}}})
+	wantCounts(t, a, 4, 1)
+	give(t, b, "")
+	give(t, b, "")
+	noGrant(t, a, 100*time.Millisecond)
+	give(t, a, "")
+	if g := nextGrant(t, a, time.Second); g.ID != 3 {
+		t.Fatalf("grant: %+v", g)
+	}
+	wantCounts(t, a, 2, 0)
+	give(t, a, "")
+	give(t, a, "")
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
+// Register repairs a node's counts: its held slots replace the store's,
+// its tickets are queued anew (at the end of the line), its undelivered
+// grants are dropped (their tickets are re-queued) and grants carry the
+// epoch of the registration they were made under.
+func TestRedisFleetRegisterRepairs(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	fa := mustRegister(t, a, NodeState{Limits: fifo(3, 0)})
+	mustRegister(t, b, NodeState{})
+	take(t, a, Ticket{ID: 1}, Admitted)
+	take(t, b, Ticket{ID: 1}, Admitted)
+	take(t, b, Ticket{ID: 2}, Admitted)
+	take(t, a, Ticket{ID: 2}, Queued)
+	take(t, b, Ticket{ID: 3}, Queued)
+	take(t, a, Ticket{ID: 3}, Queued)
+	give(t, b, "") // granted to A's ticket 2, not yet delivered
+	wantCounts(t, a, 3, 2)
+
+	// A lost track (an uncertain reply): it registers what it knows. It
+	// holds 1 (its grant was not delivered: ticket 2 still waits there),
+	// and tickets 2 and 3 wait. Its old grant is dropped, its tickets go
+	// to the end of the line, behind B's ticket 3.
+	fa2 := mustRegister(t, a, NodeState{Held: map[string]int{"": 1}, Waiting: []Ticket{{ID: 2}, {ID: 3}}})
+	if fa2.Epoch <= fa.Epoch {
+		t.Fatalf("epoch %d after %d", fa2.Epoch, fa.Epoch)
+	}
+	// the slot it gave up was granted at once to B's ticket 3, now first
+	// in line
+	wantCounts(t, a, 3, 2)
+	checkStore(t, r, testZone)
+	gb := nextGrant(t, b, time.Second)
+	if gb.ID != 3 {
+		t.Fatalf("grant for B: %+v", gb)
+	}
+	give(t, b, "")
+	ga := nextGrant(t, a, time.Second)
+	if ga.ID != 2 || ga.Epoch != fa2.Epoch {
+		t.Fatalf("grant for A: %+v (epoch %d)", ga, fa2.Epoch)
+	}
+
+	// Register with more held than the store knows, and a grant
+	// delivered while the registration is on its way: its epoch is the
+	// old one, so the node drops it (its ticket was in Waiting).
+	give(t, b, "") // to A's ticket 3 (epoch fa2)
+	old := nextGrant(t, a, time.Second)
+	fa3 := mustRegister(t, a, NodeState{Held: map[string]int{"": 2}, Waiting: []Ticket{{ID: 3}}})
+	if old.Epoch == fa3.Epoch {
+		t.Fatalf("grant epoch %d is the new registration's", old.Epoch)
+	}
+	// A holds 2, B 0: one free slot, granted at once to ticket 3 again
+	g := nextGrant(t, a, time.Second)
+	if g.ID != 3 || g.Epoch != fa3.Epoch {
+		t.Fatalf("grant after register: %+v, epoch %d", g, fa3.Epoch)
+	}
+	wantCounts(t, a, 3, 0)
+	// Register with nothing: everything of A is gone
+	mustRegister(t, a, NodeState{})
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
+// SetLimits (newest wins, by the store's clock) grants what a raise frees;
+// pause stops every admission and grant of the fleet, resume grants.
+func TestRedisFleetLimitsAndPause(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	_, _, err := a.Take(tctx(t), Ticket{ID: 1})
+	if !errors.Is(err, ErrLapsed) {
+		t.Fatalf("take before register: %v", err)
+	}
+	fs := mustRegister(t, a, NodeState{})
+	if !fs.LimitsSet.IsZero() || fs.Limits.MaxConnections != 0 {
+		t.Fatalf("no limits yet: %+v", fs)
+	}
+	if _, _, err := a.Take(tctx(t), Ticket{ID: 1}); !errors.Is(err, ErrNoLimits) {
+		t.Fatalf("take without limits: %v", err)
+	}
+	mustRegister(t, b, NodeState{})
+	mustSetLimits(t, a, Limits{MaxConnections: 1, MaxWaiting: 2, WaitTimeout: 1500 * time.Millisecond, Order: LIFO})
+	fs, err = b.Renew(tctx(t), NodeState{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Limits{MaxConnections: 1, MaxWaiting: 2, WaitTimeout: 1500 * time.Millisecond, Order: LIFO}
+	if fs.Limits != want || fs.LimitsSet.IsZero() || time.Since(fs.LimitsSet).Abs() > time.Minute {
+		t.Fatalf("limits seen by B: %+v", fs)
+	}
+	set1 := fs.LimitsSet
+
+	take(t, a, Ticket{ID: 1}, Admitted)
+	take(t, b, Ticket{ID: 1}, Queued)
+	take(t, b, Ticket{ID: 2}, Queued)
+	if out, why, err := a.Take(tctx(t), Ticket{ID: 2}); err != nil || out != Rejected || why != ReasonQueueFull {
+		t.Fatalf("take with the line full: %v %v %v", out, why, err)
+	}
+	take(t, a, Ticket{ID: 3, Key: "x"}, Admitted)
+
+	// a raise grants at once
+	time.Sleep(2 * time.Millisecond)
+	mustSetLimits(t, b, fifo(3, -1))
+	g1, g2 := nextGrant(t, b, time.Second), nextGrant(t, b, time.Second)
+	if g1.ID != 1 || g2.ID != 2 {
+		t.Fatalf("grants after raise: %+v %+v", g1, g2)
+	}
+	if out, why, err := a.Take(tctx(t), Ticket{ID: 4}); err != nil || out != Rejected || why != ReasonNoWaiting {
+		t.Fatalf("take with max_waiting -1: %v %v %v", out, why, err)
+	}
+	fs, _ = a.Renew(tctx(t), NodeState{})
+	if !fs.LimitsSet.After(set1) || fs.Limits.MaxConnections != 3 {
+		t.Fatalf("limits after the second set: %+v (first set %s)", fs, set1)
+	}
+
+	// pause: nobody is admitted, not even below max
+	mustSetLimits(t, a, fifo(5, 0))
+	if err := b.SetPaused(tctx(t), true); err != nil {
+		t.Fatal(err)
+	}
+	take(t, a, Ticket{ID: 5}, Queued)
+	give(t, a, "")
+	noGrant(t, a, 100*time.Millisecond)
+	fs, _ = a.Renew(tctx(t), NodeState{})
+	if !fs.Paused {
+		t.Fatal("not paused")
+	}
+	if err := a.SetPaused(tctx(t), false); err != nil {
+		t.Fatal(err)
+	}
+	if g := nextGrant(t, a, time.Second); g.ID != 5 {
+		t.Fatalf("grant at resume: %+v", g)
+	}
+	wantCounts(t, a, 4, 0)
+	checkStore(t, r, testZone)
+}
+
+// Redis restarts empty: every node finds itself lapsed, re-registers what
+// it holds and who waits there (the first one with its limits), and the
+// fleet goes on from the truth.
+func TestRedisFleetStoreRestartsEmpty(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	l := fifo(1, 0)
+	mustRegister(t, a, NodeState{Limits: l})
+	mustRegister(t, b, NodeState{})
+	grants := grantsOf(t, b)
+	take(t, a, Ticket{ID: 1}, Admitted)
+	take(t, b, Ticket{ID: 1}, Queued)
+
+	r.Kill()
+	r.Restart()
+	var fs FleetState
+	var err error
+	for range 40 { // the client may need a moment to dial again
+		if fs, err = a.Renew(tctx(t), NodeState{}); err == nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil || !fs.Lapsed {
+		t.Fatalf("renew after restart: %+v, %v", fs, err)
+	}
+	if _, _, err := a.Take(tctx(t), Ticket{ID: 2}); !errors.Is(err, ErrLapsed) {
+		t.Fatalf("take after restart: %v", err)
+	}
+	mustRegister(t, b, NodeState{Waiting: []Ticket{{ID: 1}}})
+	fs = mustRegister(t, a, NodeState{Held: map[string]int{"": 1}, Limits: l})
+	if fs.Limits != l || fs.Active != 1 || fs.Waiting != 1 {
+		t.Fatalf("after re-registering: %+v", fs)
+	}
+	give(t, a, "")
+	if g := recvGrant(t, grants, 3*time.Second); g.t.ID != 1 {
+		t.Fatalf("grant: %+v", g)
+	}
+	give(t, b, "")
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
+// A key of the wrong type or a garbled value under the prefix gives a
+// clear error, naming the zone and the operation, and no panic; a garbled
+// list member or grant is dropped.
+func TestRedisFleetBadData(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	ctx := tctx(t)
+	adm := r.Admin()
+	base := "connlimit:{db}"
+	a := newFleet(t, r, testZone, "A")
+	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
+	take(t, a, Ticket{ID: 1}, Admitted)
+
+	check := func(what string, err error, want string) {
+		t.Helper()
+		var fe *FleetError
+		if err == nil || !errors.As(err, &fe) || fe.Uncertain || fe.Zone != testZone ||
+			!strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), `zone "db"`) {
+			t.Errorf("%s: got %v, want a FleetError with %q", what, err, want)
+		}
+	}
+	// wrong types
+	adm.Set(ctx, base+":active", "x", 0)
+	_, _, err := a.Take(ctx, Ticket{ID: 2})
+	check("take, active a string", err, "WRONGTYPE")
+	check("give, active a string", a.Give(ctx, ""), "WRONGTYPE")
+	adm.Del(ctx, base+":active")
+	adm.HSet(ctx, base+":active", "", 1)
+	adm.Set(ctx, base+":cfg", "x", 0)
+	_, err = a.Renew(ctx, NodeState{})
+	check("renew, cfg a string", err, "WRONGTYPE")
+	_, err = a.Status(ctx)
+	check("status, cfg a string", err, "WRONGTYPE")
+	adm.Del(ctx, base+":cfg")
+	adm.Del(ctx, base+":nodes")
+	adm.LPush(ctx, base+":nodes", "A")
+	_, _, err = a.Take(ctx, Ticket{ID: 2})
+	check("take, nodes a list", err, "WRONGTYPE")
+	_, err = a.Register(ctx, NodeState{})
+	check("register, nodes a list", err, "WRONGTYPE")
+	adm.Del(ctx, base+":nodes")
+
+	// garbled values
+	mustRegister(t, a, NodeState{Held: map[string]int{"": 1}, Limits: fifo(1, 0)})
+	for _, tc := range []struct{ field, value, want string }{
+		{"max", "many", "garbled value in cfg.max"},
+		{"max", "0", "garbled value in cfg.max"},
+		{"order", "random", "garbled value in cfg.order"},
+		{"paused", "yes", "garbled value in cfg.paused"},
+		{"wait_ms", "1.5", "garbled value in cfg.wait_ms"},
+	} {
+		old := adm.HGet(ctx, base+":cfg", tc.field).Val()
+		adm.HSet(ctx, base+":cfg", tc.field, tc.value)
+		_, _, err := a.Take(ctx, Ticket{ID: 2})
+		check("take, cfg."+tc.field+" "+tc.value, err, tc.want)
+		_, err = a.Renew(ctx, NodeState{})
+		check("renew, cfg."+tc.field+" "+tc.value, err, tc.want)
+		if old == "" {
+			adm.HDel(ctx, base+":cfg", tc.field)
+		} else {
+			adm.HSet(ctx, base+":cfg", tc.field, old)
+		}
+	}
+	adm.HSet(ctx, base+":held:A", "", "one")
+	check("give, held garbled", a.Give(ctx, ""), "garbled value in held:A")
+	adm.HSet(ctx, base+":held:A", "", 1)
+	adm.HSet(ctx, base+":waiting", "", "\x00\xff")
+	_, _, err = a.Take(ctx, Ticket{ID: 2})
+	check("take, waiting garbled", err, "garbled value in waiting")
+	// Register repairs a garbled count of its own keys
+	mustRegister(t, a, NodeState{Held: map[string]int{"": 1}})
+	adm.HDel(ctx, base+":waiting", "")
+	adm.HDel(ctx, base+":tot", "w")
+
+	// a garbled member of a waiting list is dropped at its turn
+	take(t, a, Ticket{ID: 3}, Queued)
+	adm.ZAdd(ctx, base+":q:0:", redis.Z{Score: 0, Member: "not a ticket"})
+	adm.HIncrBy(ctx, base+":waiting", "", 1)
+	adm.HIncrBy(ctx, base+":tot", "w", 1)
+	give(t, a, "")
+	if g := nextGrant(t, a, time.Second); g.ID != 3 {
+		t.Fatalf("grant after a garbled member: %+v", g)
+	}
+	// a garbled grant is an error of NextGrant, and the next one comes
+	adm.RPush(ctx, base+":grants:A", "garbage")
+	_, err = a.NextGrant(ctx)
+	check("grant garbled", err, "garbled grant")
+	give(t, a, "")
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
+// Zone names and prefixes that would move the hash tag are refused.
+func TestRedisFleetNames(t *testing.T) {
+	for _, tc := range []struct{ prefix, zone string }{
+		{"", ""}, {"", "a{b"}, {"", "a}"}, {"x{}", "db"}, {"{", "db"},
+	} {
+		if _, err := NewRedisFleet(RedisOptions{Address: "127.0.0.1:1", KeyPrefix: tc.prefix}, tc.zone, "n"); err == nil {
+			t.Errorf("prefix %q zone %q: no error", tc.prefix, tc.zone)
+		}
+	}
+	if _, err := NewRedisFleet(RedisOptions{Address: "127.0.0.1:1", Lease: 999 * time.Millisecond}, "db", "n"); err == nil {
+		t.Error("lease below 1s: no error")
+	}
+	s, err := NewRedisFleet(RedisOptions{Address: "127.0.0.1:1"}, "db", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if s.NodeID() == "" || s.Lease() != DefaultLease {
+		t.Errorf("defaults: node %q lease %s", s.NodeID(), s.Lease())
+	}
+}
+
+// Password (requirepass, and an ACL user) and TLS.
+func TestRedisFleetAuthAndTLS(t *testing.T) {
+	roundTrip := func(t *testing.T, s FleetStore) {
+		t.Helper()
+		mustRegister(t, s, NodeState{Limits: fifo(1, 0)})
+		take(t, s, Ticket{ID: 1}, Admitted)
+		give(t, s, "")
+	}
+	t.Run("password", func(t *testing.T) {
+		r := startRedis(t, redisConfig{Password: "pa ss{word}", User: "alice", UserPassword: "secret"})
+		roundTrip(t, newFleet(t, r, testZone, "A"))
+		roundTrip(t, newFleet(t, r, testZone, "B", func(o *RedisOptions) { o.Username, o.Password = "alice", "secret" }))
+		bad := newFleet(t, r, testZone, "C", func(o *RedisOptions) { o.Password = "wrong" })
+		_, err := bad.Register(tctx(t), NodeState{})
+		var fe *FleetError
+		if !errors.As(err, &fe) || !strings.Contains(err.Error(), "WRONGPASS") {
+			t.Fatalf("wrong password: %v", err)
+		}
+		none := newFleet(t, r, testZone, "D", func(o *RedisOptions) { o.Password = "" })
+		if _, err := none.Renew(tctx(t), NodeState{}); err == nil || !strings.Contains(err.Error(), "NOAUTH") {
+			t.Fatalf("no password: %v", err)
+		}
+	})
+	t.Run("tls", func(t *testing.T) {
+		r := startRedis(t, redisConfig{TLS: true})
+		roundTrip(t, newFleet(t, r, testZone, "A"))
+		start := time.Now()
+		plain := newFleet(t, r, testZone, "B", func(o *RedisOptions) { o.TLS = nil })
+		if _, err := plain.Renew(tctx(t), NodeState{}); err == nil {
+			t.Fatal("plain text to a TLS port: no error")
+		}
+		if d := time.Since(start); d > 3*time.Second {
+			t.Errorf("plain text to a TLS port: error after %s", d)
+		}
+	})
+}
+
+// Redis down, or hanging: every call returns an error within about the
+// timeout (never hangs), NextGrant too; the store can be made while Redis
+// is down; once it is back, the node finds itself lapsed and registers.
+func TestRedisFleetStoreDown(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
+	take(t, a, Ticket{ID: 1}, Admitted)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	grantErr := make(chan error, 1)
+	go func() {
+		_, err := a.NextGrant(ctx)
+		grantErr <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // its BLPOP is armed
+	r.Kill()
+
+	calls := map[string]func(s FleetStore) error{
+		"take":     func(s FleetStore) error { _, _, err := s.Take(tctx(t), Ticket{ID: 9}); return err },
+		"give":     func(s FleetStore) error { return s.Give(tctx(t), "") },
+		"leave":    func(s FleetStore) error { _, err := s.Leave(tctx(t), Ticket{ID: 9}); return err },
+		"renew":    func(s FleetStore) error { _, err := s.Renew(tctx(t), NodeState{}); return err },
+		"register": func(s FleetStore) error { _, err := s.Register(tctx(t), NodeState{}); return err },
+		"limits":   func(s FleetStore) error { return s.SetLimits(tctx(t), fifo(2, 0)) },
+		"pause":    func(s FleetStore) error { return s.SetPaused(tctx(t), true) },
+		"status":   func(s FleetStore) error { _, err := s.Status(tctx(t)); return err },
+	}
+	late := newFleet(t, r, testZone, "B") // made while Redis is down
+	for _, s := range []FleetStore{a, late} {
+		for name, call := range calls {
+			start := time.Now()
+			err := call(s)
+			var fe *FleetError
+			if err == nil || !errors.As(err, &fe) || !fe.Uncertain {
+				t.Errorf("%s %s with Redis down: %v", s.NodeID(), name, err)
+			}
+			if d := time.Since(start); d > 1500*time.Millisecond {
+				t.Errorf("%s %s with Redis down took %s", s.NodeID(), name, d)
+			}
+		}
+	}
+	select {
+	case err := <-grantErr:
+		if err == nil {
+			t.Error("NextGrant with Redis down: no error")
+		}
+	case <-time.After(2 * time.Second):
+		t.Error("NextGrant with Redis down: no error within 2 s")
+	}
+
+	r.Restart()
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		fs, err := a.Renew(tctx(t), NodeState{})
+		if err == nil {
+			if !fs.Lapsed {
+				t.Fatalf("renew after an empty restart: %+v", fs)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("store still unreachable 3 s after restart: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	mustRegister(t, a, NodeState{Held: map[string]int{"": 1}, Limits: fifo(1, 0)})
+	wantCounts(t, a, 1, 0)
+
+	t.Run("hanging", func(t *testing.T) {
+		// a server that accepts and never answers
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var mu sync.Mutex
+		var conns []net.Conn
+		accepted := make(chan struct{})
+		go func() {
+			defer close(accepted)
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				conns = append(conns, c)
+				mu.Unlock()
+			}
+		}()
+		defer func() {
+			l.Close()
+			<-accepted
+			mu.Lock()
+			defer mu.Unlock()
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
+		s, err := NewRedisFleet(RedisOptions{Address: l.Addr().String(), Lease: time.Second}, testZone, "H")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err = s.NextGrant(ctx)
+		var fe *FleetError
+		if d := time.Since(start); !errors.As(err, &fe) || d > 2500*time.Millisecond {
+			t.Errorf("NextGrant against a hanging server: %v after %s", err, d)
+		} else {
+			t.Logf("NextGrant against a hanging server (lease 1s): error after %s", d.Round(time.Millisecond))
+		}
+		for _, name := range []string{"take", "renew"} {
+			start := time.Now()
+			err := calls[name](s)
+			d := time.Since(start)
+			var fe *FleetError
+			if !errors.As(err, &fe) || !fe.Uncertain || d > 1500*time.Millisecond {
+				t.Errorf("%s against a hanging server: %v after %s", name, err, d)
+			}
+			t.Logf("%s against a hanging server: error after %s", name, d.Round(time.Millisecond))
+		}
+	})
+}
+
+// An idle node costs only its renewals and a BLPOP re-armed once a lease,
+// whatever the number of waiters: 20 queued tickets idle for 3 s cost no
+// more commands than none.
+func TestRedisFleetIdleCommandCost(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	idle := func(zone string, waiters int) map[string]int64 {
+		a := newFleet(t, r, zone, "A")
+		b := newFleet(t, r, zone, "B")
+		mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
+		mustRegister(t, b, NodeState{})
+		take(t, a, Ticket{ID: 1}, Admitted)
+		for i := range waiters {
+			take(t, []FleetStore{a, b}[i%2], Ticket{ID: uint64(10 + i)}, Queued)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		var wg sync.WaitGroup
+		for _, s := range []FleetStore{a, b} {
+			wg.Add(2)
+			go func() { // the caller's grant loop
+				defer wg.Done()
+				for ctx.Err() == nil {
+					_, _ = s.NextGrant(ctx)
+				}
+			}()
+			go func() { // the caller's renewal loop
+				defer wg.Done()
+				tick := time.NewTicker(RenewEvery(s.Lease()))
+				defer tick.Stop()
+				for {
+					select {
+					case <-ctx.Done():
+						return
+					case <-tick.C:
+						_, _ = s.Renew(ctx, NodeState{Active: 1, Waiters: waiters / 2})
+					}
+				}
+			}()
+		}
+		// warm up: the BLPOPs armed, the renewals' connections made and
+		// their script loaded
+		time.Sleep(RenewEvery(a.Lease()) + 200*time.Millisecond)
+		r.ResetStats()
+		time.Sleep(3 * time.Second)
+		stats := r.CommandStats()
+		cancel()
+		wg.Wait()
+		_ = a.Close()
+		_ = b.Close()
+		return stats
+	}
+	none := idle("idle-none", 0)
+	twenty := idle("idle-twenty", 20)
+	// what the clients sent: the commands that scripts run are counted
+	// too, by name, and told apart by the fleet's own scripts' use
+	sent := map[string]bool{"evalsha": true, "eval": true, "blpop": true, "hello": true,
+		"auth": true, "select": true, "ping": true, "script|load": true}
+	total := func(m map[string]int64) (n int64) {
+		for c, v := range m {
+			if sent[c] {
+				n += v
+			}
+		}
+		return n
+	}
+	t.Logf("2 nodes idle 3 s (lease 2 s, renewal every %s): no waiters %v; 20 waiters %v",
+		RenewEvery(2*time.Second), none, twenty)
+	// one renewal a node per RenewEvery, one BLPOP re-armed per lease; a
+	// tick more or less where the 3 s window cuts them
+	if total(twenty) > total(none)+2 {
+		t.Errorf("20 waiters cost %d commands in 3 s, none %d", total(twenty), total(none))
+	}
+	if max := int64(2*(3*time.Second/RenewEvery(2*time.Second)+1) + 2*2 + 2); total(twenty) > max {
+		t.Errorf("20 waiters cost %d commands in 3 s, want at most %d", total(twenty), max)
+	}
+	for cmd, n := range twenty {
+		if sent[cmd] && cmd != "evalsha" && cmd != "blpop" {
+			t.Errorf("an idle node sent %s %d times", cmd, n)
+		}
+	}
+}
+
+// Many nodes' connections taking, waiting, leaving and giving at once:
+// the fleet never holds more than max, and everything is given back.
+func TestRedisFleetConcurrent(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	const max = 3
+	var nodes []FleetStore
+	for _, id := range []string{"A", "B", "C"} {
+		s := newFleet(t, r, testZone, id)
+		mustRegister(t, s, NodeState{Limits: fifo(max, 0)})
+		nodes = append(nodes, s)
+	}
+	var overMax atomic.Bool
+	var queued, left atomic.Int64
+	var held [2]atomic.Int64 // by key, as the nodes see it
+	keys := []string{"", "k"}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var wg, all sync.WaitGroup
+	for n, s := range nodes {
+		var mu sync.Mutex
+		waiting := map[uint64]chan Ticket{}
+		wg.Add(1)
+		go func() { // grant loop: hand each grant to its waiter, or give it back
+			defer wg.Done()
+			for {
+				g, err := s.NextGrant(ctx)
+				if err != nil {
+					return
+				}
+				mu.Lock()
+				ch := waiting[g.ID]
+				delete(waiting, g.ID)
+				mu.Unlock()
+				if ch != nil {
+					ch <- g
+				} else if err := s.Give(context.Background(), g.Key); err != nil {
+					t.Error(err)
+				}
+			}
+		}()
+		var conns sync.WaitGroup
+		for c := range 4 {
+			conns.Add(1)
+			go func() {
+				defer conns.Done()
+				for i := range 15 {
+					id := uint64(c*1000 + i + 1)
+					ki := (c + i) % 2
+					key := keys[ki]
+					ch := make(chan Ticket, 1)
+					mu.Lock()
+					waiting[id] = ch
+					mu.Unlock()
+					out, _, err := s.Take(context.Background(), Ticket{ID: id, Key: key, Priority: i % 3})
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					if out == Queued {
+						queued.Add(1)
+						select {
+						case <-ch:
+						case <-time.After(time.Duration(n+1) * 5 * time.Millisecond):
+							ok, err := s.Leave(context.Background(), Ticket{ID: id, Key: key, Priority: i % 3})
+							if err != nil {
+								t.Error(err)
+								return
+							}
+							if ok {
+								left.Add(1)
+								mu.Lock()
+								delete(waiting, id)
+								mu.Unlock()
+								continue
+							}
+							<-ch // granted meanwhile: it comes
+						}
+					} else {
+						mu.Lock()
+						delete(waiting, id)
+						mu.Unlock()
+					}
+					if held[ki].Add(1) > max {
+						overMax.Store(true)
+					}
+					time.Sleep(time.Millisecond)
+					held[ki].Add(-1)
+					if err := s.Give(context.Background(), key); err != nil {
+						t.Error(err)
+						return
+					}
+				}
+			}()
+		}
+		all.Add(1)
+		go func() { defer all.Done(); conns.Wait() }()
+	}
+	finished := make(chan struct{})
+	go func() { all.Wait(); close(finished) }()
+	select {
+	case <-finished:
+	case <-time.After(60 * time.Second):
+		t.Fatal("connections not done within 60 s")
+	}
+	wantCounts(t, nodes[0], 0, 0)
+	cancel()
+	wg.Wait()
+	if overMax.Load() {
+		t.Error("more than max held at once")
+	}
+	t.Logf("180 connections on 3 nodes: %d waited, %d of them left", queued.Load(), left.Load())
+	if queued.Load() == 0 {
+		t.Error("nobody waited")
+	}
+	checkStore(t, r, testZone)
+}
+
+// Take and give of a connection admitted at once: two round trips, one
+// after the other (serial), or from many connections at once (parallel).
+func BenchmarkRedisFleetTakeGive(b *testing.B) {
+	r := startRedis(b, redisConfig{})
+	s := newFleet(b, r, testZone, "A")
+	mustRegister(b, s, NodeState{Limits: fifo(1<<30, 0)})
+	renewLoop(b, s)
+	ctx := context.Background()
+	var ids atomic.Uint64
+	loop := func(b *testing.B, next func() bool) {
+		for next() {
+			out, _, err := s.Take(ctx, Ticket{ID: ids.Add(1)})
+			if err != nil || out != Admitted {
+				b.Errorf("take: %v %v", out, err)
+				return
+			}
+			if err := s.Give(ctx, ""); err != nil {
+				b.Error(err)
+				return
+			}
+		}
+	}
+	b.Run("serial", func(b *testing.B) { loop(b, b.Loop) })
+	b.Run("parallel", func(b *testing.B) {
+		b.SetParallelism(8)
+		b.RunParallel(func(pb *testing.PB) { loop(b, pb.Next) })
+	})
+}
+
+// In a Redis Cluster (of one node serving every slot), through a Cluster
+// client: every key of a zone is in the slot of its base key.
+func TestRedisFleetCluster(t *testing.T) {
+	r := startRedis(t, redisConfig{Cluster: true})
+	cluster := func(o *RedisOptions) { o.Cluster = true }
+	a := newFleet(t, r, testZone, "A", cluster)
+	b := newFleet(t, r, testZone, "B", cluster)
+	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
+	mustRegister(t, b, NodeState{})
+	take(t, a, Ticket{ID: 1, Key: "k{1}"}, Admitted)
+	take(t, b, Ticket{ID: 1, Key: "k{1}", Priority: 3}, Queued)
+	take(t, a, Ticket{ID: 2, Key: "k{1}"}, Queued)
+	checkStore(t, r, testZone)
+	ctx := tctx(t)
+	keys, err := r.Admin().Keys(ctx, "connlimit:*").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	slot := r.Admin().ClusterKeySlot(ctx, "connlimit:{db}").Val()
+	for _, k := range keys {
+		if s := r.Admin().ClusterKeySlot(ctx, k).Val(); s != slot {
+			t.Errorf("key %q in slot %d, the zone's is %d", k, s, slot)
+		}
+	}
+	if len(keys) < 10 {
+		t.Errorf("only %d keys: %q", len(keys), keys)
+	}
+	give(t, a, "k{1}")
+	if g := nextGrant(t, b, 2*time.Second); g.ID != 1 || g.Key != "k{1}" {
+		t.Fatalf("grant: %+v", g)
+	}
+	left, err := a.Leave(tctx(t), Ticket{ID: 2, Key: "k{1}"})
+	if err != nil || !left {
+		t.Fatalf("leave: %v %v", left, err)
+	}
+	give(t, b, "k{1}")
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+	if _, err := NewRedisFleet(RedisOptions{Address: r.Addr(), Cluster: true, DB: 1}, testZone, "C"); err == nil {
+		t.Error("db 1 with a Cluster: no error")
+	}
+}
+
+// Round trips per connection: 2 for one admitted at once (take, give), 3
+// for one that waited (take, its grant's BLPOP, give).
+func TestRedisFleetRoundTrips(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
+	mustRegister(t, b, NodeState{})
+	// load the scripts
+	take(t, a, Ticket{ID: 1}, Admitted)
+	take(t, b, Ticket{ID: 1}, Queued)
+	_, _ = b.Leave(tctx(t), Ticket{ID: 1})
+	give(t, a, "")
+	grants := grantsOf(t, b)
+	time.Sleep(50 * time.Millisecond) // B's BLPOP is armed
+
+	r.ResetStats()
+	take(t, a, Ticket{ID: 2}, Admitted)
+	give(t, a, "")
+	if got := r.CommandStats()["evalsha"]; got != 2 {
+		t.Errorf("admitted at once: %d scripts, want 2", got)
+	}
+
+	take(t, a, Ticket{ID: 3}, Admitted) // the holder
+	r.ResetStats()
+	take(t, b, Ticket{ID: 2}, Queued)
+	give(t, a, "") // the holder's own give
+	recvGrant(t, grants, time.Second)
+	give(t, b, "")
+	time.Sleep(50 * time.Millisecond) // the BLPOP re-armed
+	st := r.CommandStats()
+	// B: take, give (evalsha) and the BLPOP that delivered its grant; the
+	// holder's give is the holder's own. BLPOP: counted when served, the
+	// re-armed one not yet.
+	if st["evalsha"] != 3 || st["blpop"] != 1 {
+		t.Errorf("one that waited: %v, want 3 evalsha (2 of its own) and 1 blpop", st)
+	}
+}

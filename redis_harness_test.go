@@ -1,0 +1,344 @@
+package connlimit
+
+import (
+	"bufio"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// The fleet store's tests run against a real redis-server that each test
+// starts on a free loopback port (never a system-wide one), with no
+// persistence, and stops at cleanup. It can be killed (SIGKILL) and
+// started again, empty, on the same port.
+
+// redisConfig says how to start a test's redis-server.
+type redisConfig struct {
+	// Password sets requirepass; User and UserPassword add an ACL user.
+	Password, User, UserPassword string
+	// TLS: the server listens with TLS only, with a certificate for
+	// 127.0.0.1 and localhost from a CA made for the test.
+	TLS bool
+	// Cluster: the server is a Redis Cluster of one node, which serves
+	// every slot.
+	Cluster bool
+}
+
+type redisServer struct {
+	t    testing.TB
+	cfg  redisConfig
+	port int
+	dir  string
+
+	// with TLS: the CA's certificate file and a client config trusting it
+	caFile    string
+	clientTLS *tls.Config
+
+	mu    sync.Mutex
+	cmd   *exec.Cmd
+	done  chan struct{}
+	admin *redis.Client
+}
+
+// redisServerPath finds redis-server; a test without it is skipped, except
+// in CI (where .ci/run installs it) where it fails.
+func redisServerPath(t testing.TB) string {
+	t.Helper()
+	p, err := exec.LookPath("redis-server")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("redis-server not found: .ci/run installs it (apt-get install -y redis-server)")
+		}
+		t.Skip("redis-server not found (apt-get install -y redis-server)")
+	}
+	return p
+}
+
+// startRedis starts a redis-server for t, stopped at t's cleanup.
+func startRedis(t testing.TB, cfg redisConfig) *redisServer {
+	t.Helper()
+	redisServerPath(t)
+	r := &redisServer{t: t, cfg: cfg, dir: t.TempDir()}
+	if cfg.TLS {
+		r.makeCerts()
+	}
+	t.Cleanup(r.stop)
+	var err error
+	for range 5 { // another process may take the free port first
+		r.port = redisFreePort(t)
+		if err = r.start(); err == nil {
+			return r
+		}
+	}
+	t.Fatalf("starting redis-server: %v", err)
+	return nil
+}
+
+func redisFreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// Addr is the server's host:port.
+func (r *redisServer) Addr() string { return fmt.Sprintf("127.0.0.1:%d", r.port) }
+
+func (r *redisServer) args() []string {
+	a := []string{"--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+		"--dir", r.dir, "--logfile", filepath.Join(r.dir, "redis.log")}
+	if r.cfg.TLS {
+		a = append(a, "--port", "0", "--tls-port", strconv.Itoa(r.port),
+			"--tls-cert-file", filepath.Join(r.dir, "server.crt"),
+			"--tls-key-file", filepath.Join(r.dir, "server.key"),
+			"--tls-ca-cert-file", r.caFile,
+			"--tls-auth-clients", "no")
+	} else {
+		a = append(a, "--port", strconv.Itoa(r.port))
+	}
+	if r.cfg.Password != "" {
+		a = append(a, "--requirepass", r.cfg.Password)
+	}
+	if r.cfg.Cluster {
+		a = append(a, "--cluster-enabled", "yes",
+			"--cluster-config-file", filepath.Join(r.dir, fmt.Sprintf("nodes-%d.conf", r.port)))
+	}
+	if r.cfg.User != "" {
+		a = append(a, "--user", r.cfg.User, "on", ">"+r.cfg.UserPassword, "~*", "&*", "+@all")
+	}
+	return a
+}
+
+// start starts the server on r.port and waits until it answers.
+func (r *redisServer) start() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	cmd := exec.Command(redisServerPath(r.t), r.args()...)
+	cmd.Dir = r.dir
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	r.cmd, r.done = cmd, done
+	if r.admin == nil {
+		o := &redis.Options{Addr: r.Addr(), Password: r.cfg.Password, TLSConfig: r.clientTLS,
+			Protocol: 2, DisableIdentity: true, MaxRetries: 2, DialerRetries: 1,
+			DialTimeout: time.Second, ReadTimeout: 2 * time.Second}
+		if r.cfg.Password == "" && r.cfg.User != "" {
+			o.Username, o.Password = r.cfg.User, r.cfg.UserPassword
+		}
+		r.admin = redis.NewClient(o)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		select {
+		case <-done:
+			log, _ := os.ReadFile(filepath.Join(r.dir, "redis.log"))
+			return fmt.Errorf("redis-server exited: %s", tail(string(log), 400))
+		default:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		err := r.admin.Ping(ctx).Err()
+		if err == nil && r.cfg.Cluster {
+			err = r.clusterUp(ctx)
+		}
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			_ = cmd.Process.Kill()
+			<-done
+			return fmt.Errorf("redis-server on port %d does not answer: %v", r.port, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// clusterUp gives the one node every slot (unless it has them) and says
+// whether the cluster is up.
+func (r *redisServer) clusterUp(ctx context.Context) error {
+	info, err := r.admin.ClusterInfo(ctx).Result()
+	if err != nil {
+		return err
+	}
+	if strings.Contains(info, "cluster_slots_assigned:0") {
+		if err := r.admin.Do(ctx, "CLUSTER", "ADDSLOTSRANGE", 0, 16383).Err(); err != nil {
+			return err
+		}
+	}
+	if !strings.Contains(info, "cluster_state:ok") {
+		return fmt.Errorf("cluster not up yet")
+	}
+	return nil
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+// Kill kills the server with SIGKILL and waits until it is gone.
+func (r *redisServer) Kill() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cmd == nil {
+		return
+	}
+	_ = r.cmd.Process.Kill()
+	<-r.done
+	r.cmd = nil
+}
+
+// Restart starts the (killed) server again on the same port, empty.
+func (r *redisServer) Restart() {
+	r.t.Helper()
+	var err error
+	for range 20 { // the port is free at once after a kill; bounded anyway
+		if err = r.start(); err == nil {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	r.t.Fatalf("restarting redis-server: %v", err)
+}
+
+func (r *redisServer) stop() {
+	r.Kill()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.admin != nil {
+		_ = r.admin.Close()
+		r.admin = nil
+	}
+}
+
+// Admin is a client of the server for the test's own reads and writes.
+func (r *redisServer) Admin() *redis.Client { return r.admin }
+
+// ResetStats resets INFO commandstats.
+func (r *redisServer) ResetStats() {
+	r.t.Helper()
+	if err := r.admin.ConfigResetStat(context.Background()).Err(); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+// CommandStats returns the calls of each command since the last
+// ResetStats (lower case names, "evalsha", "blpop", ...), not counting
+// the INFO and CONFIG commands of the harness itself.
+func (r *redisServer) CommandStats() map[string]int64 {
+	r.t.Helper()
+	s, err := r.admin.Info(context.Background(), "commandstats").Result()
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	calls := make(map[string]int64)
+	sc := bufio.NewScanner(strings.NewReader(s))
+	for sc.Scan() {
+		line := strings.TrimSpace(sc.Text())
+		name, rest, ok := strings.Cut(line, ":")
+		if !ok || !strings.HasPrefix(name, "cmdstat_") {
+			continue
+		}
+		name = strings.TrimPrefix(name, "cmdstat_")
+		if name == "info" || strings.HasPrefix(name, "config") {
+			continue
+		}
+		for _, f := range strings.Split(rest, ",") {
+			if v, ok := strings.CutPrefix(f, "calls="); ok {
+				n, _ := strconv.ParseInt(v, 10, 64)
+				calls[name] = n
+			}
+		}
+	}
+	return calls
+}
+
+// makeCerts writes a CA and a server certificate (127.0.0.1, localhost)
+// signed by it into r.dir, and sets r.clientTLS to trust the CA.
+func (r *redisServer) makeCerts() {
+	t := r.t
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	ca := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "connlimit test CA"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(24 * time.Hour),
+		IsCA:                  true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	caCert, err := x509.ParseCertificate(caDER)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &x509.Certificate{
+		SerialNumber: big.NewInt(2),
+		Subject:      pkix.Name{CommonName: "localhost"},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+	}
+	srvDER, err := x509.CreateCertificate(rand.Reader, srv, caCert, &srvKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvKeyDER, err := x509.MarshalECPrivateKey(srvKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := func(name, typ string, der []byte) {
+		b := pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})
+		if err := os.WriteFile(filepath.Join(r.dir, name), b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("ca.crt", "CERTIFICATE", caDER)
+	write("server.crt", "CERTIFICATE", srvDER)
+	write("server.key", "EC PRIVATE KEY", srvKeyDER)
+	r.caFile = filepath.Join(r.dir, "ca.crt")
+	pool := x509.NewCertPool()
+	pool.AddCert(caCert)
+	r.clientTLS = &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12}
+}
