@@ -1268,3 +1268,40 @@ func TestRedisFleetRoundTrips(t *testing.T) {
 		t.Errorf("one that waited: %v, want 3 evalsha (2 of its own) and 1 blpop", st)
 	}
 }
+
+// A slot freed on one node reaching a waiter of another: each iteration
+// queues a waiter on one node, frees the other's slot and waits for the
+// grant; the roles then swap. handoff-p50/p99 are from the give's call
+// until NextGrant returned on the other node.
+func BenchmarkRedisFleetHandoff(b *testing.B) {
+	r := startRedis(b, redisConfig{})
+	a := newFleet(b, r, testZone, "A")
+	c := newFleet(b, r, testZone, "B")
+	mustRegister(b, a, NodeState{Limits: fifo(1, 0)})
+	mustRegister(b, c, NodeState{})
+	renewLoop(b, a)
+	renewLoop(b, c)
+	ctx := context.Background()
+	take(b, a, Ticket{ID: 1}, Admitted)
+	holder, waiter := a, c
+	var took []time.Duration
+	id := uint64(1)
+	for b.Loop() {
+		id++
+		if out, _, err := waiter.Take(ctx, Ticket{ID: id}); err != nil || out != Queued {
+			b.Fatalf("take: %v %v", out, err)
+		}
+		start := time.Now()
+		if err := holder.Give(ctx, ""); err != nil {
+			b.Fatal(err)
+		}
+		if g, err := waiter.NextGrant(ctx); err != nil || g.ID != id {
+			b.Fatalf("grant: %+v %v", g, err)
+		}
+		took = append(took, time.Since(start))
+		holder, waiter = waiter, holder
+	}
+	sort.Slice(took, func(i, j int) bool { return took[i] < took[j] })
+	b.ReportMetric(float64(took[len(took)/2].Microseconds()), "handoff-p50-µs")
+	b.ReportMetric(float64(took[len(took)*99/100].Microseconds()), "handoff-p99-µs")
+}
