@@ -23,6 +23,9 @@ import (
 //		overflow {
 //			<handler> [<args...>]
 //		}
+//		store <backend> {
+//			<backend options...>
+//		}
 //	}
 //
 // max_connections is required, on the first line or in the block (not both).
@@ -124,6 +127,13 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("connection_limit: option '%s' %v", name, perr)
 			}
 			h.Release = d.Val()
+		case "store":
+			raw, err := parseStoreCaddyfile(d)
+			if err != nil {
+				return err
+			}
+			h.StoreRaw = raw
+			continue
 		case "overflow":
 			if d.NextArg() {
 				return d.Errf("connection_limit: option '%s' takes a block of handlers, not '%s'", name, d.Val())

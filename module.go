@@ -76,6 +76,14 @@ type Handler struct {
 	// everyone in the zone. Without a zone, each handler counts alone.
 	Zone string `json:"zone,omitempty"`
 
+	// Shares the zone with every Caddy process whose handlers name the
+	// same zone and store: max_connections, max_waiting and the waiting
+	// order then hold across the fleet, while each process keeps its own
+	// waiters, unread. A module of layer4.connection_limit.stores (inline
+	// key "backend"; "redis" is built in). Requires zone. Default: none,
+	// the zone is this process's alone.
+	StoreRaw json.RawMessage `json:"store,omitempty" caddy:"namespace=layer4.connection_limit.stores inline_key=backend"`
+
 	// A separate count and waiting list for each distinct value of this
 	// placeholder expression, for example {l4.conn.remote_ip}:
 	// max_connections and max_waiting then apply per key value. An empty
@@ -150,9 +158,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.overflow = chain.Compile()
 	}
+	var fleet *Fleet
+	if h.StoreRaw != nil {
+		if h.Zone == "" {
+			return fmt.Errorf("store: needs a zone: the zone's name (with the store's key_prefix) names the fleet's shared state")
+		}
+		mod, err := ctx.LoadModule(h, "StoreRaw")
+		if err != nil {
+			return fmt.Errorf("loading store: %v", err)
+		}
+		fleet = storeFleet(mod.(StoreModule))
+	}
 	// The config's context identifies the config: handlers of one config
 	// that share a zone must agree on its settings.
-	h.zone, h.leave, err = zoneRegistry.Use(h.Zone, ctx.Context, limits)
+	h.zone, h.leave, err = zoneRegistry.Use(h.Zone, ctx.Context, limits, fleet)
 	if err != nil {
 		return err
 	}

@@ -79,6 +79,7 @@ type keyState struct {
 	key     string
 	active  int
 	waiting int
+	asking  int      // fleet zones: connections whose Take is in flight
 	levels  []*level // by priority, highest first; empty levels are kept
 }
 

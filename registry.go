@@ -41,6 +41,7 @@ type zoneUser struct {
 	owner     any
 	gen       uint64
 	limits    Limits
+	fleet     *Fleet // nil: the zone counts in this process alone
 	refs      int
 	confirmed bool
 }
@@ -59,13 +60,17 @@ func (r *Registry) observer(name string) Observer {
 }
 
 // Use registers one handler of config owner that uses the zone name (""
-// for a private zone of its own) with limits l, and returns the zone and
-// the function with which the handler leaves it (when it is cleaned up;
-// later calls change nothing). Two handlers of one config that name the same zone with
-// different limits are an error.
-func (r *Registry) Use(name string, owner any, l Limits) (*Zone, func(), error) {
+// for a private zone of its own) with limits l, and, if fleet is not nil,
+// shares it with other processes through fleet's store. It returns the
+// zone and the function with which the handler leaves it (when it is
+// cleaned up; later calls change nothing). Two handlers of one config
+// that name the same zone with different limits or stores are an error.
+func (r *Registry) Use(name string, owner any, l Limits, fleet *Fleet) (*Zone, func(), error) {
 	if err := l.Validate(); err != nil {
 		return nil, nil, err
+	}
+	if fleet != nil && name == "" {
+		return nil, nil, fmt.Errorf("store: needs a zone: its name names the fleet's shared state")
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -91,14 +96,22 @@ func (r *Registry) Use(name string, owner any, l Limits) (*Zone, func(), error) 
 			return nil, nil, fmt.Errorf("zone %q is configured twice in one config with different settings (%s); every handler of a zone must have the same max_connections, max_waiting, wait_timeout and order",
 				name, limitsDiff(u.limits, l))
 		}
+		if d := fleetDiff(u.fleet, fleet); d != "" {
+			return nil, nil, fmt.Errorf("zone %q is configured twice in one config with different store settings (%s); every handler of a zone must give the same store",
+				name, d)
+		}
 		u.refs++
 		return e.zone, r.leaver(e, u), nil
 	}
-	u := &zoneUser{owner: owner, gen: r.gen, limits: l, refs: 1, confirmed: len(e.users) == 0}
-	e.users = append(e.users, u)
+	u := &zoneUser{owner: owner, gen: r.gen, limits: l, fleet: fleet, refs: 1, confirmed: len(e.users) == 0}
 	if u.confirmed {
+		if err := e.zone.setFleet(fleet); err != nil {
+			r.sweep()
+			return nil, nil, err
+		}
 		e.zone.SetLimits(l)
 	}
+	e.users = append(e.users, u)
 	return e.zone, r.leaver(e, u), nil
 }
 
@@ -113,6 +126,20 @@ func limitsDiff(a, b Limits) string {
 	default:
 		return fmt.Sprintf("order %s and %s", a.Order, b.Order)
 	}
+}
+
+// fleetDiff names the first store setting in which two handlers differ.
+func fleetDiff(a, b *Fleet) string {
+	switch {
+	case a == nil && b == nil:
+		return ""
+	case a == nil || b == nil:
+		return "store given by one and not the other"
+	}
+	if d := a.Differs(b); d != "" {
+		return "store " + d
+	}
+	return ""
 }
 
 func (r *Registry) leaver(e *zoneEntry, u *zoneUser) func() {
@@ -134,8 +161,11 @@ func (r *Registry) leave(e *zoneEntry, u *zoneUser) {
 	}
 	if len(e.users) == 0 {
 		// Nobody configures the zone any more: its connections drain
-		// under the last settings, and a pause must not strand them.
-		e.zone.SetPaused(false)
+		// under the last settings, and a pause must not strand them
+		// (a fleet's pause is the fleet's: it stays).
+		if e.zone.node.Load() == nil {
+			e.zone.SetPaused(false)
+		}
 		r.sweep()
 		return
 	}
@@ -153,6 +183,13 @@ func (r *Registry) leave(e *zoneEntry, u *zoneUser) {
 			newest = v
 		}
 	}
+	if err := e.zone.setFleet(newest.fleet); err != nil {
+		// Its store was provisioned with its config, and opens without
+		// I/O: should it fail, the zone counts here alone, and says why.
+		if fo, ok := e.zone.obs.(FleetObserver); ok {
+			fo.StoreReached(FleetState{}, err)
+		}
+	}
 	e.zone.SetLimits(newest.limits)
 }
 
@@ -164,7 +201,11 @@ func (r *Registry) sweep() {
 			return false
 		}
 		a, w := e.zone.Counts()
-		return a == 0 && w == 0
+		if a != 0 || w != 0 {
+			return false
+		}
+		e.zone.leaveFleet()
+		return true
 	}
 	for name, e := range r.named {
 		if drained(e) {

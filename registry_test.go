@@ -16,7 +16,7 @@ type owner struct{ name string }
 
 func mustUse(t *testing.T, r *Registry, name string, o any, l Limits) (*Zone, func()) {
 	t.Helper()
-	z, release, err := r.Use(name, o, l)
+	z, release, err := r.Use(name, o, l, nil)
 	if err != nil {
 		t.Fatalf("Use(%q, %v, %+v): %v", name, o, l, err)
 	}
@@ -113,7 +113,7 @@ func TestRegistrySameOwnerDifferentLimits(t *testing.T) {
 			z, rel := mustUse(t, r, "shared", a, limA)
 			l := limA
 			c.change(&l)
-			z2, rel2, err := r.Use("shared", a, l)
+			z2, rel2, err := r.Use("shared", a, l, nil)
 			if err == nil {
 				t.Fatal("one config naming a zone with two settings: no error")
 			}
@@ -144,7 +144,7 @@ func TestRegistrySameOwnerDifferentLimits(t *testing.T) {
 func TestRegistryInvalidLimits(t *testing.T) {
 	r := NewRegistry(nil)
 	for _, name := range []string{"bad", ""} {
-		z, rel, err := r.Use(name, &owner{"A"}, Limits{MaxConnections: 0})
+		z, rel, err := r.Use(name, &owner{"A"}, Limits{MaxConnections: 0}, nil)
 		if err == nil || !strings.Contains(err.Error(), "max_connections") {
 			t.Errorf("Use(%q) with max_connections 0: %v", name, err)
 		}
@@ -486,7 +486,7 @@ func TestRegistryConcurrent(t *testing.T) {
 			l := Limits{MaxConnections: 1 + g%3}
 			for range 300 {
 				name := names[rand.IntN(len(names))]
-				z, rel, err := r.Use(name, o, l)
+				z, rel, err := r.Use(name, o, l, nil)
 				if err != nil {
 					t.Error(err)
 					return

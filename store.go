@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -53,38 +54,6 @@ const (
 	OnUnreachableLocalShare = "local_share"
 	OnUnreachableRefuse     = "refuse"
 )
-
-// UnreachablePolicy is what a node does with new arrivals while its
-// zone's store cannot be reached. Connections admitted before go on
-// either way.
-type UnreachablePolicy struct {
-	// Refuse: nobody new is admitted; arrivals wait (up to wait_timeout
-	// and max_waiting, on this node) until the store is back, or are
-	// refused as when the zone is full.
-	Refuse bool
-	// Share, when not Refuse: this node admits up to Share connections
-	// (per key value) on its own, counting those it holds; 0 means the
-	// automatic share (see Admits).
-	Share int
-}
-
-// Admits is how many connections (per key value) a node admits on its
-// own while the store is unreachable, counting those it holds: 0 with
-// Refuse; Share if set; else the automatic share, max_connections divided
-// by the number of nodes the store had at the node's last successful
-// renewal (rounded down, at least 1), or 1 if the node never reached the
-// store since it started.
-func (p UnreachablePolicy) Admits(maxConnections, nodesSeen int) int {
-	switch {
-	case p.Refuse:
-		return 0
-	case p.Share > 0:
-		return p.Share
-	case nodesSeen <= 0:
-		return 1
-	}
-	return max(maxConnections/nodesSeen, 1)
-}
 
 // RedisStore keeps a fleet zone's shared state in Redis (version 5 or
 // newer, or a server that speaks its protocol and runs its Lua scripts:
@@ -468,6 +437,25 @@ func parseStoreCaddyfile(d *caddyfile.Dispenser) (json.RawMessage, error) {
 		return nil, d.Errf("connection_limit: option 'store': %s", warnings[0].Message)
 	}
 	return raw, nil
+}
+
+// processNodeID names this process in every fleet it joins.
+var processNodeID = sync.OnceValue(DefaultNodeID)
+
+// storeFleet is how a zone joins the fleet of store m.
+func storeFleet(m StoreModule) *Fleet {
+	return &Fleet{
+		Open:        func(zone string) (FleetStore, error) { return m.Open(zone, processNodeID()) },
+		Unreachable: m.Unreachable(),
+		Store:       m,
+		Differs: func(other *Fleet) string {
+			om, ok := other.Store.(StoreModule)
+			if !ok {
+				return "backend"
+			}
+			return m.Differs(om)
+		},
+	}
 }
 
 // Interface guards

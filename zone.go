@@ -3,6 +3,7 @@ package connlimit
 import (
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -160,6 +161,8 @@ type Waiter struct {
 	enqueued   time.Time
 	position   int
 	state      waiterState
+	ticket     uint64 // fleet zones: its id in the store's waiting list
+	inFleet    bool   // the store's waiting list holds its ticket
 }
 
 // Position is the waiter's place in line when it started waiting (1 is
@@ -196,6 +199,9 @@ func (c Counters) RejectedTotal() uint64 {
 type Zone struct {
 	name string
 	obs  Observer
+
+	// node is set while the zone is shared by a fleet (fleet_node.go).
+	node atomic.Pointer[fleetNode]
 
 	mu       sync.Mutex
 	limits   Limits // in force: config with override applied
@@ -250,7 +256,7 @@ const maxSpare = 64
 // tidy frees ks if it holds nothing, so that memory does not grow with the
 // number of distinct key values ever seen.
 func (z *Zone) tidy(ks *keyState) {
-	if ks == &z.def || ks.active != 0 || ks.waiting != 0 {
+	if ks == &z.def || ks.active != 0 || ks.waiting != 0 || ks.asking != 0 {
 		return
 	}
 	delete(z.keys, ks.key)
@@ -279,37 +285,66 @@ const (
 // Acquire takes a slot for w if one is free, or else puts w in its key's
 // waiting list (wake is called when that changes), or rejects it.
 func (z *Zone) Acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
+	if n := z.node.Load(); n != nil {
+		return n.acquire(w, wake, now)
+	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
+	return z.acquire(w, wake, now)
+}
+
+// acquire admits w if one of the slots this process may fill on its own
+// is free, or queues or rejects it. Lock held.
+func (z *Zone) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
 	if w.state != stateIdle {
 		panic("connlimit: Waiter reused")
 	}
 	w.zone = z
 	ks := z.keyState(w.Key, true)
-	if !z.paused && ks.active < z.limits.MaxConnections {
-		w.ks = ks
-		w.state = stateActive
-		ks.active++
-		z.active++
-		z.stats.Admitted++
-		z.obs.ActiveDelta(1)
-		z.obs.Admitted(0)
+	if !z.paused && ks.active < z.localSlots() {
+		z.admit(w, ks)
 		return Admitted, ReasonNone
 	}
-	var r Reason
-	switch {
-	case z.limits.MaxWaiting < 0:
-		r = ReasonNoWaiting
-	case z.limits.MaxWaiting > 0 && ks.waiting >= z.limits.MaxWaiting:
-		r = ReasonQueueFull
-	}
-	if r != ReasonNone {
-		w.state = stateFreed
-		z.stats.Rejected[r]++
-		z.obs.Rejected(r)
-		z.tidy(ks)
+	if r := z.full(ks); r != ReasonNone {
+		z.reject(w, ks, r)
 		return Rejected, r
 	}
+	z.enqueue(w, ks, wake, now)
+	return Queued, ReasonNone
+}
+
+// admit gives w a slot of ks at once. Lock held.
+func (z *Zone) admit(w *Waiter, ks *keyState) {
+	w.ks = ks
+	w.state = stateActive
+	ks.active++
+	z.active++
+	z.stats.Admitted++
+	z.obs.ActiveDelta(1)
+	z.obs.Admitted(0)
+}
+
+// full says why a newcomer of ks may not wait, or ReasonNone. Lock held.
+func (z *Zone) full(ks *keyState) Reason {
+	switch {
+	case z.limits.MaxWaiting < 0:
+		return ReasonNoWaiting
+	case z.limits.MaxWaiting > 0 && ks.waiting >= z.limits.MaxWaiting:
+		return ReasonQueueFull
+	}
+	return ReasonNone
+}
+
+// reject counts w rejected. Lock held.
+func (z *Zone) reject(w *Waiter, ks *keyState, r Reason) {
+	w.state = stateFreed
+	z.stats.Rejected[r]++
+	z.obs.Rejected(r)
+	z.tidy(ks)
+}
+
+// enqueue puts w in the waiting list of ks. Lock held.
+func (z *Zone) enqueue(w *Waiter, ks *keyState, wake Waker, now time.Time) {
 	w.ks = ks
 	w.waker = wake
 	w.enqueued = now
@@ -320,7 +355,17 @@ func (z *Zone) Acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
 	z.waiting++
 	z.obs.WaitingDelta(1)
 	wake.Arm(z.deadline(w))
-	return Queued, ReasonNone
+}
+
+// localSlots is how many slots (per key value) this process may fill on
+// its own: all of max_connections for a zone of its own; for a fleet
+// zone none while the store decides, or its share while the store is
+// unreachable (fleet_node.go). Lock held.
+func (z *Zone) localSlots() int {
+	if n := z.node.Load(); n != nil {
+		return n.localSlots()
+	}
+	return z.limits.MaxConnections
 }
 
 // deadline is when w times out; zero if never. Lock held.
@@ -337,6 +382,9 @@ func (z *Zone) unlink(w *Waiter) {
 	w.ks.waiting--
 	z.waiting--
 	z.obs.WaitingDelta(-1)
+	if n := z.node.Load(); n != nil {
+		delete(n.waiting, w.ticket)
+	}
 }
 
 // Poll is called by a queued waiter's goroutine after its Waker fired or
@@ -347,7 +395,18 @@ func (z *Zone) unlink(w *Waiter) {
 // on waiting.
 func (z *Zone) Poll(w *Waiter, now time.Time) (Outcome, Reason, time.Time) {
 	z.mu.Lock()
-	defer z.mu.Unlock()
+	n := z.node.Load()
+	inFleet := n != nil && w.inFleet && n.mode == fleetJoined
+	out, r, d := z.poll(w, now)
+	z.mu.Unlock()
+	if inFleet && r == ReasonWaitTimeout {
+		n.leave(w) // out of the fleet's waiting list too
+	}
+	return out, r, d
+}
+
+// poll is Poll under the lock.
+func (z *Zone) poll(w *Waiter, now time.Time) (Outcome, Reason, time.Time) {
 	switch w.state {
 	case stateGranted:
 		w.state = stateActive
@@ -418,8 +477,16 @@ func (z *Zone) Wait(w *Waiter, s Signal, gone <-chan struct{}) (Outcome, Reason)
 // and counts as abandoned. It reports false if w was not waiting (it is
 // already active or done), in which case nothing changed.
 func (z *Zone) Abandon(w *Waiter) bool {
+	if n := z.node.Load(); n != nil {
+		return n.abandon(w)
+	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
+	return z.abandon(w)
+}
+
+// abandon is Abandon under the lock.
+func (z *Zone) abandon(w *Waiter) bool {
 	ks := w.ks
 	switch w.state {
 	case stateWaiting:
@@ -440,8 +507,16 @@ func (z *Zone) Abandon(w *Waiter) bool {
 // waiter. It reports false, changing nothing, if w holds no slot: a slot
 // is freed exactly once.
 func (z *Zone) Free(w *Waiter) bool {
+	if n := z.node.Load(); n != nil {
+		return n.free(w)
+	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
+	return z.free(w)
+}
+
+// free is Free under the lock.
+func (z *Zone) free(w *Waiter) bool {
 	if w.state != stateActive {
 		return false
 	}
@@ -461,17 +536,22 @@ func (z *Zone) freeSlot(ks *keyState) {
 	z.grant(ks)
 }
 
-// grant hands free slots of ks to its waiters in admission order. Lock held.
+// grant hands the free slots of ks this process may fill on its own to
+// its waiters, in admission order. Lock held.
 func (z *Zone) grant(ks *keyState) {
-	for !z.paused && ks.waiting > 0 && ks.active < z.limits.MaxConnections {
-		w := ks.next(z.limits.Order)
-		z.unlink(w)
-		w.state = stateGranted
-		ks.active++
-		z.active++
-		z.obs.ActiveDelta(1)
-		w.waker.Wake()
+	for !z.paused && ks.waiting > 0 && ks.active < z.localSlots() {
+		z.grantTo(ks.next(z.limits.Order))
 	}
+}
+
+// grantTo gives the waiting w a slot and wakes it. Lock held.
+func (z *Zone) grantTo(w *Waiter) {
+	z.unlink(w)
+	w.state = stateGranted
+	w.ks.active++
+	z.active++
+	z.obs.ActiveDelta(1)
+	w.waker.Wake()
 }
 
 // grantAll runs grant over every key with waiters. Lock held.
@@ -575,12 +655,21 @@ func (z *Zone) ClearOverride() bool {
 	return true
 }
 
-// apply puts l in force: more slots admit waiters at once; fewer slots cut
+// apply puts l in force, for the fleet too when the zone is shared: more
+// slots admit waiters at once; fewer slots cut
 // nobody (new admissions wait until the count is below the new limit); a
 // new wait_timeout counts from when each waiter started waiting; a smaller
 // max_waiting rejects newcomers until the list is shorter, and rejects
 // nobody already waiting. Lock held.
 func (z *Zone) apply(l Limits) {
+	z.inForce(l)
+	if n := z.node.Load(); n != nil {
+		n.pushLimits(l) // the fleet's, for every node
+	}
+}
+
+// inForce puts l in force here (see apply). Lock held.
+func (z *Zone) inForce(l Limits) {
 	old := z.limits
 	z.limits = l
 	z.obs.LimitsChanged(l, !z.override.IsZero())
@@ -592,12 +681,21 @@ func (z *Zone) apply(l Limits) {
 	}
 }
 
-// SetPaused pauses or resumes admission. While paused, nobody new is
-// admitted: every new and waiting connection waits (bounds and timeouts
-// still apply) and active ones are untouched. Resuming admits at once.
+// SetPaused pauses or resumes admission, in the whole fleet when the zone
+// is shared. While paused, nobody new is admitted: every new and waiting
+// connection waits (bounds and timeouts still apply) and active ones are
+// untouched. Resuming admits at once.
 func (z *Zone) SetPaused(p bool) {
 	z.mu.Lock()
 	defer z.mu.Unlock()
+	z.setPaused(p)
+	if n := z.node.Load(); n != nil {
+		n.pushPaused(p)
+	}
+}
+
+// setPaused pauses or resumes admission here. Lock held.
+func (z *Zone) setPaused(p bool) {
 	z.paused = p
 	if !p {
 		z.grantAll()
@@ -628,6 +726,8 @@ type Snapshot struct {
 	// Waiters holds up to the number asked for, in admission order within
 	// each key value (keys in no particular order).
 	Waiters []WaiterInfo
+	// Fleet is this node's view of the fleet; nil for a zone of its own.
+	Fleet *FleetView
 }
 
 // Snapshot returns the zone's counts and up to maxWaiters of its waiters.
@@ -643,6 +743,9 @@ func (z *Zone) Snapshot(now time.Time, maxWaiters int) Snapshot {
 		Active:   z.active,
 		Waiting:  z.waiting,
 		Counters: z.stats,
+	}
+	if n := z.node.Load(); n != nil {
+		s.Fleet = n.view()
 	}
 	visit := func(w *Waiter) bool {
 		if d := now.Sub(w.enqueued); d > s.OldestWait {
