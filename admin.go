@@ -70,6 +70,51 @@ type zoneJSON struct {
 	// over it (null: nothing). The fields above are the limits in force.
 	Config   limitsJSON    `json:"config"`
 	Override *overrideJSON `json:"override"`
+	// Fleet is set for a zone shared through a store. The fields above
+	// are then this node's (active, waiting, counters), but for the
+	// limits, which are the fleet's in force.
+	Fleet *fleetJSON `json:"fleet,omitempty"`
+}
+
+// fleetJSON is a fleet zone as this node sees it.
+type fleetJSON struct {
+	Node string `json:"node"`
+	// Store is registered (the store decides), registering (admitting
+	// nobody new until it is), or unreachable (admitting on its own).
+	Store         string `json:"store"`
+	StoreError    string `json:"store_error,omitempty"`
+	OnUnreachable string `json:"on_unreachable"`
+	LocalShare    int    `json:"local_share"`
+	// The fleet's totals and nodes, as this node last learned them.
+	Active     int     `json:"active"`
+	Waiting    int     `json:"waiting"`
+	NodeCount  int     `json:"node_count"`
+	LearnedAgo float64 `json:"learned_seconds_ago"`
+	// Nodes, in the one-zone view: every node the store knows.
+	Nodes []nodeJSON `json:"nodes,omitempty"`
+}
+
+type nodeJSON struct {
+	ID         string  `json:"id"`
+	Active     int     `json:"active"`
+	Waiting    int     `json:"waiting"`
+	RenewedAgo float64 `json:"renewed_seconds_ago"`
+	ExpiresIn  float64 `json:"lease_expires_in_seconds"`
+}
+
+func fleetView(f *FleetView, now time.Time) *fleetJSON {
+	v := &fleetJSON{
+		Node: f.Node, Store: f.State, StoreError: f.Error,
+		OnUnreachable: "local_share", LocalShare: f.Unreachable.Share,
+		Active: f.Fleet.Active, Waiting: f.Fleet.Waiting, NodeCount: f.Fleet.NodeCount, LearnedAgo: -1,
+	}
+	if f.Unreachable.Refuse {
+		v.OnUnreachable = "refuse"
+	}
+	if !f.Learned.IsZero() {
+		v.LearnedAgo = now.Sub(f.Learned).Seconds()
+	}
+	return v
 }
 
 type limitsJSON struct {
@@ -126,6 +171,9 @@ func zoneView(s Snapshot) zoneJSON {
 	}
 	for _, r := range Reasons {
 		v.RejectedByReason[r.String()] = s.Counters.Rejected[r]
+	}
+	if s.Fleet != nil {
+		v.Fleet = fleetView(s.Fleet, time.Now())
 	}
 	if o := s.Override; !o.IsZero() {
 		v.Override = &overrideJSON{MaxConnections: o.MaxConnections, MaxWaiting: o.MaxWaiting}
@@ -185,6 +233,17 @@ func (AdminAPI) handleZone(w http.ResponseWriter, r *http.Request, name string) 
 	}
 	v.WaitersShownMax = maxListedWaiters
 	v.WaitersTruncated = s.Waiting > len(s.Waiters)
+	if st, ok, err := z.FleetStatus(r.Context()); ok {
+		if err != nil {
+			v.Fleet.StoreError = err.Error()
+		} else {
+			v.Fleet.Active, v.Fleet.Waiting, v.Fleet.NodeCount, v.Fleet.LearnedAgo = st.Active, st.Waiting, st.NodeCount, 0
+			for _, n := range st.Nodes {
+				v.Fleet.Nodes = append(v.Fleet.Nodes, nodeJSON{ID: n.ID, Active: n.Active, Waiting: n.Waiting,
+					RenewedAgo: n.Renewed.Seconds(), ExpiresIn: n.Expires.Seconds()})
+			}
+		}
+	}
 	return writeJSON(w, v)
 }
 

@@ -21,24 +21,6 @@ const (
 	watchEvery            = 300 * time.Millisecond
 )
 
-// buildCaddy builds ./cmd/caddy, this module's Caddy, into dir.
-func buildCaddy(t *testing.T, dir string) string {
-	t.Helper()
-	goBin, err := exec.LookPath("go")
-	if err != nil {
-		t.Fatalf("go is not on PATH, and the test builds ./cmd/caddy with it: %v", err)
-	}
-	bin := filepath.Join(dir, "caddy")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-	defer cancel()
-	start := time.Now()
-	if out, err := exec.CommandContext(ctx, goBin, "build", "-o", bin, "./cmd/caddy").CombinedOutput(); err != nil {
-		t.Fatalf("go build ./cmd/caddy: %v\n%s", err, out)
-	}
-	t.Logf("built ./cmd/caddy in %s", time.Since(start).Round(time.Millisecond))
-	return bin
-}
-
 // tmuxServer is a tmux server of the test's own (its own socket), with
 // panes that stay after their command exits, and no status line.
 type tmuxServer struct {
@@ -129,7 +111,7 @@ func TestCommandWatchInTmux(t *testing.T) {
 		t.Fatalf("bash: %v", err)
 	}
 	dir := t.TempDir()
-	caddyBin := buildCaddy(t, dir)
+	caddyBin := caddyBinary(t)
 
 	be := newBackend(t, true)
 	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))

@@ -18,6 +18,7 @@ import (
 func TestMain(m *testing.M) {
 	code := m.Run()
 	_ = caddy.Stop()
+	removeCaddyBuild()
 	if code == 0 {
 		if err := checkNothingLeft(10 * time.Second); err != nil {
 			fmt.Fprintln(os.Stderr, "leak check:", err)

@@ -2,6 +2,7 @@ package connlimit
 
 import (
 	"errors"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -48,8 +49,33 @@ var (
 		Buckets: []float64{0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300},
 	}, []string{"zone"})
 
+	// Fleet zones (a store): the store as this node sees it, and the
+	// fleet's counts as it last learned them.
+	metricStoreReachable = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "store_reachable",
+		Help: "1 while this node reaches the zone's store (the fleet decides), 0 while it admits on its own.",
+	}, []string{"zone"})
+	metricStoreErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "store_errors_total",
+		Help: "Store operations that failed, by operation.",
+	}, []string{"zone", "op"})
+	metricStoreSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "store_seconds",
+		Help:    "Round-trip time of store operations.",
+		Buckets: []float64{0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2},
+	}, []string{"zone"})
+	metricFleetActive = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "fleet_active",
+		Help: "Connections the whole fleet lets through, as this node last learned from the store.",
+	}, []string{"zone"})
+	metricFleetWaiting = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "fleet_waiting",
+		Help: "Connections waiting anywhere in the fleet, as this node last learned from the store.",
+	}, []string{"zone"})
+
 	allCollectors = []prometheus.Collector{metricActive, metricWaiting, metricAdmitted, metricRejected, metricAbandoned,
-		metricMax, metricOverridden, metricWait}
+		metricMax, metricOverridden, metricWait,
+		metricStoreReachable, metricStoreErrors, metricStoreSeconds, metricFleetActive, metricFleetWaiting}
 )
 
 // registerMetrics registers the collectors into reg; having them there
@@ -73,6 +99,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 // looked up once, so that each event costs an atomic add.
 type zoneMetrics struct {
 	zone            string
+	unreachable     atomic.Bool // as last said in the log
 	active, waiting prometheus.Gauge
 	max, overridden prometheus.Gauge
 	admitted        prometheus.Counter
@@ -122,3 +149,34 @@ func (m *zoneMetrics) OverrideEnded() {
 	caddy.Log().Named("layer4.handlers.connection_limit").Info("a config load changed the zone's settings: the limits override set through the admin API ended",
 		zap.String("zone", m.zone))
 }
+
+// StoreOp implements FleetObserver.
+func (m *zoneMetrics) StoreOp(op string, took time.Duration, err error) {
+	metricStoreSeconds.WithLabelValues(m.zone).Observe(took.Seconds())
+	if err != nil {
+		metricStoreErrors.WithLabelValues(m.zone, op).Inc()
+	}
+}
+
+// StoreReached implements FleetObserver, and says in the log when the
+// store is lost and when it is back.
+func (m *zoneMetrics) StoreReached(st FleetState, err error) {
+	log := caddy.Log().Named("layer4.handlers.connection_limit")
+	if err != nil {
+		metricStoreReachable.WithLabelValues(m.zone).Set(0)
+		if !m.unreachable.Swap(true) {
+			log.Warn("the zone's store cannot be reached: this node admits on its own (on_unreachable) until it is back",
+				zap.String("zone", m.zone), zap.Error(err))
+		}
+		return
+	}
+	metricStoreReachable.WithLabelValues(m.zone).Set(1)
+	metricFleetActive.WithLabelValues(m.zone).Set(float64(st.Active))
+	metricFleetWaiting.WithLabelValues(m.zone).Set(float64(st.Waiting))
+	if m.unreachable.Swap(false) {
+		log.Info("the zone's store is reachable again: this node registered what it serves", zap.String("zone", m.zone))
+	}
+}
+
+// Interface guard
+var _ FleetObserver = (*zoneMetrics)(nil)

@@ -1,6 +1,7 @@
 package connlimit
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -15,6 +16,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/redis/go-redis/v9"
 )
 
 // This file is the Caddy side of a fleet zone's store: the store modules
@@ -24,6 +26,17 @@ import (
 
 func init() {
 	caddy.RegisterModule(new(RedisStore))
+	// go-redis logs to stderr on its own (a failed dial, for example, once
+	// per pooled connection); in Caddy that goes to Caddy's log, at debug:
+	// the zone says itself, once, when its store cannot be reached.
+	redis.SetLogger(redisLog{})
+}
+
+// redisLog hands go-redis's log lines to Caddy's logger.
+type redisLog struct{}
+
+func (redisLog) Printf(_ context.Context, format string, v ...any) {
+	caddy.Log().Named("layer4.connection_limit.redis").Debug(fmt.Sprintf(format, v...))
 }
 
 // StoreNamespace is the Caddy module namespace of fleet stores.
