@@ -118,7 +118,7 @@ type FleetStore interface {
 
 	// Take admits t at once (Admitted: the node holds a slot of t.Key),
 	// queues it in the fleet's waiting list (Queued: a grant for it will
-	// come through NextGrant), or refuses it (Rejected, with the reason).
+	// come through NextGrant), or rejects it (Rejected, with the reason).
 	// ErrLapsed: the node is not registered (Register first). ErrNoLimits:
 	// the fleet has no limits yet (SetLimits, or Register with Limits).
 	Take(ctx context.Context, t Ticket) (Outcome, Reason, error)

@@ -140,7 +140,7 @@ type RedisStore struct {
 	// reached (down, or not answering within a second): "local_share"
 	// (the default) admits up to local_share connections on this node on
 	// its own; "refuse" admits nobody new (they wait, on this node, up to
-	// wait_timeout, or are refused as when the zone is full). Connections
+	// wait_timeout, or are rejected as when the zone is full). Connections
 	// already admitted go on either way, and once the store is back the
 	// node registers what it serves.
 	//
@@ -151,7 +151,7 @@ type RedisStore struct {
 	// fleet as a whole stays within max_connections as long as no node
 	// joins during the outage (each admits its part of it), so the
 	// backend is protected too; choose "refuse" where exceeding the limit
-	// is worse than refusing.
+	// is worse than rejecting newcomers.
 	OnUnreachable string `json:"on_unreachable,omitempty"`
 
 	// With on_unreachable local_share: how many connections (per key
