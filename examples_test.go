@@ -123,3 +123,49 @@ func TestXcaddyManifestMatchesGoMod(t *testing.T) {
 		t.Errorf("xcaddy.json must list caddy-l4 and this module: %s", out)
 	}
 }
+
+// The fleet example's nodes adapt, and give their zone the same store.
+func TestFleetExampleAdapts(t *testing.T) {
+	var stores []string
+	for _, f := range []string{"node-a.Caddyfile", "node-b.Caddyfile"} {
+		raw, err := os.ReadFile(filepath.Join("examples", "fleet", f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := adaptCaddyfile(t, string(raw))
+		if err != nil {
+			t.Fatalf("%s: %v", f, err)
+		}
+		var cfg struct {
+			Apps struct {
+				Layer4 struct {
+					Servers map[string]struct {
+						Routes []struct {
+							Handle []json.RawMessage `json:"handle"`
+						} `json:"routes"`
+					} `json:"servers"`
+				} `json:"layer4"`
+			} `json:"apps"`
+		}
+		if err := json.Unmarshal(out, &cfg); err != nil {
+			t.Fatal(err)
+		}
+		for _, srv := range cfg.Apps.Layer4.Servers {
+			var h struct {
+				Handler string          `json:"handler"`
+				Zone    string          `json:"zone"`
+				Store   json.RawMessage `json:"store"`
+			}
+			if err := json.Unmarshal(srv.Routes[0].Handle[0], &h); err != nil {
+				t.Fatal(err)
+			}
+			if h.Handler != "connection_limit" || h.Zone != "db" || !strings.Contains(string(h.Store), `"backend":"redis"`) {
+				t.Fatalf("%s: handler %s", f, srv.Routes[0].Handle[0])
+			}
+			stores = append(stores, string(h.Store))
+		}
+	}
+	if len(stores) != 2 || stores[0] != stores[1] {
+		t.Fatalf("the nodes give different stores: %v", stores)
+	}
+}
