@@ -646,36 +646,39 @@ const (
 	documentedHeldBytes   = 256 << 10
 )
 
-// splitDatagrams cuts b into datagrams, each a length prefix (one byte,
-// or 255 and two more bytes for longer ones) and as many bytes as there
-// are, up to that length.
-func splitDatagrams(b []byte) [][]byte {
+// The fuzzer describes datagrams rather than spelling them out: its
+// minimisation of an input takes time quadratic in the input's length, and
+// stalls a run for minutes on the kilobytes that datagrams larger than a
+// read buffer take. Each datagram is three bytes: a length (big-endian)
+// and a seed. Byte j of datagram i (counted over the whole flow) is
+// seed + 7i + 13j, so that a byte out of place, a part of the wrong
+// datagram or two datagrams swapped read differently.
+const datagramSpec = 3
+
+// datagramsFrom makes the datagrams spec describes, numbering them from
+// first; a trailing partial description is ignored.
+func datagramsFrom(spec []byte, first int) [][]byte {
 	var dgs [][]byte
-	for len(b) > 0 {
-		n := int(b[0])
-		b = b[1:]
-		if n == 255 && len(b) >= 2 {
-			n = int(binary.BigEndian.Uint16(b))
-			b = b[2:]
-		}
-		n = min(n, len(b))
-		dgs = append(dgs, b[:n:n])
-		b = b[n:]
+	for i := 0; len(spec) >= datagramSpec; i, spec = i+1, spec[datagramSpec:] {
+		dgs = append(dgs, datagram(first+i, int(binary.BigEndian.Uint16(spec)), spec[2]))
 	}
 	return dgs
 }
 
-// joinDatagrams is the inverse of splitDatagrams, for seeds.
-func joinDatagrams(dgs ...[]byte) []byte {
+func datagram(i, n int, seed byte) []byte {
+	d := make([]byte, n)
+	for j := range d {
+		d[j] = seed + byte(7*i) + byte(13*j)
+	}
+	return d
+}
+
+// describe is the inverse of datagramsFrom, for seeds: lengths and seeds.
+func describe(dgs ...[2]int) []byte {
 	var b []byte
 	for _, d := range dgs {
-		if len(d) < 255 {
-			b = append(b, byte(len(d)))
-		} else {
-			b = append(b, 255)
-			b = binary.BigEndian.AppendUint16(b, uint16(len(d)))
-		}
-		b = append(b, d...)
+		b = binary.BigEndian.AppendUint16(b, uint16(d[0]))
+		b = append(b, byte(d[1]))
 	}
 	return b
 }
@@ -717,45 +720,74 @@ func (c *fuzzDatagramConn) SetWriteDeadline(time.Time) error { return nil }
 // only; first the one the matchers had read, then the held ones, then
 // the flow's next ones.
 func FuzzUDPReplay(f *testing.F) {
-	big := bytes.Repeat([]byte("0123456789abcdef"), 9000/16+1)[:9000]
-	f.Add([]byte(nil), joinDatagrams([]byte("hello")), uint16(1500), joinDatagrams([]byte("after")))
-	f.Add([]byte(nil), joinDatagrams(big, []byte("next")), uint16(8191), []byte(nil))
-	f.Add([]byte("matched"), joinDatagrams([]byte("a"), []byte("bb"), []byte("ccc")), uint16(1), joinDatagrams([]byte("dd")))
-	f.Add([]byte("m"), []byte(nil), uint16(0), joinDatagrams([]byte("flow")))
-	f.Add([]byte(nil), joinDatagrams([]byte{}, []byte("x"), []byte{}, bytes.Repeat([]byte("y"), 300)), uint16(299), []byte(nil))
-	var many [][]byte
+	f.Add(uint16(0), describe([2]int{5, 'h'}), uint16(1499), describe([2]int{5, 'a'}))
+	f.Add(uint16(0), describe([2]int{9000, 0}, [2]int{4, 1}), uint16(8191), []byte(nil))
+	f.Add(uint16(7), describe([2]int{1, 0}, [2]int{2, 0}, [2]int{3, 0}), uint16(0), describe([2]int{2, 9}))
+	f.Add(uint16(1), []byte(nil), uint16(0), describe([2]int{4, 0}))
+	f.Add(uint16(1500), describe([2]int{0, 0}, [2]int{1, 0}, [2]int{0, 0}, [2]int{300, 0}), uint16(298), []byte(nil))
+	var many [][2]int
 	for i := range 40 {
-		many = append(many, []byte(strconv.Itoa(i)))
+		many = append(many, [2]int{1 + i%3, i})
 	}
-	f.Add([]byte(nil), joinDatagrams(many...), uint16(4), []byte(nil))
-	f.Fuzz(checkReplay)
+	f.Add(uint16(0), describe(many...), uint16(3), []byte(nil))
+	f.Add(uint16(0), describe(append(many, many...)...), uint16(3), []byte(nil)) // past the bounds below
+	f.Add(uint16(0), describe([2]int{65535, 1}, [2]int{65535, 2}, [2]int{65535, 3}, [2]int{65535, 4}, [2]int{65535, 5}, [2]int{10, 6}),
+		uint16(65535), describe([2]int{5, 7}))
+
+	f.Fuzz(func(t *testing.T, matched uint16, held []byte, bufSize uint16, after []byte) {
+		var m []byte
+		if matched > 0 {
+			// caddy-l4's matchers read whole datagrams; the fake
+			// flow here is no caddy-l4 flow, so its matched bytes
+			// stand for one datagram, of at most a common MTU.
+			m = datagram(0, min(int(matched), 1500), 0)
+		}
+		// Past these, inputs are slow (and slower to minimise), and
+		// no different: 48 held datagrams are past the 32 kept, 640 KiB
+		// past the 256 KiB.
+		if len(held) > 48*datagramSpec || len(after) > 8*datagramSpec {
+			return
+		}
+		size, total, reads := int(bufSize)+1, len(m), (len(m)+int(bufSize))/(int(bufSize)+1)
+		for _, spec := range [][]byte{held, after} {
+			for ; len(spec) >= datagramSpec; spec = spec[datagramSpec:] {
+				n := int(binary.BigEndian.Uint16(spec))
+				total += n
+				reads += (n + size - 1) / size
+			}
+		}
+		if total > 640<<10 || reads > 1<<16 {
+			return
+		}
+		hs := datagramsFrom(held, 1)
+		checkReplay(t, m, hs, size, datagramsFrom(after, 1+len(hs)))
+	})
 }
 
 // Past 256 KiB held, datagrams are dropped, a smaller one after a dropped
-// one may still be held; the reads stay whole. (Too large an input for
-// the fuzzer to minimise in its time, so not among its seeds.)
+// one may still be held; the reads stay whole.
 func TestUDPReplayByteBound(t *testing.T) {
-	huge := bytes.Repeat([]byte("z"), 60000)
-	checkReplay(t, nil, joinDatagrams(huge, huge, huge, huge, huge, []byte("small")), 65535, joinDatagrams([]byte("after")))
-	checkReplay(t, []byte("m"), joinDatagrams(huge, huge, huge, huge, huge, []byte("small")), 999, nil)
+	var held [][]byte
+	for i := range 5 {
+		held = append(held, datagram(i+1, 60000, 0))
+	}
+	held = append(held, []byte("small"))
+	checkReplay(t, nil, held, 65536, [][]byte{[]byte("after")})
+	checkReplay(t, []byte("m"), held, 999, nil)
 }
 
-// checkReplay is FuzzUDPReplay's property, for one input.
-func checkReplay(t *testing.T, matched, held []byte, bufSize uint16, after []byte) {
-	if len(matched) > 1500 {
-		// caddy-l4's matchers read whole datagrams; the fake flow
-		// here is no caddy-l4 flow, so its matched bytes stand for
-		// one datagram of at most a common MTU.
-		matched = matched[:1500]
-	}
-	size := int(bufSize) + 1
-
-	// Held as the waiting goroutine holds them: read into one
-	// buffer, reused for the next (empty reads are not held).
+// checkReplay is FuzzUDPReplay's property: matched stands for the bytes
+// caddy-l4's matchers read (one datagram), held for the datagrams that
+// arrive while the flow waits, flow for those after; size is the read
+// buffer's.
+func checkReplay(t *testing.T, matched []byte, held [][]byte, size int, flow [][]byte) {
+	t.Helper()
+	// Held as the waiting goroutine holds them: read into one buffer,
+	// reused for the next (empty reads are not held).
 	cw := &connWait{}
 	var offered [][]byte
 	longest := 0
-	for _, d := range splitDatagrams(held) {
+	for _, d := range held {
 		if len(d) > 0 {
 			offered = append(offered, d)
 			longest = max(longest, len(d))
@@ -792,7 +824,6 @@ func checkReplay(t *testing.T, matched, held []byte, bufSize uint16, after []byt
 		}
 	}
 
-	flow := splitDatagrams(after)
 	var want [][]byte // every datagram the reader should see, in order
 	if len(matched) > 0 {
 		want = append(want, matched)
@@ -805,24 +836,22 @@ func checkReplay(t *testing.T, matched, held []byte, bufSize uint16, after []byt
 	rd := cw.replayHeld(cx)
 	buf := make([]byte, size)
 	for i, d := range want {
-		if len(d) == 0 {
-			continue
-		}
 		for off := 0; off < len(d); {
 			n, err := rd.Read(buf)
 			wantN := min(size, len(d)-off)
 			if err != nil || n != wantN || !bytes.Equal(buf[:n], d[off:off+wantN]) {
 				t.Fatalf("datagram %d of %d (%d bytes) at %d, buffer %d: read %d bytes %q, err %v; want %d bytes %q",
-					i, len(want), len(d), off, size, n, buf[:n], err, wantN, d[off:off+wantN])
+					i, len(want), len(d), off, size, n, buf[:min(n, 64)], err, wantN, d[off:off+min(wantN, 64)])
 			}
 			off += n
 		}
 	}
 	if n, err := rd.Read(buf); n != 0 || !errors.Is(err, io.EOF) {
-		t.Fatalf("after the last datagram: read %d bytes %q, err %v; want io.EOF", n, buf[:n], err)
+		t.Fatalf("after the last datagram: read %d bytes %q, err %v; want io.EOF", n, buf[:min(n, 64)], err)
 	}
 }
 
+// ---------------------------------------------------------------------
 // The Caddyfile seeds and JSON seeds are found (a glob gone wrong would
 // leave the targets fuzzing from nothing).
 func TestFuzzSeedsFound(t *testing.T) {
