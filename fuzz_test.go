@@ -203,7 +203,7 @@ func provisionHandlers(t *testing.T, handlers ...[]byte) error {
 	within(t, "validating "+string(raw), func() { err = caddy.Validate(&cfg) })
 	for _, z := range zoneRegistry.Zones() {
 		if !before[z] {
-			t.Fatalf("zone %q outlives the config that made it (validated: %v)", z.Name(), err)
+			t.Fatalf("zone %q outlives the config that made it (validated: %v)", z.name, err)
 		}
 	}
 	var names []string
@@ -274,8 +274,8 @@ func caddyfileSeeds(tb testing.TB) []string {
 }
 
 // A directive the parser accepts adapts to JSON that decodes back to the
-// same handler, and that either provisions or is refused with the option
-// named; anything it refuses is refused with the file and line.
+// same handler, and that either provisions or fails with the option
+// named; anything it turns down fails with the file and line.
 func FuzzCaddyfile(f *testing.F) {
 	quietCaddyLogs(f)
 	for _, s := range caddyfileSeeds(f) {
@@ -360,9 +360,9 @@ func FuzzCaddyfile(f *testing.F) {
 			// its "handler" key: an integer beyond 2^53 the parser took
 			// comes back rounded, past the int range at the very ends.
 		case field == "":
-			t.Fatalf("accepted by the parser, refused by provisioning without naming an option of %v: %v\n%s", fields, err, inline)
+			t.Fatalf("accepted by the parser, failed in provisioning without naming an option of %v: %v\n%s", fields, err, inline)
 		default:
-			t.Fatalf("accepted by the parser, refused by provisioning for %s, which the parser checks: %v\n%s", field, err, inline)
+			t.Fatalf("accepted by the parser, failed in provisioning for %s, which the parser checks: %v\n%s", field, err, inline)
 		}
 	})
 }
@@ -456,7 +456,7 @@ func jsonHandlerSeeds(tb testing.TB) [][]byte {
 }
 
 // Any JSON for the handler (one handler object, or an array of them in
-// one route) provisions, or is refused with an error that names an
+// one route) provisions, or fails with an error that names an
 // option; either way nothing is left registered.
 func FuzzProvisionJSON(f *testing.F) {
 	quietCaddyLogs(f)
@@ -493,7 +493,7 @@ func FuzzProvisionJSON(f *testing.F) {
 		}
 		err := provisionHandlers(t, objs...)
 		if err != nil && fieldNamed(err) == "" {
-			t.Fatalf("refused without naming an option of %v: %v\n%s", fields, err, raw)
+			t.Fatalf("failed without naming an option of %v: %v\n%s", fields, err, raw)
 		}
 	})
 }
@@ -512,7 +512,7 @@ var adminStatuses = map[int]bool{200: true, 204: true, 400: true, 404: true, 405
 func fuzzAdminZone(tb testing.TB, name string) {
 	tb.Helper()
 	owner := new(int)
-	z, release, err := zoneRegistry.Use(name, owner, Limits{MaxConnections: 1, MaxWaiting: 10, WaitTimeout: time.Hour})
+	z, leave, err := zoneRegistry.Use(name, owner, Limits{MaxConnections: 1, MaxWaiting: 10, WaitTimeout: time.Hour}, nil)
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -528,8 +528,8 @@ func fuzzAdminZone(tb testing.TB, name string) {
 		// The fuzzer may have paused the zone, or raised its limit
 		// (the waiter was then granted a slot): Abandon covers both.
 		z.Abandon(waiting)
-		z.Release(served)
-		release()
+		z.Free(served)
+		leave()
 		if a, w := z.Counts(); a != 0 || w != 0 {
 			tb.Errorf("zone %q: %d active, %d waiting after the fuzz run", name, a, w)
 		}
@@ -600,7 +600,7 @@ func FuzzAdminAPI(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, method, target string, body []byte) {
 		// The request as it comes off the wire: what the server's own
-		// parser refuses never reaches a route.
+		// parser turns down never reaches a route.
 		wire := fmt.Sprintf("%s %s HTTP/1.1\r\nHost: localhost:2019\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
 			method, target, len(body), body)
 		req, err := http.ReadRequest(bufio.NewReader(strings.NewReader(wire)))
@@ -784,7 +784,7 @@ func checkReplay(t *testing.T, matched []byte, held [][]byte, size int, flow [][
 	t.Helper()
 	// Held as the waiting goroutine holds them: read into one buffer,
 	// reused for the next (empty reads are not held).
-	cw := &connWait{}
+	cw := &flowWait{}
 	var offered [][]byte
 	longest := 0
 	for _, d := range held {
@@ -833,7 +833,7 @@ func checkReplay(t *testing.T, matched []byte, held [][]byte, size int, flow [][
 
 	cx := layer4.WrapConnection(&fuzzDatagramConn{dgs: append([][]byte(nil), flow...)},
 		append([]byte(nil), matched...), zap.NewNop())
-	rd := cw.replayHeld(cx)
+	rd := cw.handOn(cx)
 	buf := make([]byte, size)
 	for i, d := range want {
 		for off := 0; off < len(d); {

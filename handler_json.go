@@ -9,7 +9,7 @@ import (
 )
 
 // UnmarshalJSON decodes the handler's JSON as Caddy does (an unknown field
-// is an error), and names wait_timeout when its value is refused:
+// is an error), and names wait_timeout when its value is bad:
 // caddy.Duration's own errors (`time: invalid duration "soon"`) do not
 // say which option they are about.
 func (h *Handler) UnmarshalJSON(b []byte) error {
@@ -24,7 +24,7 @@ func (h *Handler) UnmarshalJSON(b []byte) error {
 		strings.HasPrefix(err.Error(), "json: unknown field") {
 		return err // encoding/json's own errors name the field
 	}
-	// An option's own decoder refused its value; of the options only
+	// An option's own decoder failed on its value; of the options only
 	// wait_timeout (a caddy.Duration) has one.
 	return fmt.Errorf("wait_timeout: %w", err)
 }
