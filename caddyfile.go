@@ -53,6 +53,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		if n < min {
 			return 0, d.Errf("connection_limit: option '%s' must be at least %d, got %d", name, min, n)
 		}
+		// Caddy carries module JSON through float64, which rounds larger
+		// integers: turn them down here rather than load another number.
+		if n > maxJSONInt || n < -maxJSONInt {
+			return 0, d.Errf("connection_limit: option '%s' must be within ±%d, got %s", name, maxJSONInt, d.Val())
+		}
 		return n, nil
 	}
 	noMore := func(name string) error {
@@ -160,6 +165,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	return nil
 }
+
+// maxJSONInt is the largest integer a float64 holds exactly (2^53).
+const maxJSONInt = 1 << 53
 
 // Interface guard
 var _ caddyfile.Unmarshaler = (*Handler)(nil)

@@ -117,6 +117,10 @@ func TestCaddyfileErrors(t *testing.T) {
 				}`, "max_connections is required"},
 		{`connection_limit 0`, "'max_connections' must be at least 1, got 0"},
 		{`connection_limit ten`, "'max_connections': 'ten' is not an integer"},
+		{`connection_limit 9007199254740993`, "'max_connections' must be within ±9007199254740992, got 9007199254740993"},
+		{`connection_limit 1 {
+					priority -9223372036854775808
+				}`, "'priority' must be within ±9007199254740992"},
 		{`connection_limit 1 2`, "unexpected argument '2'"},
 		{`connection_limit 1 {
 					max_connections 2
