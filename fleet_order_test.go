@@ -1,0 +1,254 @@
+package connlimit
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Fleet zones, end to end (issue 11, "What must hold" 2 to 4): waiters stay
+// on their node, unread; the fleet's waiting list is one, in one order,
+// pushed to the nodes; per-key limits hold across the fleet. Real Caddy
+// processes (fleet_harness_test.go), a real redis-server, a real backend
+// and real clients.
+
+// fleetKey is the store's key of zone db's shared state (the store's
+// default key_prefix), for the tests' own looks into Redis.
+func fleetKey(what string) string { return DefaultKeyPrefix + ":{db}:" + what }
+
+// storeTotals are the fleet's active and waiting counts as the store has
+// them, read straight from Redis (no script: nothing a node would do).
+func storeTotals(t *testing.T, r *redisServer) (active, waiting int) {
+	t.Helper()
+	v, err := r.Admin().HMGet(context.Background(), fleetKey("tot"), "a", "w").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := func(x any) int {
+		s, _ := x.(string)
+		i, _ := strconv.Atoi(s)
+		return i
+	}
+	return n(v[0]), n(v[1])
+}
+
+// waitStore waits until the store counts active and waiting.
+func waitStore(t *testing.T, r *redisServer, within time.Duration, active, waiting int) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		a, w := storeTotals(t, r)
+		if a == active && w == waiting {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the store counts %d active and %d waiting after %s, want %d and %d", a, w, within, active, waiting)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// startNodes starts one node per fields, named A, B, C..., sharing zone db
+// through st, and waits until each one is registered.
+func startNodes(t *testing.T, backend string, st obj, fields ...obj) []*caddyProc {
+	t.Helper()
+	nodes := make([]*caddyProc, len(fields))
+	for i, f := range fields {
+		ff := obj{"zone": "db"}
+		for k, v := range f {
+			ff[k] = v
+		}
+		nodes[i] = startNode(t, string(rune('A'+i)), nodeConfig(backend, ff, st))
+	}
+	registered(t, "db", nodes...)
+	return nodes
+}
+
+// rxQueue is how many bytes the kernel holds unread in the receive queue
+// of the TCP socket from local to remote (as /proc/net/tcp shows them, for
+// every process of this network namespace); -1 if there is no such
+// socket.
+func rxQueue(t *testing.T, local, remote string) int {
+	t.Helper()
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		t.Skipf("no /proc/net/tcp: %v", err)
+	}
+	l, r := procAddr(t, local), procAddr(t, remote)
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 5 || f[1] != l || f[2] != r {
+			continue
+		}
+		_, rx, _ := strings.Cut(f[4], ":")
+		n, err := strconv.ParseInt(rx, 16, 64)
+		if err != nil {
+			t.Fatalf("/proc/net/tcp: %q: %v", line, err)
+		}
+		return int(n)
+	}
+	return -1
+}
+
+// procAddr is an IPv4 host:port as /proc/net/tcp prints it (the address
+// as the host's 32-bit integer in hex, little-endian here, and the port).
+func procAddr(t *testing.T, hostport string) string {
+	t.Helper()
+	a, err := net.ResolveTCPAddr("tcp4", hostport)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip := a.IP.To4()
+	return fmt.Sprintf("%02X%02X%02X%02X:%04X", ip[3], ip[2], ip[1], ip[0], a.Port)
+}
+
+// 2. Waiting stays local and unread. With max 1 on two nodes, a holder on
+// A and two waiters on B: they wait on B (B's own counts, not A's), the
+// bytes the second one sends while it waits stay unread in the kernel
+// (B's socket's receive queue holds every one of them); the first one
+// leaves, and is out of the fleet's waiting list (as a node's view of the
+// store shows it) within 100 ms, and never reaches the backend; when the
+// holder leaves, the second one gets the slot and the backend gets its
+// bytes intact.
+func TestFleetWaiterUnreadAndLeaves(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	be := newBackend(t, true)
+	nodes := startNodes(t, be.addr(), redisStore(r, nil), obj{"max_connections": 1}, obj{"max_connections": 1})
+	a, b := nodes[0], nodes[1]
+
+	holder := takeSlot(t, be, a.listen, "holder")
+	leaver := dial(t, b.listen, "leaver")
+	leaver.hello("")
+	waitStore(t, r, 10*time.Second, 1, 1)
+	const size = 16 << 10
+	w := dialHash(t, b.listen, "w", size)
+	waitStore(t, r, 10*time.Second, 1, 2)
+
+	// They wait on B, as B's own: A has its holder and nobody waiting.
+	views := waitNodes(t, 5*time.Second, "the waiters on B, the holder on A", "db", nodes, func(vs []zoneDetailJSON) bool {
+		return vs[0].Active == 1 && vs[0].Waiting == 0 && vs[1].Active == 0 && vs[1].Waiting == 2 &&
+			vs[1].Fleet.Active == 1 && vs[1].Fleet.Waiting == 2
+	})
+	if len(views[1].Waiters) != 2 || len(views[0].Waiters) != 0 {
+		t.Fatalf("waiters listed: A %+v, B %+v; want both on B", views[0].Waiters, views[1].Waiters)
+	}
+
+	// Unread: every byte w sent is still in B's socket for it, and stays
+	// there while it waits.
+	sent := len(fmt.Sprintf("w hash %d\n", size)) + size
+	waitFor(t, 5*time.Second, "w's bytes in B's receive queue", func() bool {
+		return rxQueue(t, b.listen, w.conn.LocalAddr().String()) == sent
+	})
+	time.Sleep(300 * time.Millisecond)
+	if n := rxQueue(t, b.listen, w.conn.LocalAddr().String()); n != sent {
+		t.Fatalf("B's socket for w holds %d unread bytes, want all %d it sent", n, sent)
+	}
+	be.noArrival(100 * time.Millisecond)
+
+	// The leaver goes: out of the fleet's waiting list at once.
+	start := time.Now()
+	_ = leaver.conn.Close()
+	var took time.Duration
+	for {
+		v := b.zone("db")
+		if v.Fleet.Waiting == 1 {
+			took = time.Since(start)
+			break
+		}
+		if time.Since(start) > 5*time.Second {
+			t.Fatalf("the fleet still counts %d waiting 5s after a waiter left, want 1", v.Fleet.Waiting)
+		}
+	}
+	t.Logf("a waiter that left was out of the fleet's waiting list %s later (contract 100 ms)", took)
+	if took > abandonBound {
+		t.Fatalf("a waiter that left was out of the fleet's waiting list only %s later, want within 100 ms (asserted: %s)", took, abandonBound)
+	}
+	if v := b.zone("db"); v.Waiting != 1 || v.Abandoned != 1 {
+		t.Fatalf("B: waiting %d, abandoned %d; want 1 and 1", v.Waiting, v.Abandoned)
+	}
+
+	// The holder leaves: the slot goes to w, with its bytes intact; the
+	// leaver never reaches the backend.
+	finish(be, holder)
+	if id := be.waitArrivals(1, 10*time.Second)[0]; id != "w" {
+		t.Fatalf("backend got %q, want w", id)
+	}
+	be.letID("w")
+	if got, err := w.readLine(10 * time.Second); err != nil || got != w.want {
+		t.Fatalf("w: got %q (err %v), want the digest of its bytes %q", got, err, w.want)
+	}
+	_ = w.conn.Close()
+	be.noArrival(300 * time.Millisecond)
+	if _, peak, total, order := be.stats(); peak != 1 || total != 2 {
+		t.Fatalf("backend: peak %d, %d connections (%v); want 1 and 2 (holder, w)", peak, total, order)
+	}
+	waitNodes(t, 5*time.Second, "the fleet to drain", "db", nodes, func(vs []zoneDetailJSON) bool {
+		return vs[0].Active+vs[1].Active+vs[0].Waiting+vs[1].Waiting == 0 && vs[0].Fleet.Active == 0 && vs[0].Fleet.Waiting == 0
+	})
+}
+
+// 2. A waiter that leaves just as the store grants it a slot gives the slot
+// back at once. B is stopped (SIGSTOP, well within its lease) while the
+// holder on A leaves: the store grants the slot to B's first waiter, whose
+// client then leaves too; when B goes on it must give that slot back (to
+// its second waiter), never hand the leaver to the backend.
+func TestFleetWaiterGrantedAsItLeaves(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	be := newBackend(t, true)
+	// A long lease: B's stop must not look like a crash.
+	nodes := startNodes(t, be.addr(), redisStore(r, obj{"lease": "5s"}), obj{"max_connections": 1}, obj{"max_connections": 1})
+	a, b := nodes[0], nodes[1]
+	bID := b.zone("db").Fleet.Node
+
+	holder := takeSlot(t, be, a.listen, "holder")
+	leaver := dial(t, b.listen, "leaver")
+	leaver.hello("")
+	waitStore(t, r, 10*time.Second, 1, 1)
+	w := dialHash(t, b.listen, "w", 4<<10)
+	waitStore(t, r, 10*time.Second, 1, 2)
+
+	b.signal(syscall.SIGSTOP)
+	stopped := true
+	defer func() {
+		if stopped {
+			b.signal(syscall.SIGCONT)
+		}
+	}()
+	finish(be, holder)
+	// The store gave the holder's slot to B (for the leaver, first in
+	// line) while B cannot take it in.
+	waitStore(t, r, 5*time.Second, 1, 1)
+	held, err := r.Admin().HGet(context.Background(), fleetKey("held:"+bID), "").Int()
+	if err != nil || held != 1 {
+		t.Fatalf("B holds %d slots in the store (err %v), want the 1 granted while it is stopped", held, err)
+	}
+	_ = leaver.conn.Close()
+	time.Sleep(100 * time.Millisecond) // its FIN reaches B's socket
+	start := time.Now()
+	b.signal(syscall.SIGCONT)
+	stopped = false
+
+	if id := be.waitArrivals(1, 5*time.Second)[0]; id != "w" {
+		t.Fatalf("backend got %q, want w (the leaver must not be handed on)", id)
+	}
+	t.Logf("the slot granted to a waiter that left reached the next waiter %s after its node went on", time.Since(start))
+	be.letID("w")
+	if got, err := w.readLine(10 * time.Second); err != nil || got != w.want {
+		t.Fatalf("w: got %q (err %v), want %q", got, err, w.want)
+	}
+	_ = w.conn.Close()
+	be.noArrival(300 * time.Millisecond)
+	if _, peak, total, order := be.stats(); peak != 1 || total != 2 {
+		t.Fatalf("backend: peak %d, %d connections (%v); want 1 and 2 (holder, w)", peak, total, order)
+	}
+	if v := b.zone("db"); v.Abandoned != 1 || v.Admitted != 1 {
+		t.Fatalf("B: abandoned %d, admitted %d; want 1 and 1", v.Abandoned, v.Admitted)
+	}
+	waitStore(t, r, 5*time.Second, 0, 0)
+}
