@@ -253,3 +253,121 @@ func TestFleetWaiterGrantedAsItLeaves(t *testing.T) {
 	}
 	waitStore(t, r, 5*time.Second, 0, 0)
 }
+
+// 3. Fleet-wide order, pushed not polled. With max 1 and a holder, waiters
+// arrive at A, B, C, A, B, C, 100 ms apart (each one in the store's line
+// before the next comes): they are admitted in that order with fifo, in
+// the reverse with lifo, and by priority then order when B's handler has
+// priority 5 and A's and C's 0 (priority is per handler: it may differ
+// between nodes). The backend's arrivals tell the order.
+func TestFleetOrder(t *testing.T) {
+	cases := []struct {
+		name  string
+		order string
+		prio  [3]int // of A, B, C
+		want  []string
+	}{
+		{"fifo", "fifo", [3]int{}, []string{"A1", "B1", "C1", "A2", "B2", "C2"}},
+		{"lifo", "lifo", [3]int{}, []string{"C2", "B2", "A2", "C1", "B1", "A1"}},
+		{"priority", "fifo", [3]int{0, 5, 0}, []string{"B1", "B2", "A1", "C1", "A2", "C2"}},
+		{"priority-lifo", "lifo", [3]int{0, 5, 0}, []string{"B2", "B1", "C2", "A2", "C1", "A1"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := startRedis(t, redisConfig{})
+			be := newBackend(t, true)
+			var fields []obj
+			for _, p := range tc.prio {
+				fields = append(fields, obj{"max_connections": 1, "order": tc.order, "priority": p})
+			}
+			nodes := startNodes(t, be.addr(), redisStore(r, nil), fields...)
+
+			holder := takeSlot(t, be, nodes[0].listen, "holder")
+			clients := map[string]*client{}
+			for i := range 6 {
+				n := nodes[i%3]
+				id := fmt.Sprintf("%s%d", n.name, i/3+1)
+				start := time.Now()
+				c := dial(t, n.listen, id)
+				c.hello("")
+				clients[id] = c
+				waitStore(t, r, 10*time.Second, 1, i+1)
+				time.Sleep(time.Until(start.Add(100 * time.Millisecond)))
+			}
+			be.noArrival(100 * time.Millisecond)
+
+			finish(be, holder)
+			var got []string
+			for range tc.want {
+				id := be.waitArrivals(1, 10*time.Second)[0]
+				got = append(got, id)
+				c := clients[id]
+				if c == nil {
+					t.Fatalf("backend got %q, not a waiter (so far %v)", id, got)
+				}
+				finish(be, c)
+			}
+			if strings.Join(got, " ") != strings.Join(tc.want, " ") {
+				t.Fatalf("admitted %v, want %v", got, tc.want)
+			}
+			if _, peak, total, _ := be.stats(); peak != 1 || total != 7 {
+				t.Fatalf("backend: peak %d, %d connections; want 1 and 7", peak, total)
+			}
+			waitStore(t, r, 5*time.Second, 0, 0)
+		})
+	}
+}
+
+// 3. When nothing changes the store sees only the nodes' lease renewals
+// (and each node's BLPOP on its grants list, armed again once a lease),
+// whatever the number of waiters: 20 waiters spread over three nodes,
+// idle for 3 s, cost no more Redis commands than none (INFO commandstats,
+// which counts the commands a script runs too, so a script whose cost
+// grew with the waiters would show).
+//
+// The slack: each node renews on its own timer, every lease/3 (333 ms)
+// plus the time a renewal takes, and re-arms its BLPOP every lease, so a
+// 3 s window holds one renewal and one BLPOP more or less of each node
+// depending on where it falls. Each command may be counted up to what one
+// renewal (or BLPOP) of every node costs above the idle baseline; a
+// waiter that cost one command a second would cost 60 here.
+func TestFleetIdleCost(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	be := newBackend(t, true)
+	f := obj{"max_connections": 1}
+	nodes := startNodes(t, be.addr(), redisStore(r, nil), f, f, f)
+	_ = takeSlot(t, be, nodes[0].listen, "holder")
+	waitStore(t, r, 5*time.Second, 1, 0)
+
+	const window = 3 * time.Second
+	measure := func() map[string]int64 {
+		time.Sleep(500 * time.Millisecond) // what the last change set off is done
+		r.ResetStats()
+		time.Sleep(window)
+		return r.CommandStats()
+	}
+	idle := measure()
+
+	const waiters = 20
+	for i := range waiters {
+		c := dial(t, nodes[i%3].listen, fmt.Sprintf("w%d", i))
+		c.hello("")
+	}
+	waitStore(t, r, 10*time.Second, 1, waiters)
+	busy := measure()
+	t.Logf("commands in %s: no waiters %v; %d waiters %v", window, idle, waiters, busy)
+
+	renewals := idle["evalsha"]
+	if renewals < int64(len(nodes)) {
+		t.Fatalf("only %d scripts ran in %s without waiters: the nodes do not renew (%v)", renewals, window, idle)
+	}
+	for cmd, n := range busy {
+		perRenewal := (idle[cmd] + renewals - 1) / renewals // rounded up; 0 if none idle
+		if slack := int64(len(nodes)) * perRenewal; n > idle[cmd]+slack {
+			t.Errorf("%s: %d calls in %s with %d idle waiters, %d without (slack %d)", cmd, n, window, waiters, idle[cmd], slack)
+		}
+	}
+	if v := nodes[1].zone("db"); v.Fleet.Waiting != waiters {
+		t.Fatalf("the fleet counts %d waiting, want %d", v.Fleet.Waiting, waiters)
+	}
+}
