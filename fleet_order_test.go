@@ -371,3 +371,86 @@ func TestFleetIdleCost(t *testing.T) {
 		t.Fatalf("the fleet counts %d waiting, want %d", v.Fleet.Waiting, waiters)
 	}
 }
+
+// 4. Per-key limits fleet-wide. With key {l4.conn.remote_ip}, max 2 and
+// max_waiting 1: one client address gets 2 slots across the nodes
+// together (A and B), its third connection waits (at C, which holds none
+// of its slots), its fourth is rejected (queue_full: the fleet's list of
+// that key is full) and closed; another address is admitted meanwhile
+// (at C). wait_timeout bounds each waiter: the third one is rejected
+// after it, closed, and leaves the fleet's line, so that the address may
+// queue again, and that one is admitted when a slot of its key frees.
+func TestFleetPerKey(t *testing.T) {
+	const timeout = 3 * time.Second
+	r := startRedis(t, redisConfig{})
+	be := newBackend(t, true)
+	f := obj{"max_connections": 2, "max_waiting": 1, "wait_timeout": timeout.String(), "key": ipKey}
+	nodes := startNodes(t, be.addr(), redisStore(r, nil), f, f, f)
+	a, b, c := nodes[0], nodes[1], nodes[2]
+	expectArrival := func(id string) {
+		t.Helper()
+		if got := be.waitArrivals(1, 10*time.Second)[0]; got != id {
+			t.Fatalf("backend got %q, want %q", got, id)
+		}
+	}
+	connect := func(ip string, n *caddyProc, id string) *client {
+		cl := dialFrom(t, ip, n.listen, id)
+		cl.hello("")
+		return cl
+	}
+
+	a1 := connect("127.0.0.2", a, "a1")
+	expectArrival("a1")
+	_ = connect("127.0.0.2", b, "a2")
+	expectArrival("a2")
+	queued := time.Now()
+	a3 := connect("127.0.0.2", c, "a3")
+	waitStore(t, r, 10*time.Second, 2, 1)
+	be.noArrival(200 * time.Millisecond)
+	if v := c.zone("db"); v.Active != 0 || v.Waiting != 1 || len(v.Waiters) != 1 || v.Waiters[0].Key != "127.0.0.2" {
+		t.Fatalf("C: active %d, waiting %d, waiters %+v; want a3 waiting, of key 127.0.0.2", v.Active, v.Waiting, v.Waiters)
+	}
+
+	a4 := connect("127.0.0.2", a, "a4")
+	a4.expectClosed(5 * time.Second)
+	if v := a.zone("db"); v.RejectedByReason["queue_full"] != 1 {
+		t.Fatalf("A rejected %v, want one queue_full", v.RejectedByReason)
+	}
+
+	_ = connect("127.0.0.3", c, "b1")
+	expectArrival("b1")
+	if n, err := r.Admin().HGet(context.Background(), fleetKey("active"), "127.0.0.2").Int(); err != nil || n != 2 {
+		t.Fatalf("the store counts %d active of key 127.0.0.2 (err %v), want 2", n, err)
+	}
+	waitStore(t, r, 5*time.Second, 3, 1)
+	if time.Since(queued) > timeout-500*time.Millisecond {
+		t.Fatalf("the steps before the wait timeout took %s: too slow to test it", time.Since(queued))
+	}
+
+	// a3 times out: rejected and closed, and out of the fleet's line.
+	a3.expectClosed(timeout + 5*time.Second)
+	waited := time.Since(queued)
+	t.Logf("a3 was rejected %s after it came (wait_timeout %s)", waited, timeout)
+	if waited < timeout-100*time.Millisecond {
+		t.Fatalf("a3 was rejected after %s, before its wait_timeout %s", waited, timeout)
+	}
+	if v := c.zone("db"); v.RejectedByReason["wait_timeout"] != 1 || v.Waiting != 0 {
+		t.Fatalf("C: rejected %v, waiting %d; want one wait_timeout and none waiting", v.RejectedByReason, v.Waiting)
+	}
+	waitStore(t, r, time.Second, 3, 0)
+
+	// The key may queue again (the list has room), and is admitted when
+	// one of its slots frees, on whichever node.
+	a5 := connect("127.0.0.2", b, "a5")
+	waitStore(t, r, 5*time.Second, 3, 1)
+	be.noArrival(200 * time.Millisecond)
+	finish(be, a1)
+	expectArrival("a5")
+	be.letID("a5")
+	a5.expectLine("ok a5", 5*time.Second)
+
+	be.noArrival(300 * time.Millisecond)
+	if _, peak, total, order := be.stats(); peak != 3 || total != 4 {
+		t.Fatalf("backend: peak %d, %d connections (%v); want 3 and 4 (a1, a2, b1, a5)", peak, total, order)
+	}
+}
