@@ -197,7 +197,11 @@ func TestFleetWaiterUnreadAndLeaves(t *testing.T) {
 // back at once. B is stopped (SIGSTOP, well within its lease) while the
 // holder on A leaves: the store grants the slot to B's first waiter, whose
 // client then leaves too; when B goes on it must give that slot back (to
-// its second waiter), never hand the leaver to the backend.
+// its second waiter), never hand the leaver to the backend. Which of the
+// two B sees first when it goes on, the grant or the client's FIN, is up
+// to its scheduler (in practice the FIN: the waiter leaves the line, finds
+// its ticket granted, and the grant that follows is given back); both ways
+// must give the slot back.
 func TestFleetWaiterGrantedAsItLeaves(t *testing.T) {
 	r := startRedis(t, redisConfig{})
 	be := newBackend(t, true)
