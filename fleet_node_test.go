@@ -1,0 +1,232 @@
+package connlimit
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+)
+
+// The node side of a fleet zone against a store of the test's own, for
+// the paths a whole process cannot be made to take on cue.
+
+// fakeStore is a FleetStore whose answers the test gives, recording what
+// the node asks.
+type fakeStore struct {
+	mu       sync.Mutex
+	take     func(Ticket) (Outcome, Reason, error)
+	gives    []string
+	leaves   []uint64
+	regs     []NodeState
+	grants   chan Ticket
+	closed   chan struct{}
+	once     sync.Once
+	epoch    uint64
+	renewErr error
+}
+
+func newFakeStore() *fakeStore {
+	return &fakeStore{grants: make(chan Ticket, 16), closed: make(chan struct{}), epoch: 7}
+}
+
+func (s *fakeStore) NodeID() string                          { return "fake" }
+func (s *fakeStore) Lease() time.Duration                    { return 3 * time.Second }
+func (s *fakeStore) Close() error                            { s.once.Do(func() { close(s.closed) }); return nil }
+func (s *fakeStore) SetLimits(context.Context, Limits) error { return nil }
+func (s *fakeStore) SetPaused(context.Context, bool) error   { return nil }
+func (s *fakeStore) Status(context.Context) (FleetStatus, error) {
+	return FleetStatus{}, nil
+}
+
+func (s *fakeStore) Take(_ context.Context, t Ticket) (Outcome, Reason, error) {
+	s.mu.Lock()
+	f := s.take
+	s.mu.Unlock()
+	return f(t)
+}
+
+func (s *fakeStore) Give(_ context.Context, key string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.gives = append(s.gives, key)
+	return nil
+}
+
+func (s *fakeStore) Leave(_ context.Context, t Ticket) (bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.leaves = append(s.leaves, t.ID)
+	return true, nil
+}
+
+func (s *fakeStore) NextGrant(ctx context.Context) (Ticket, error) {
+	select {
+	case t := <-s.grants:
+		return t, nil
+	case <-ctx.Done():
+		return Ticket{}, ctx.Err()
+	case <-s.closed:
+		return Ticket{}, ErrStoreClosed
+	}
+}
+
+func (s *fakeStore) Renew(context.Context, NodeState) (FleetState, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return FleetState{Epoch: s.epoch, Limits: Limits{MaxConnections: 1}, NodeCount: 1}, s.renewErr
+}
+
+func (s *fakeStore) Register(_ context.Context, st NodeState) (FleetState, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.renewErr != nil {
+		return FleetState{}, s.renewErr
+	}
+	s.regs = append(s.regs, st)
+	return FleetState{Epoch: s.epoch, Limits: Limits{MaxConnections: 1}, NodeCount: 1}, nil
+}
+
+func (s *fakeStore) counts() (gives, leaves, regs int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.gives), len(s.leaves), len(s.regs)
+}
+
+// fakeFleetZone is a zone joined to store s, registered.
+func fakeFleetZone(t *testing.T, s *fakeStore, policy UnreachablePolicy) *Zone {
+	t.Helper()
+	z := NewZone("fake", Limits{MaxConnections: 1}, nil)
+	err := z.setFleet(&Fleet{
+		Open:        func(string) (FleetStore, error) { return s, nil },
+		Unreachable: policy,
+		Differs:     func(*Fleet) string { return "" },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(z.leaveFleet)
+	waitFor(t, 5*time.Second, "the node to register", func() bool {
+		z.mu.Lock()
+		defer z.mu.Unlock()
+		return z.node.Load().mode == fleetJoined
+	})
+	return z
+}
+
+// A grant that reached its waiter, whose client then leaves before the
+// waiter claimed it, goes back to the fleet: once.
+func TestFleetNodeAbandonedGrantGoesBack(t *testing.T) {
+	s := newFakeStore()
+	s.take = func(Ticket) (Outcome, Reason, error) { return Queued, ReasonNone, nil }
+	z := fakeFleetZone(t, s, UnreachablePolicy{})
+	w, sig := &Waiter{Key: "k"}, NewSignal()
+	if out, _ := z.Acquire(w, sig, time.Now()); out != Queued {
+		t.Fatalf("Acquire = %v, want queued", out)
+	}
+	s.grants <- Ticket{ID: w.ticket, Key: "k", Epoch: s.epoch}
+	<-sig // granted, not claimed
+	if !z.Abandon(w) {
+		t.Fatal("Abandon(granted) = false")
+	}
+	if gives, leaves, _ := s.counts(); gives != 1 || leaves != 0 {
+		t.Fatalf("%d gives and %d leaves, want the grant given back once", gives, leaves)
+	}
+	if a, n := z.Counts(); a != 0 || n != 0 {
+		t.Fatalf("counts %d/%d after the grant went back", a, n)
+	}
+}
+
+// A grant for a ticket nobody here waits for (its waiter left), or made
+// before the node's latest registration, is handled without a waiter: the
+// first goes back, the second is dropped (the registration counted anew).
+func TestFleetNodeGrantsWithoutAWaiter(t *testing.T) {
+	s := newFakeStore()
+	z := fakeFleetZone(t, s, UnreachablePolicy{})
+	s.grants <- Ticket{ID: 999, Key: "gone", Epoch: s.epoch}
+	s.grants <- Ticket{ID: 998, Key: "old", Epoch: s.epoch - 1}
+	waitFor(t, 5*time.Second, "the unknown grant to go back", func() bool { g, _, _ := s.counts(); return g == 1 })
+	time.Sleep(50 * time.Millisecond)
+	s.mu.Lock()
+	gives := append([]string(nil), s.gives...)
+	s.mu.Unlock()
+	if len(gives) != 1 || gives[0] != "gone" {
+		t.Fatalf("gave back %v, want only the current epoch's unknown grant", gives)
+	}
+	if a, n := z.Counts(); a != 0 || n != 0 {
+		t.Fatalf("counts %d/%d", a, n)
+	}
+}
+
+// A grant that comes while its Take is still on its way is kept for the
+// waiter the Take then queues.
+func TestFleetNodeGrantBeforeTakeAnswers(t *testing.T) {
+	s := newFakeStore()
+	z := fakeFleetZone(t, s, UnreachablePolicy{})
+	s.take = func(t Ticket) (Outcome, Reason, error) {
+		s.grants <- Ticket{ID: t.ID, Key: t.Key, Epoch: s.epoch}
+		time.Sleep(100 * time.Millisecond) // the grant is handled meanwhile
+		return Queued, ReasonNone, nil
+	}
+	w, sig := &Waiter{}, NewSignal()
+	if out, _ := z.Acquire(w, sig, time.Now()); out != Queued {
+		t.Fatalf("Acquire = %v, want queued", out)
+	}
+	if out, _ := z.Wait(w, sig, nil); out != Admitted {
+		t.Fatalf("Wait = %v, want admitted by the early grant", out)
+	}
+	if gives, _, _ := s.counts(); gives != 0 {
+		t.Fatalf("the early grant was given back (%d gives)", gives)
+	}
+	z.Free(w)
+	if gives, _, _ := s.counts(); gives != 1 {
+		t.Fatalf("%d gives after Free, want 1", gives)
+	}
+}
+
+// While the store fails, the node admits up to its share on its own,
+// and registers what it serves once the store answers again.
+func TestFleetNodeUnreachableShareThenRegister(t *testing.T) {
+	s := newFakeStore()
+	z := fakeFleetZone(t, s, UnreachablePolicy{Share: 2})
+	down := errors.New("store down")
+	s.mu.Lock()
+	s.take = func(Ticket) (Outcome, Reason, error) { return Rejected, ReasonNone, down }
+	s.renewErr = down
+	s.mu.Unlock()
+	var held []*Waiter
+	for range 2 {
+		w := &Waiter{}
+		if out, _ := z.Acquire(w, NewSignal(), time.Now()); out != Admitted {
+			t.Fatalf("Acquire while the store is down = %v, want admitted within the share of 2", out)
+		}
+		held = append(held, w)
+	}
+	w3 := &Waiter{}
+	if out, _ := z.Acquire(w3, NewSignal(), time.Now()); out != Queued {
+		t.Fatalf("third Acquire = %v, want queued beyond the share", out)
+	}
+	_, _, regs := s.counts()
+	time.Sleep(1500 * time.Millisecond) // a renewal or more, failing
+	if _, _, r := s.counts(); r != regs {
+		t.Fatalf("registered while the store failed")
+	}
+	if v := z.Snapshot(time.Now(), 0).Fleet; v.State != "unreachable" || v.Error == "" {
+		t.Fatalf("fleet view while down: %+v", v)
+	}
+	s.mu.Lock()
+	s.renewErr = nil
+	s.take = func(Ticket) (Outcome, Reason, error) { return Queued, ReasonNone, nil }
+	s.mu.Unlock()
+	waitFor(t, 5*time.Second, "a registration after the store came back", func() bool { _, _, r := s.counts(); return r > regs })
+	s.mu.Lock()
+	st := s.regs[len(s.regs)-1]
+	s.mu.Unlock()
+	if st.Held[""] != 2 || len(st.Waiting) != 1 || st.Waiting[0].ID != w3.ticket {
+		t.Fatalf("registered %+v, want 2 held and the third waiting", st)
+	}
+	z.Abandon(w3)
+	for _, w := range held {
+		z.Free(w)
+	}
+}
