@@ -5,9 +5,12 @@
 //
 // Run it from the repository root:
 //
-//	bash bench/run.sh            # full run (< 15 min), writes bench/last-report.md
+//	bash bench/run.sh            # full run (< 15 min)
 //	bash bench/run.sh -quick     # short run (< 2 min)
 //	go run ./bench/e2e -quick    # the same without the wrapper
+//
+// The report (Markdown) goes to stdout and, with -out, to a file: run.sh
+// passes -out $REPORT (default /tmp/connlimit-e2e-report.md).
 //
 // See BENCHMARKS.md for what each figure means.
 package main
