@@ -89,8 +89,9 @@ func HandoffGap(r *Results) ([]byte, error) {
 		limited: true,
 		what: []string{
 			"Fraction of hand-offs within a gap, per limiting system: with L connections at the backend, the k-th close frees the slot the (k+L)-th accept fills;",
-			"closes inside the measured windows, all rounds pooled. Gaps ≤ 0 (next accepted before the close was recorded) sit at the left edge.",
+			"closes inside the measured windows, all rounds pooled.",
 		},
+		nonPositive: "gaps ≤ 0 (the next accepted before the close was recorded, counted at the left edge)",
 	})
 }
 
@@ -99,16 +100,18 @@ type cdfSpec struct {
 	sample        func(TputRun) Quantiles
 	limited       bool
 	what          []string
+	nonPositive   string // what samples ≤ 0 are, if they can occur
 }
 
 func cdfFigure(r *Results, s cdfSpec) ([]byte, error) {
 	var panels []*plot.Plot
 	var shown []string
-	var missing []string
+	var missing, nonPos []string
 	for _, wl := range r.Workloads {
 		p := newPlot(wl.Name, s.xLabel, "fraction ≤ x")
 		p.X.Scale = plot.LogScale{}
 		p.X.Tick.Marker = logTicks{}
+		p.X.AutoRescale = true
 		p.Y.Min, p.Y.Max = 0, 1
 		p.Y.Tick.Marker = fixedTicks(0, 0.25, 0.5, 0.75, 1)
 		gridLines(p, true, true)
@@ -134,6 +137,9 @@ func cdfFigure(r *Results, s cdfSpec) ([]byte, error) {
 			if len(qs) == 0 {
 				continue
 			}
+			if f := pooledCDF(qs, 0.5); f > 0 { // below 1 ns: ≤ 0
+				nonPos = append(nonPos, fmt.Sprintf("%s, %s: %.1f %%", sys.label, wl.Key, 100*f))
+			}
 			l, err := plotter.NewLine(cdfPoints(qs, 160))
 			if err != nil {
 				return nil, err
@@ -151,6 +157,9 @@ func cdfFigure(r *Results, s cdfSpec) ([]byte, error) {
 		return nil, ErrNoData
 	}
 	what := s.what
+	if len(nonPos) > 0 {
+		what = append(slices.Clone(what), "Share of "+s.nonPositive+": "+strings.Join(nonPos, "; ")+".")
+	}
 	if len(missing) > 0 {
 		what = append(slices.Clone(what), "Not shown, no sample in any window: "+strings.Join(missing, "; ")+".")
 	}

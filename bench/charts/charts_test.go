@@ -317,3 +317,49 @@ func TestNewDrain(t *testing.T) {
 		t.Errorf("small drain: step %d, %d kept", d.Step, len(d.Rank))
 	}
 }
+
+func TestLogTicks(t *testing.T) {
+	labels := func(lo, hi float64) (out []string) {
+		for _, tk := range (logTicks{}).Ticks(lo, hi) {
+			if tk.Label != "" {
+				out = append(out, tk.Label)
+			}
+		}
+		return out
+	}
+	for _, c := range []struct {
+		lo, hi float64
+		want   string
+	}{
+		{214, 431, "200 300 400 500"},
+		{1.3, 180, "1 2 5 10 20 50 100 200"},
+		{0.04, 900, "0.1 1 10 100 1000"}, // 0.02 .. 1000: many decades
+		{0.3, 40, "0.2 0.5 1 2 5 10 20 50"},
+		{0.004, 90000, "0.01 0.1 1 10 100 1000 10000 100000"},
+	} {
+		if got := strings.Join(labels(c.lo, c.hi), " "); got != c.want {
+			t.Errorf("logTicks(%v, %v) labels %q, want %q", c.lo, c.hi, got, c.want)
+		}
+	}
+}
+
+func TestGapsNotPositive(t *testing.T) {
+	r := fixture()
+	v := make([]int64, 1000)
+	for i := range v {
+		v[i] = int64(i-99) * 1000 // 100 of 1000 ≤ 0
+	}
+	for i, tr := range r.Tput {
+		if tr.System == "haproxy" {
+			r.Tput[i].Gap = Summarise(v)
+		}
+	}
+	b, err := HandoffGap(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := parseSVG(t, b)
+	if !d.hasText("HAProxy (server maxconn, queue), limit: 10.0 %") || d.hasText("connection_limit (release return), limit:") {
+		t.Errorf("caption should give HAProxy's share of gaps ≤ 0 (10 %%) and no other: %q", d.texts)
+	}
+}

@@ -10,18 +10,24 @@ import (
 	"gonum.org/v1/plot/vg/draw"
 )
 
-// logTicks marks a log axis at 1, 2 and 5 times the powers of ten (only
-// the powers of ten are labelled when the range spans many decades), with
-// minor ticks at the other integers times them.
+// logTicks marks a log axis at 1, 2 and 5 times the powers of ten, with
+// minor ticks at the other integers times them. It reaches out to the
+// first such values outside the data, so that with Axis.AutoRescale the
+// axis starts and ends on a label. Within about a decade every integer
+// multiple is labelled; over many decades only the powers of ten are.
 type logTicks struct{}
 
 func (logTicks) Ticks(lo, hi float64) []plot.Tick {
 	if lo <= 0 || hi <= lo {
 		return nil
 	}
-	labelled := []float64{1, 2, 5}
-	if math.Log10(hi/lo) > 3.5 {
-		labelled = []float64{1}
+	lo, hi = round125(lo, false), round125(hi, true)
+	labelled := func(m float64) bool { return m == 1 || m == 2 || m == 5 }
+	switch decades := math.Log10(hi / lo); {
+	case decades <= 1.01:
+		labelled = func(float64) bool { return true }
+	case decades > 3.5:
+		labelled = func(m float64) bool { return m == 1 }
 	}
 	var ts []plot.Tick
 	for e := math.Floor(math.Log10(lo)); e <= math.Ceil(math.Log10(hi)); e++ {
@@ -32,15 +38,32 @@ func (logTicks) Ticks(lo, hi float64) []plot.Tick {
 				continue
 			}
 			t := plot.Tick{Value: v}
-			for _, l := range labelled {
-				if m == l {
-					t.Label = strconv.FormatFloat(v, 'g', -1, 64)
-				}
+			if labelled(m) {
+				t.Label = strconv.FormatFloat(v, 'g', 6, 64)
 			}
 			ts = append(ts, t)
 		}
 	}
 	return ts
+}
+
+// round125 rounds v (> 0) down (or up) to 1, 2 or 5 times a power of ten.
+func round125(v float64, up bool) float64 {
+	base := math.Pow(10, math.Floor(math.Log10(v)))
+	if up {
+		for _, m := range []float64{1, 2, 5} {
+			if m*base >= v*(1-1e-9) {
+				return m * base
+			}
+		}
+		return 10 * base
+	}
+	for _, m := range []float64{5, 2} {
+		if m*base <= v*(1+1e-9) {
+			return m * base
+		}
+	}
+	return base
 }
 
 // fixedTicks labels exactly the given values.

@@ -192,7 +192,10 @@ func (q Quantiles) cdf(x float64) float64 {
 		i++
 	}
 	a, b := float64(q.NS[i]), float64(q.NS[i+1])
-	if b <= a || a <= 0 {
+	if a <= 0 {
+		return q.P[i] // no log scale below 0: what is known to be ≤ x
+	}
+	if b <= a {
 		return q.P[i+1]
 	}
 	f := math.Log(x/a) / math.Log(b/a)
