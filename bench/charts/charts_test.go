@@ -363,3 +363,22 @@ func TestGapsNotPositive(t *testing.T) {
 		t.Errorf("caption should give HAProxy's share of gaps ≤ 0 (10 %%) and no other: %q", d.texts)
 	}
 }
+
+func TestCaptionWraps(t *testing.T) {
+	r := fixture()
+	r.Run.Command = "bash bench/run.sh" + strings.Repeat(" -systems connlimit,l4-plain-L", 12)
+	b, err := Memory(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := parseSVG(t, b)
+	const maxChars = 190 // a 10-inch line of 9-point text holds about this many
+	for _, s := range d.texts {
+		if len([]rune(s)) > maxChars {
+			t.Errorf("caption line not wrapped (%d characters): %q", len([]rune(s)), s)
+		}
+	}
+	if !d.hasText("Command: bash bench/run.sh -systems") {
+		t.Error("no command in the caption")
+	}
+}

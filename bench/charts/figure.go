@@ -182,8 +182,9 @@ func (f *figure) svg() ([]byte, error) {
 	bottom := vg.Length(margin)
 	cs := textStyle(fontSize-1, false, muted)
 	cs.YAlign = draw.YBottom
-	for i := len(f.caption) - 1; i >= 0; i-- {
-		dc.FillText(cs, vg.Point{X: margin, Y: bottom}, f.caption[i])
+	lines := wrap(cs, f.caption, w-2*margin)
+	for i := len(lines) - 1; i >= 0; i-- {
+		dc.FillText(cs, vg.Point{X: margin, Y: bottom}, lines[i])
 		bottom += cs.Font.Size + 3
 	}
 	bottom += 4
@@ -216,6 +217,27 @@ func (f *figure) svg() ([]byte, error) {
 	// vgsvg names only the font's own family; Arial has the same metrics.
 	out := strings.ReplaceAll(buf.String(), "font-family:Liberation Sans;", "font-family:'Liberation Sans',Arial,Helvetica,sans-serif;")
 	return []byte(out), nil
+}
+
+// wrap breaks lines that are wider than width at spaces.
+func wrap(ts text.Style, lines []string, width vg.Length) []string {
+	var out []string
+	for _, l := range lines {
+		cur := ""
+		for _, word := range strings.Split(l, " ") {
+			next := word
+			if cur != "" {
+				next = cur + " " + word
+			}
+			if w, _, _ := ts.Handler.Box(next, ts.Font); w > width && cur != "" {
+				out = append(out, cur)
+				next = word
+			}
+			cur = next
+		}
+		out = append(out, cur)
+	}
+	return out
 }
 
 // drawLegend draws the entries in rows from (left, top) and returns the
