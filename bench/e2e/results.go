@@ -96,18 +96,28 @@ func machineLine(m map[string]string) string {
 
 // settingsLine is the run's shape in a few words.
 func (c *config) settingsLine() string {
-	s := fmt.Sprintf("%d round(s) of %s measured runs", c.rounds, c.duration)
-	if len(c.scaleNs) > 0 {
+	var parts []string
+	if c.only == "" || strings.Contains(c.only, "tput") {
+		parts = append(parts, fmt.Sprintf("%s of %s measured runs", plural(c.rounds, "round"), c.duration))
+	}
+	if len(c.scaleNs) > 0 && (c.only == "" || strings.Contains(c.only, "scale")) {
 		var ns []string
 		for _, n := range c.scaleNs {
 			ns = append(ns, thousandsSep(n))
 		}
-		s += fmt.Sprintf("; scale runs of %s waiters, %d round(s)", strings.Join(ns, " and "), c.scaleRounds)
+		parts = append(parts, fmt.Sprintf("scale runs of %s waiters, %s", strings.Join(ns, " and "), plural(c.scaleRounds, "round")))
 	}
 	if c.profile {
-		s += "; CPU profiles"
+		parts = append(parts, "CPU profiles")
 	}
-	return s
+	return strings.Join(parts, "; ")
+}
+
+func plural(n int, s string) string {
+	if n == 1 {
+		return "1 " + s
+	}
+	return fmt.Sprintf("%d %ss", n, s)
 }
 
 func thousandsSep(n int) string {
