@@ -13,7 +13,8 @@
 // passes -out $REPORT (default /tmp/connlimit-e2e-report.md). With -json
 // the results the charts are drawn from (bench/charts) go to a file too:
 // run.sh writes them beside the report (the .md replaced by .json) and
-// draws the charts into a directory beside it (-charts).
+// draws the charts (go run ./bench/charts/draw) into a directory beside
+// it (the .md replaced by -charts/).
 //
 // See BENCHMARKS.md for what each figure means.
 package main
