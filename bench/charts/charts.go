@@ -163,7 +163,7 @@ func cdfFigure(r *Results, s cdfSpec) ([]byte, error) {
 	if len(missing) > 0 {
 		what = append(slices.Clone(what), "Not shown, no sample in any window: "+strings.Join(missing, "; ")+".")
 	}
-	f := &figure{title: s.title, legend: systemEntries(sortSystems(shown)), panels: panels, caption: caption(r.Run, what...)}
+	f := &figure{title: s.title, legend: systemEntries(sortSystems(shown)), panels: panels, caption: caption(r, what...)}
 	return f.svg()
 }
 
@@ -260,7 +260,7 @@ func DrainChart(r *Results) ([]byte, error) {
 		"its client connected: the slope is the drain rate (in the legend), points off the trend were admitted out of arrival order. Largest run of each system;",
 		fmt.Sprintf("left: one waiter in %d after the first %d; right: each of the first %d.", drainStep(r), DrainHead, DrainHead),
 	}
-	f := &figure{title: "The drain: admission time against arrival order", legend: legend, panels: []*plot.Plot{all, head}, caption: caption(r.Run, what...)}
+	f := &figure{title: "The drain: admission time against arrival order", legend: legend, panels: []*plot.Plot{all, head}, caption: caption(r, what...)}
 	return f.svg()
 }
 
@@ -327,6 +327,9 @@ func Memory(r *Results) ([]byte, error) {
 				return nil, err
 			}
 			sc.GlyphStyle = draw.GlyphStyle{Color: sys.color, Radius: vg.Points(4), Shape: draw.CircleGlyph{}}
+			if key == "connlimit-cw" { // a ring around the other variant's dot at the same N
+				sc.GlyphStyle = draw.GlyphStyle{Color: sys.color, Radius: vg.Points(6.5), Shape: draw.RingGlyph{}}
+			}
 			p.Add(sc)
 			maxN = max(maxN, s.Waiters)
 			found = true
@@ -353,10 +356,10 @@ func Memory(r *Results) ([]byte, error) {
 	p.Add(target, lbl)
 	p.Y.Max = math.Max(p.Y.Max*1.1, 9.5)
 	what := []string{
-		"Limit 1, one holder, N waiters connected one after the other and left waiting. Markers: (VmRSS with all N queued and settled − VmRSS with the holder only) ÷ N,",
+		"Limit 1, one holder, N waiters connected one after the other and left waiting. Markers (a ring for close_write): (VmRSS with all N queued and settled − VmRSS with the holder only) ÷ N,",
 		"each run and round (the report's figure). Thin lines: the same ratio sampled while the waiters were still connecting (not settled; from N/10 on).",
 	}
-	f := &figure{title: "Memory per waiting connection", legend: systemEntries(shown), panels: []*plot.Plot{p}, caption: caption(r.Run, what...)}
+	f := &figure{title: "Memory per waiting connection", legend: systemEntries(shown), panels: []*plot.Plot{p}, caption: caption(r, what...)}
 	return f.svg()
 }
 
@@ -439,13 +442,26 @@ func CPU(r *Results) ([]byte, error) {
 		what = append(what, "Caddy's bars are split in the proportions of the CPU profile of an extra profile run (µs in each part): caddy-l4's proxy handler (dial, copy, close),",
 			"connection_limit's own code (its Handle minus the proxy) and the rest of the process.")
 	} else {
-		what = append(what, "This run took no CPU profiles (-profile=false, as -quick does), so no bar is split.")
+		what = append(what, "No bar is split: "+whyNoProfiles(r.Run)+".")
 	}
 	if whole {
 		legend = append(legend, legendEntry{label: "not split (no CPU profile)", color: shadeWhole(grey), edge: grey, box: true})
 	}
-	f := &figure{title: "CPU per connection, and where it goes", legend: legend, panels: panels, stack: true, caption: caption(r.Run, what...), h: 6.2 * vg.Inch}
+	f := &figure{title: "CPU per connection, and where it goes", legend: legend, panels: panels, stack: true, caption: caption(r, what...), h: 6.2 * vg.Inch}
 	return f.svg()
+}
+
+// whyNoProfiles says why a run has no CPU profiles.
+func whyNoProfiles(r Run) string {
+	for _, s := range r.Skipped {
+		if strings.HasPrefix(s, "profile ") {
+			return "this run's CPU-profile runs were skipped for the time budget"
+		}
+	}
+	if strings.Contains(r.Settings, "CPU profiles") {
+		return "this run's CPU-profile runs did not run or failed"
+	}
+	return "this run took no CPU profiles (-profile=false, as -quick does)"
 }
 
 func profileOf(r *Results, system, workload string) (CPUProfile, bool) {

@@ -2,6 +2,7 @@ package charts
 
 import (
 	"bytes"
+	"compress/gzip"
 	"encoding/xml"
 	"errors"
 	"flag"
@@ -129,13 +130,10 @@ func parseSVG(t *testing.T, b []byte) svgDoc {
 	return d
 }
 
+// hasText reports whether s is in one text element, or runs on over the
+// next ones (a caption wrapped at spaces).
 func (d svgDoc) hasText(s string) bool {
-	for _, t := range d.texts {
-		if strings.Contains(t, s) {
-			return true
-		}
-	}
-	return false
+	return strings.Contains(strings.Join(d.texts, " "), s)
 }
 
 func hex(s system) string {
@@ -223,6 +221,21 @@ func TestDrawAll(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// And gzipped, as docs/bench keeps the results it was drawn from.
+	b, err := os.ReadFile(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var zb bytes.Buffer
+	zw := gzip.NewWriter(&zb)
+	_, _ = zw.Write(b)
+	_ = zw.Close()
+	if err := os.WriteFile(f+".gz", zb.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if r3, err := Load(f + ".gz"); err != nil || r3.Run.Commit != r2.Run.Commit || len(r3.Tput) != len(r.Tput) {
+		t.Fatalf("loading the gzipped results: %v", err)
+	}
 	files, err := DrawAll(r2, filepath.Join(dir, "charts"))
 	if err != nil {
 		t.Fatal(err)
@@ -259,11 +272,11 @@ func TestDrawAll(t *testing.T) {
 	if _, err := DrainChart(r2); !errors.Is(err, ErrNoData) {
 		t.Errorf("DrainChart without scale runs: %v, want ErrNoData", err)
 	}
-	b, err := CPU(r2)
+	b, err = CPU(r2)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d := parseSVG(t, b); !d.hasText("no bar is split") || d.hasText("connection_limit's own code") {
+	if d := parseSVG(t, b); !d.hasText("No bar is split: this run took no CPU profiles (-profile=false") || d.hasText("connection_limit's own code") {
 		t.Error("CPU chart without profiles should say no bar is split and show no limiter segment")
 	}
 }
@@ -380,5 +393,45 @@ func TestCaptionWraps(t *testing.T) {
 	}
 	if !d.hasText("Command: bash bench/run.sh -systems") {
 		t.Error("no command in the caption")
+	}
+}
+
+func TestCaptionSaysWhatDisturbedTheRun(t *testing.T) {
+	r := fixture()
+	b, err := Latency(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if parseSVG(t, b).hasText("Disturbed run") {
+		t.Error("an undisturbed run's caption says it was disturbed")
+	}
+	for i := range r.Tput {
+		r.Tput[i].OtherCores = Num(0.5 + 0.1*float64(i%5))
+	}
+	r.Run.Skipped = []string{"round 3 handoff haproxy", "round 3 handoff l4-plain", "round 1 scale 2000 haproxy", "profile limit connlimit"}
+	r.Run.Note = "A note from draw -note."
+	r.Profiles = nil
+	for _, chart := range []func(*Results) ([]byte, error){Latency, CPU} {
+		b, err := chart(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := parseSVG(t, b)
+		for _, want := range []string{
+			"Disturbed run: other processes used 0.5–0.9 cores (median 0.7) during the measured windows;",
+			"2 throughput, 1 scale, 1 CPU-profile run(s) were skipped for the time budget.",
+			"A note from draw -note.",
+		} {
+			if !d.hasText(want) {
+				t.Errorf("caption lacks %q: %q", want, d.texts)
+			}
+		}
+	}
+	b, err = CPU(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !parseSVG(t, b).hasText("No bar is split: this run's CPU-profile runs were skipped for the time budget.") {
+		t.Error("CPU chart should say its profile runs were skipped")
 	}
 }

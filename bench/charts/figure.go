@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"image/color"
 	"math"
+	"slices"
 	"strings"
 
 	xfont "golang.org/x/image/font"
@@ -183,10 +184,11 @@ func (f *figure) svg() ([]byte, error) {
 	cs := textStyle(fontSize-1, false, muted)
 	cs.YAlign = draw.YBottom
 	lines := wrap(cs, f.caption, w-2*margin)
-	for i := len(lines) - 1; i >= 0; i-- {
-		dc.FillText(cs, vg.Point{X: margin, Y: bottom}, lines[i])
-		bottom += cs.Font.Size + 3
+	lead := cs.Font.Size + 3
+	for i, l := range lines { // top to bottom, so the document reads in order
+		dc.FillText(cs, vg.Point{X: margin, Y: bottom + vg.Length(len(lines)-1-i)*lead}, l)
 	}
+	bottom += vg.Length(len(lines)) * lead
 	bottom += 4
 
 	if len(f.panels) > 0 {
@@ -270,14 +272,70 @@ func drawLegend(dc draw.Canvas, entries []legendEntry, left, right, top vg.Lengt
 	return y - rowH/2
 }
 
-// caption is the lines that name the run under every chart.
-func caption(r Run, what ...string) []string {
-	out := append([]string{}, what...)
+// caption is the lines under a chart: what it shows, then the run (and
+// what disturbed it, as far as the results say).
+func caption(res *Results, what ...string) []string {
+	r := res.Run
+	var out []string
+	if len(what) > 0 { // one paragraph, wrapped to the chart's width
+		out = append(out, strings.Join(what, " "))
+	}
 	out = append(out, fmt.Sprintf("Run: connlimit %s, %s, on %s.", orDash(r.Commit), orDash(r.Date), orDash(r.Machine)))
 	if r.Command != "" || r.Settings != "" {
 		out = append(out, strings.TrimSpace(fmt.Sprintf("Command: %s (%s).", orDash(r.Command), orDash(r.Settings))))
 	}
+	if d := disturbance(res); d != "" {
+		out = append(out, d)
+	}
+	if r.Note != "" {
+		out = append(out, r.Note)
+	}
 	return out
+}
+
+// disturbance says how busy other processes kept the machine during the
+// throughput runs' windows (when they used a fifth of a core or more, at
+// the median) and which runs were skipped for the time budget.
+func disturbance(res *Results) string {
+	var other []float64
+	for _, t := range res.Tput {
+		if t.OtherCores != nil && t.System != "l4-polling" { // polling's own retries count as "other"
+			other = append(other, *t.OtherCores)
+		}
+	}
+	var parts []string
+	if len(other) > 0 && median(other) >= 0.2 {
+		parts = append(parts, fmt.Sprintf("other processes used %.1f–%.1f cores (median %.1f) during the measured windows",
+			slices.Min(other), slices.Max(other), median(other)))
+	}
+	var tput, scale, prof int
+	for _, s := range res.Run.Skipped {
+		switch {
+		case strings.HasPrefix(s, "profile "):
+			prof++
+		case strings.Contains(s, " scale "):
+			scale++
+		default:
+			tput++
+		}
+	}
+	var sk []string
+	for _, c := range []struct {
+		n    int
+		what string
+	}{{tput, "throughput"}, {scale, "scale"}, {prof, "CPU-profile"}} {
+		if c.n > 0 {
+			sk = append(sk, fmt.Sprintf("%d %s", c.n, c.what))
+		}
+	}
+	if len(sk) > 0 {
+		parts = append(parts, strings.Join(sk, ", ")+" run(s) were skipped for the time budget")
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	s := strings.Join(parts, "; ")
+	return "Disturbed run: " + s + "."
 }
 
 func orDash(s string) string {

@@ -10,10 +10,14 @@
 package charts
 
 import (
+	"bytes"
+	"compress/gzip"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math"
 	"os"
+	"strings"
 )
 
 // Results is what one run of bench/e2e measured, as far as the charts need
@@ -33,6 +37,12 @@ type Run struct {
 	Machine  string `json:"machine"`  // one line: CPU, kernel, Go, HAProxy
 	Command  string `json:"command"`  // how to run it again, e.g. "bash bench/run.sh"
 	Settings string `json:"settings"` // rounds, durations, waiter counts
+	// Skipped lists the runs left out for the time budget, as the report
+	// names them ("round 3 handoff haproxy", "profile limit connlimit").
+	Skipped []string `json:"skipped,omitempty"`
+	// Note, if set, is added to every chart's caption (draw -note), e.g.
+	// what disturbed the run.
+	Note string `json:"note,omitempty"`
 }
 
 // Workload is one throughput scenario.
@@ -53,6 +63,9 @@ type TputRun struct {
 	// measured window per completed connection, in µs; nil if none
 	// completed.
 	ProxyCPUus *float64 `json:"proxy_cpu_us_per_conn"`
+	// OtherCores is the CPU that other processes than the proxy and the
+	// benchmark used over the measured window, in cores (approximate).
+	OtherCores *float64 `json:"other_cores,omitempty"`
 	// Latency is connect start to EOF of the connections completed in the
 	// window.
 	Latency Quantiles `json:"latency"`
@@ -219,11 +232,20 @@ func pooledCDF(qs []Quantiles, x float64) float64 {
 	return sum / float64(n)
 }
 
-// Load reads Results from a JSON file.
+// Load reads Results from a JSON file, gzipped if its name ends in .gz.
 func Load(file string) (*Results, error) {
 	b, err := os.ReadFile(file)
 	if err != nil {
 		return nil, err
+	}
+	if strings.HasSuffix(file, ".gz") {
+		zr, err := gzip.NewReader(bytes.NewReader(b))
+		if err != nil {
+			return nil, fmt.Errorf("%s: %v", file, err)
+		}
+		if b, err = io.ReadAll(zr); err != nil {
+			return nil, fmt.Errorf("%s: %v", file, err)
+		}
 	}
 	var r Results
 	if err := json.Unmarshal(b, &r); err != nil {

@@ -15,6 +15,7 @@ import (
 func main() {
 	in := flag.String("in", "", "results JSON written by bench/e2e -json")
 	out := flag.String("out", "", "directory for the SVG charts")
+	note := flag.String("note", "", "a line added to every chart's caption, e.g. what disturbed the run")
 	flag.Parse()
 	if *in == "" || *out == "" || flag.NArg() > 0 {
 		fmt.Fprintln(os.Stderr, "usage: draw -in results.json -out DIR")
@@ -24,6 +25,9 @@ func main() {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "draw:", err)
 		os.Exit(1)
+	}
+	if *note != "" {
+		r.Run.Note = *note
 	}
 	files, err := charts.DrawAll(r, *out)
 	for _, f := range files {
