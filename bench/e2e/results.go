@@ -22,6 +22,7 @@ func (rep *report) results(c *config) *charts.Results {
 		Machine:  machineLine(m),
 		Command:  strings.Join(append([]string{"bash bench/run.sh"}, c.setFlags...), " "),
 		Settings: c.settingsLine(),
+		Skipped:  rep.skipped,
 	}}
 	for _, wl := range workloads {
 		res.Workloads = append(res.Workloads, charts.Workload{Key: wl.key, Name: wl.name})
@@ -29,7 +30,7 @@ func (rep *report) results(c *config) *charts.Results {
 	for _, r := range rep.tput {
 		t := charts.TputRun{
 			System: r.kind.String(), Workload: r.wl.key, Round: r.round, Completed: r.completed,
-			ProxyCPUus: charts.Num(r.cpuPerConn), Latency: r.latQ, Gap: r.gapQ,
+			ProxyCPUus: charts.Num(r.cpuPerConn), OtherCores: charts.Num(r.otherCores), Latency: r.latQ, Gap: r.gapQ,
 		}
 		if r.err != nil {
 			t.Error = r.err.Error()
