@@ -6,8 +6,11 @@
 #
 # Any other arguments go to the Go program (bash bench/run.sh -h lists
 # them). Everything runs on 127.0.0.1. The report (Markdown) is printed and
-# saved to $REPORT (default /tmp/connlimit-e2e-report.md); progress goes to
-# stderr. CADDY_BIN, if set, names the Caddy binary to build and use.
+# saved to $REPORT (default /tmp/connlimit-e2e-report.md); the results the
+# charts are drawn from are saved beside it as JSON ($REPORT with .md
+# replaced by .json) and the SVG charts (bench/charts) are drawn into
+# $CHARTS (default: $REPORT with .md replaced by -charts/). Progress goes
+# to stderr. CADDY_BIN, if set, names the Caddy binary to build and use.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,6 +31,7 @@ CADDY_BIN=${CADDY_BIN:-$BIN_DIR/caddy}
 echo "building $CADDY_BIN from ./cmd/caddy and the benchmark" >&2
 go build -o "$CADDY_BIN" ./cmd/caddy
 go build -o "$BIN_DIR/e2e" ./bench/e2e
+go build -o "$BIN_DIR/draw" ./bench/charts/draw
 
 LIMIT=17m
 for a in "$@"; do
@@ -40,6 +44,10 @@ for a in "$@"; do
 	esac
 done
 REPORT=${REPORT:-/tmp/connlimit-e2e-report.md}
+RESULTS=${REPORT%.md}.json
+CHARTS=${CHARTS:-${REPORT%.md}-charts}
 # The program bounds itself (-budget); timeout is the backstop.
-timeout --kill-after=20s "$LIMIT" "$BIN_DIR/e2e" -caddy "$CADDY_BIN" -out "$REPORT" "$@"
-echo "report saved to $REPORT" >&2
+timeout --kill-after=20s "$LIMIT" "$BIN_DIR/e2e" -caddy "$CADDY_BIN" -out "$REPORT" -json "$RESULTS" "$@"
+echo "report saved to $REPORT, results to $RESULTS" >&2
+"$BIN_DIR/draw" -in "$RESULTS" -out "$CHARTS" >/dev/null
+echo "charts drawn in $CHARTS" >&2

@@ -5,9 +5,16 @@
 //
 // Run it from the repository root:
 //
-//	bash bench/run.sh            # full run (< 15 min), writes bench/last-report.md
+//	bash bench/run.sh            # full run (< 15 min)
 //	bash bench/run.sh -quick     # short run (< 2 min)
 //	go run ./bench/e2e -quick    # the same without the wrapper
+//
+// The report (Markdown) goes to stdout and, with -out, to a file: run.sh
+// passes -out $REPORT (default /tmp/connlimit-e2e-report.md). With -json
+// the results the charts are drawn from (bench/charts) go to a file too:
+// run.sh writes them beside the report (the .md replaced by .json) and
+// draws the charts (go run ./bench/charts/draw) into a directory beside
+// it (the .md replaced by -charts/).
 //
 // See BENCHMARKS.md for what each figure means.
 package main
@@ -44,6 +51,7 @@ type config struct {
 	profile     bool
 	budget      time.Duration
 	out         string
+	jsonOut     string
 	workDir     string
 	profDir     string
 	keep        bool
@@ -51,8 +59,10 @@ type config struct {
 	only        string
 	systems     []sysKind
 
-	dialer *dialer
-	start  time.Time
+	dialer    *dialer
+	start     time.Time
+	profCache map[string]float64 // profileSeconds
+	setFlags  []string           // the flags given, for the charts' captions
 }
 
 func main() {
@@ -73,6 +83,7 @@ func main() {
 	flag.BoolVar(&c.profile, "profile", true, "also take CPU and heap profiles of Caddy (extra runs, not in the tables)")
 	flag.DurationVar(&c.budget, "budget", 14*time.Minute, "stop starting runs after this long")
 	flag.StringVar(&c.out, "out", "", "also write the report to this file")
+	flag.StringVar(&c.jsonOut, "json", "", "also write the results as JSON to this file, for the charts (go run ./bench/charts/draw)")
 	flag.StringVar(&c.workDir, "workdir", "", "directory for configs, logs and profiles (default: a new temporary one)")
 	flag.BoolVar(&c.keep, "keep", false, "keep the work directory")
 	flag.IntVar(&c.sources, "sources", 8, "client source addresses 127.0.0.1..127.0.0.N")
@@ -83,7 +94,20 @@ func main() {
 	flag.StringVar(&wls, "workloads", "", "throughput runs: only these workloads (comma-separated of limit, handoff)")
 	flag.Parse()
 	set := map[string]bool{}
-	flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	flag.Visit(func(f *flag.Flag) {
+		set[f.Name] = true
+		switch f.Name {
+		case "caddy", "haproxy", "out", "json", "workdir", "keep":
+		case "quick", "profile":
+			if f.Value.String() == "true" {
+				c.setFlags = append(c.setFlags, "-"+f.Name)
+			} else {
+				c.setFlags = append(c.setFlags, "-"+f.Name+"="+f.Value.String())
+			}
+		default:
+			c.setFlags = append(c.setFlags, "-"+f.Name+" "+f.Value.String())
+		}
+	})
 	if c.quick {
 		quick := map[string]func(){
 			"rounds":       func() { c.rounds = 1 },
@@ -168,6 +192,11 @@ func main() {
 	if c.out != "" {
 		if err := os.WriteFile(c.out, []byte(text), 0o644); err != nil {
 			fmt.Fprintln(os.Stderr, "writing report:", err)
+		}
+	}
+	if c.jsonOut != "" {
+		if err := rep.results(c).Write(c.jsonOut); err != nil {
+			fmt.Fprintln(os.Stderr, "writing results:", err)
 		}
 	}
 }

@@ -391,6 +391,13 @@ const (
 	ignoreProxy = `l4proxy\.`
 )
 
+// pprof options of two parts of Caddy's CPU: connection_limit's own code
+// and caddy-l4's proxy handler (in the report and the charts).
+var (
+	ownArgs   = []string{"-focus=" + focusOwn, "-ignore=" + ignoreProxy}
+	proxyArgs = []string{`-focus=l4proxy\.`}
+)
+
 // profileBreakdown turns the CPU profiles into µs per connection by where
 // the time goes, connection_limit against plain caddy-l4 driven by L
 // clients.
@@ -400,9 +407,9 @@ func (rep *report) profileBreakdown(c *config, w func(string, ...any)) {
 		args []string
 	}{
 		{"all of Caddy", nil},
-		{"connection_limit's own code (its Handle minus the proxy)", []string{"-focus=" + focusOwn, "-ignore=" + ignoreProxy}},
+		{"connection_limit's own code (its Handle minus the proxy)", ownArgs},
 		{"… of which watching the waiting socket (ppoll)", []string{`-focus=connlimit\.(peerGone|socketGone|socketUntouched)`}},
-		{"caddy-l4 proxy handler (dial, copy, close)", []string{`-focus=l4proxy\.`}},
+		{"caddy-l4 proxy handler (dial, copy, close)", proxyArgs},
 		{"Go GC (background mark, assists, sweep)", []string{`-focus=runtime\.(gcBgMarkWorker|gcAssistAlloc|bgsweep)`}},
 		{"… of which scanning goroutine stacks", []string{`-focus=runtime\.scanstack`}},
 		{"Go scheduler (schedule, findRunnable)", []string{`-focus=runtime\.(schedule|findRunnable)$`}},

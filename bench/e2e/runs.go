@@ -9,10 +9,13 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/bench/charts"
 )
 
 // workload is one throughput scenario.
@@ -64,6 +67,8 @@ type tputResult struct {
 	logSample   string
 	err         error
 	profileNote string
+	// For the charts (bench/charts): the distributions behind p50/p99.
+	latQ, gapQ charts.Quantiles
 }
 
 func (c *config) runThroughput(kind sysKind, wl workload, round int, profile bool) (r tputResult) {
@@ -135,6 +140,7 @@ func (c *config) runThroughput(kind sysKind, wl workload, round int, profile boo
 	if !math.IsNaN(wl.ideal()) {
 		r.frac = r.rate / wl.ideal()
 	}
+	r.latQ = charts.Summarise(lr.lat)
 	r.p50 = time.Duration(pct(lr.lat, 50))
 	r.p99 = time.Duration(pct(lr.lat, 99))
 	if len(lr.lat) > 0 {
@@ -154,6 +160,7 @@ func (c *config) runThroughput(kind sysKind, wl workload, round int, profile boo
 	if kind.limited() {
 		gaps := handoffGaps(accepts, closes, wl.limit, int64(mStart.Sub(base)), int64(mEnd.Sub(base)))
 		r.gapN = len(gaps)
+		r.gapQ = charts.Summarise(gaps)
 		r.gapP50 = time.Duration(pct(gaps, 50))
 		r.gapP99 = time.Duration(pct(gaps, 99))
 	}
@@ -205,6 +212,10 @@ type scaleResult struct {
 	logErrs   int
 	logSample string
 	err       error
+	// For the charts (bench/charts): VmRSS while the waiters connected,
+	// and when the backend accepted each waiter, by arrival rank.
+	opening []charts.RSSSample
+	drain   charts.Drain
 }
 
 func (c *config) runScale(kind sysKind, n, round int, profile bool) (r scaleResult) {
@@ -257,6 +268,7 @@ func (c *config) runScale(kind sysKind, n, round int, profile bool) (r scaleResu
 	t0 := time.Now()
 	openDeadline := t0.Add(90 * time.Second)
 	fails := 0
+	sampleEvery := max(1, n/40) // VmRSS while they connect, for the charts
 	for i := 1; i <= n && time.Now().Before(openDeadline); i++ {
 		if err := wc.open(c.dialer, p.addr(), i, connDeadline); err != nil {
 			fails++
@@ -267,6 +279,11 @@ func (c *config) runScale(kind sysKind, n, round int, profile bool) (r scaleResu
 			continue
 		}
 		r.opened++
+		if r.opened%sampleEvery == 0 {
+			if rss, err := procRSSKiB(p.pid); err == nil {
+				r.opening = append(r.opening, charts.RSSSample{Waiters: r.opened, RSSKiB: rss})
+			}
+		}
 	}
 	r.openTime = time.Since(t0)
 	if r.err != nil {
@@ -349,6 +366,18 @@ func (c *config) runScale(kind sysKind, n, round int, profile bool) (r scaleResu
 		r.orderHead = order[1:min(len(order), 13)]
 	}
 	r.handoffSplit(accepts, be.closeTimes(), order, wc)
+	// Each waiter's admission by arrival rank (its client index), for the
+	// drain chart.
+	admitted := make([]int64, n+1)
+	for i := range admitted {
+		admitted[i] = -1
+	}
+	for j, idx := range order {
+		if idx >= 1 && int(idx) <= n && j < len(accepts) {
+			admitted[idx] = accepts[j] - rel
+		}
+	}
+	r.drain = charts.NewDrain(admitted, 600)
 	for j, idx := range r.zoneHead {
 		if j+1 < len(order) && order[j+1] == idx {
 			r.zoneSame++
@@ -404,6 +433,19 @@ func absInt64(v int64) int64 {
 // profileSeconds is the CPU time a profile attributes to the samples the
 // pprof options select (all samples without options).
 func (c *config) profileSeconds(file string, opts ...string) float64 {
+	key := strings.Join(append([]string{file}, opts...), "\x00")
+	if v, ok := c.profCache[key]; ok {
+		return v
+	}
+	v := c.profileSecondsUncached(file, opts...)
+	if c.profCache == nil {
+		c.profCache = map[string]float64{}
+	}
+	c.profCache[key] = v
+	return v
+}
+
+func (c *config) profileSecondsUncached(file string, opts ...string) float64 {
 	args := append([]string{"tool", "pprof", "-top", "-nodefraction=0", "-nodecount=1000000"}, opts...)
 	out, err := runCmd(30*time.Second, "go", append(args, c.caddyBin, file)...)
 	if err != nil {
