@@ -259,39 +259,11 @@ func runPause(cmd *cobra.Command, action, zone string) error {
 	return err
 }
 
-// The admin API's JSON, as far as this command reads it.
-
-type zoneInfo struct {
-	Zone             string            `json:"zone"`
-	MaxConnections   int               `json:"max_connections"`
-	MaxWaiting       int               `json:"max_waiting"`
-	WaitTimeout      string            `json:"wait_timeout"`
-	Order            string            `json:"order"`
-	Active           int               `json:"active"`
-	Waiting          int               `json:"waiting"`
-	OldestWait       float64           `json:"oldest_wait_seconds"`
-	Paused           bool              `json:"paused"`
-	Admitted         uint64            `json:"admitted"`
-	Rejected         uint64            `json:"rejected"`
-	RejectedByReason map[string]uint64 `json:"rejected_by_reason"`
-	Abandoned        uint64            `json:"abandoned"`
-
-	// Fleet is a fleet-wide zone's totals across its Caddy instances,
-	// when the zone has them: printed as they come, field by field.
-	Fleet json.RawMessage `json:"fleet,omitempty"`
-
-	// Only in the one-zone view.
-	Waiters          []waiterInfo `json:"waiters"`
-	WaitersShownMax  int          `json:"waiters_shown_max"`
-	WaitersTruncated bool         `json:"waiters_truncated"`
-}
-
-type waiterInfo struct {
-	RemoteAddr string  `json:"remote_addr"`
-	Key        string  `json:"key"`
-	Priority   int     `json:"priority"`
-	Waited     float64 `json:"waited_seconds"`
-}
+// The admin API's JSON (admin.go), as this command reads it.
+type (
+	zoneInfo   = zoneDetailJSON
+	waiterInfo = waiterJSON
+)
 
 // sample is one answer of the admin API and when it came.
 type sample struct {
@@ -616,30 +588,18 @@ func (z *zoneInfo) rejectedCell() string {
 	return fmt.Sprintf("%d (%s)", z.Rejected, strings.Join(parts, ", "))
 }
 
-// fleetLine is the zone's fleet totals as the admin API gives them, field
-// by field in the order of their names; "" if it has none.
+// fleetLine is a fleet zone's totals, as the node last learned them, and
+// its store's state; "" for a zone of one process.
 func (z *zoneInfo) fleetLine() string {
-	if len(z.Fleet) == 0 || string(z.Fleet) == "null" {
+	f := z.Fleet
+	if f == nil {
 		return ""
 	}
-	var fields map[string]json.RawMessage
-	if err := json.Unmarshal(z.Fleet, &fields); err != nil {
-		return "fleet: " + string(z.Fleet)
+	line := fmt.Sprintf("fleet: %d active, %d waiting on %d nodes; store %s", f.Active, f.Waiting, f.NodeCount, f.Store)
+	if f.StoreError != "" {
+		line += " (" + f.StoreError + ")"
 	}
-	names := make([]string, 0, len(fields))
-	for k := range fields {
-		names = append(names, k)
-	}
-	sort.Strings(names)
-	parts := make([]string, len(names))
-	for i, k := range names {
-		var s string
-		if json.Unmarshal(fields[k], &s) != nil {
-			s = string(fields[k])
-		}
-		parts[i] = k + " " + s
-	}
-	return "fleet: " + strings.Join(parts, ", ")
+	return line
 }
 
 func maxWaitingText(n int) string {

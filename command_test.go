@@ -436,8 +436,8 @@ func TestCommandWatchNotATerminal(t *testing.T) {
 	}
 }
 
-// A fleet-wide zone's totals (a "fleet" object in the zone's JSON, which
-// no zone has yet) are printed under its line, field by field.
+// A fleet zone's totals (the "fleet" object of the zone's JSON) are
+// printed under its line.
 func TestCommandFleetTotals(t *testing.T) {
 	s := newCLISetup(t, nil)
 	c, err := newAdminClient(s.admin)
@@ -456,7 +456,7 @@ func TestCommandFleetTotals(t *testing.T) {
 	}
 	for _, z := range doc["zones"] {
 		if z["zone"] == s.a {
-			z["fleet"] = map[string]any{"instances": 3, "active": 5, "waiting": 7, "region": "eu"}
+			z["fleet"] = map[string]any{"node": "n1", "store": "registered", "active": 5, "waiting": 7, "node_count": 3}
 		}
 	}
 	raw, _ := json.Marshal(doc)
@@ -467,7 +467,7 @@ func TestCommandFleetTotals(t *testing.T) {
 	out := strings.Join(zoneTable(nil, &sample{zones: list.Zones}, list.Zones), "\n")
 	_, after, _ := strings.Cut(out, "\n"+s.a+" ")
 	lines := strings.Split(after, "\n")
-	if len(lines) < 2 || lines[1] != "  fleet: active 5, instances 3, region eu, waiting 7" {
+	if len(lines) < 2 || lines[1] != "  fleet: 5 active, 7 waiting on 3 nodes; store registered" {
 		t.Errorf("no fleet line under zone %s:\n%s", s.a, out)
 	}
 	if strings.Count(out, "fleet:") != 1 {

@@ -136,34 +136,19 @@ func TestFleetExampleAdapts(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", f, err)
 		}
-		var cfg struct {
-			Apps struct {
-				Layer4 struct {
-					Servers map[string]struct {
-						Routes []struct {
-							Handle []json.RawMessage `json:"handle"`
-						} `json:"routes"`
-					} `json:"servers"`
-				} `json:"layer4"`
-			} `json:"apps"`
+		var h struct {
+			Handler string          `json:"handler"`
+			Zone    string          `json:"zone"`
+			Store   json.RawMessage `json:"store"`
 		}
-		if err := json.Unmarshal(out, &cfg); err != nil {
+		first := handlersOf(t, out)[0]
+		if err := json.Unmarshal(first, &h); err != nil {
 			t.Fatal(err)
 		}
-		for _, srv := range cfg.Apps.Layer4.Servers {
-			var h struct {
-				Handler string          `json:"handler"`
-				Zone    string          `json:"zone"`
-				Store   json.RawMessage `json:"store"`
-			}
-			if err := json.Unmarshal(srv.Routes[0].Handle[0], &h); err != nil {
-				t.Fatal(err)
-			}
-			if h.Handler != "connection_limit" || h.Zone != "db" || !strings.Contains(string(h.Store), `"backend":"redis"`) {
-				t.Fatalf("%s: handler %s", f, srv.Routes[0].Handle[0])
-			}
-			stores = append(stores, string(h.Store))
+		if h.Handler != "connection_limit" || h.Zone != "db" || !strings.Contains(string(h.Store), `"backend":"redis"`) {
+			t.Fatalf("%s: handler %s", f, first)
 		}
+		stores = append(stores, string(h.Store))
 	}
 	if len(stores) != 2 || stores[0] != stores[1] {
 		t.Fatalf("the nodes give different stores: %v", stores)

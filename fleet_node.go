@@ -340,11 +340,10 @@ func (n *fleetNode) leave(w *Waiter) {
 // leaveLocked: gate held. If the ticket was granted meanwhile, its grant
 // is on its way, and grant gives it back.
 func (n *fleetNode) leaveLocked(w *Waiter) {
-	start := time.Now()
-	ctx, cancel := context.WithTimeout(n.ctx, storeTimeout)
-	_, err := n.store.Leave(ctx, Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
-	cancel()
-	n.observe("leave", start, err)
+	err := n.call("leave", func(ctx context.Context) error {
+		_, err := n.store.Leave(ctx, Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
+		return err
+	})
 	if err != nil {
 		n.z.mu.Lock()
 		n.failed(err)
@@ -352,22 +351,17 @@ func (n *fleetNode) leaveLocked(w *Waiter) {
 	}
 }
 
-func (n *fleetNode) take(t Ticket) (Outcome, Reason, error) {
-	start := time.Now()
-	ctx, cancel := context.WithTimeout(n.ctx, storeTimeout)
-	defer cancel()
-	out, r, err := n.store.Take(ctx, t)
-	n.observe("take", start, err)
+func (n *fleetNode) take(t Ticket) (out Outcome, r Reason, err error) {
+	err = n.call("take", func(ctx context.Context) (err error) {
+		out, r, err = n.store.Take(ctx, t)
+		return err
+	})
 	return out, r, err
 }
 
 // give frees a slot of key in the store. Gate held.
 func (n *fleetNode) give(key string) {
-	start := time.Now()
-	ctx, cancel := context.WithTimeout(n.ctx, storeTimeout)
-	err := n.store.Give(ctx, key)
-	cancel()
-	n.observe("give", start, err)
+	err := n.call("give", func(ctx context.Context) error { return n.store.Give(ctx, key) })
 	if err != nil {
 		n.z.mu.Lock()
 		n.failed(err)
@@ -391,6 +385,17 @@ func (n *fleetNode) failed(err error) {
 	case n.kick <- struct{}{}:
 	default:
 	}
+}
+
+// call runs one store operation, bounded by storeTimeout, and tells the
+// observer how it went.
+func (n *fleetNode) call(op string, f func(ctx context.Context) error) error {
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(n.ctx, storeTimeout)
+	err := f(ctx)
+	cancel()
+	n.observe(op, start, err)
+	return err
 }
 
 func (n *fleetNode) observe(op string, start time.Time, err error) {
@@ -492,11 +497,10 @@ func (n *fleetNode) sync() {
 	err := n.write(limits, paused)
 	var st FleetState
 	if err == nil && !register {
-		start := time.Now()
-		ctx, cancel := context.WithTimeout(n.ctx, storeTimeout)
-		st, err = n.store.Renew(ctx, counts)
-		cancel()
-		n.observe("renew", start, err)
+		err = n.call("renew", func(ctx context.Context) (err error) {
+			st, err = n.store.Renew(ctx, counts)
+			return err
+		})
 		register = err == nil && st.Lapsed
 	}
 	if err == nil && register {
@@ -530,11 +534,7 @@ func (n *fleetNode) reached(st FleetState, err error) {
 // sent while the store does not take them.
 func (n *fleetNode) write(limits *Limits, paused *bool) error {
 	if limits != nil {
-		start := time.Now()
-		ctx, cancel := context.WithTimeout(n.ctx, storeTimeout)
-		err := n.store.SetLimits(ctx, *limits)
-		cancel()
-		n.observe("set_limits", start, err)
+		err := n.call("set_limits", func(ctx context.Context) error { return n.store.SetLimits(ctx, *limits) })
 		if err != nil {
 			return err
 		}
@@ -545,11 +545,7 @@ func (n *fleetNode) write(limits *Limits, paused *bool) error {
 		n.z.mu.Unlock()
 	}
 	if paused != nil {
-		start := time.Now()
-		ctx, cancel := context.WithTimeout(n.ctx, storeTimeout)
-		err := n.store.SetPaused(ctx, *paused)
-		cancel()
-		n.observe("set_paused", start, err)
+		err := n.call("set_paused", func(ctx context.Context) error { return n.store.SetPaused(ctx, *paused) })
 		if err != nil {
 			return err
 		}
@@ -591,11 +587,11 @@ func (n *fleetNode) register() (FleetState, error) {
 	}
 	z.mu.Unlock()
 
-	start := time.Now()
-	ctx, cancel := context.WithTimeout(n.ctx, storeTimeout)
-	fs, err := n.store.Register(ctx, st)
-	cancel()
-	n.observe("register", start, err)
+	var fs FleetState
+	err := n.call("register", func(ctx context.Context) (err error) {
+		fs, err = n.store.Register(ctx, st)
+		return err
+	})
 	if err != nil {
 		return fs, err
 	}
