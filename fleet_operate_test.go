@@ -973,3 +973,48 @@ func TestFleetSecureTLS(t *testing.T) {
 	}
 	opNoSecret(t, []*caddyProc{a, b, c}, secret)
 }
+
+// 8. A load that fails (its listener cannot start) while it brings a new
+// fleet zone leaves the running config serving, and the zone it made
+// goes away quietly: no warning that the store cannot be reached (it can:
+// the zone only left its fleet).
+func TestFleetReloadFailedLoad(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	be := newBackend(t, true)
+	st := redisStore(r, nil)
+	nodes := startFleet(t, 1, be.addr(), obj{"max_connections": 1}, st)
+	a := nodes[0]
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	for i := range 8 {
+		cfg := nodeConfigAt(a.admin, a.listen, be.addr(), opFields(1), st)
+		servers := cfg["apps"].(obj)["layer4"].(obj)["servers"].(obj)
+		servers["other"] = obj{"listen": []string{busy.Addr().String()}, "routes": []obj{{"handle": []obj{
+			limit(obj{"zone": fmt.Sprintf("other%d", i), "max_connections": 1, "store": st}), proxyTo(be.addr())}}}}
+		raw, _ := json.Marshal(cfg)
+		code, body, err := a.try(http.MethodPost, "/load", string(raw))
+		if err != nil || code != http.StatusBadRequest || !strings.Contains(string(body), "address already in use") {
+			t.Fatalf("a load with a listener on a busy port: %d %s (%v); want it refused", code, body, err)
+		}
+	}
+	time.Sleep(1500 * time.Millisecond)
+	if l := a.log(); strings.Contains(l, "cannot be reached") {
+		t.Fatalf("node A warns that a store cannot be reached:\n%s", l)
+	}
+	var list struct {
+		Zones []zoneJSON `json:"zones"`
+	}
+	if err := json.Unmarshal(a.do(http.MethodGet, "/connection_limit/", ""), &list); err != nil {
+		t.Fatal(err)
+	}
+	if len(list.Zones) != 1 || list.Zones[0].Zone != "db" {
+		t.Fatalf("zones after the failed loads: %+v; want db alone", list.Zones)
+	}
+	registered(t, "db", a)
+	c := takeSlot(t, be, a.listen, "c")
+	finish(be, c)
+	opDrained(t, nodes)
+}
