@@ -506,15 +506,16 @@ func (n *fleetNode) sync() {
 	if err == nil && register {
 		st, err = n.register()
 	}
+	if n.ctx.Err() != nil {
+		return // the zone is leaving the fleet (leaveFleet): its store is closing, not unreachable
+	}
 	z.mu.Lock()
 	if err != nil {
-		if n.ctx.Err() == nil {
-			n.lastErr = err
-			if n.mode == fleetJoined || !errors.Is(err, ErrLapsed) {
-				n.mode = fleetUnreachable
-			}
-			n.z.grantAll()
+		n.lastErr = err
+		if n.mode == fleetJoined || !errors.Is(err, ErrLapsed) {
+			n.mode = fleetUnreachable
 		}
+		n.z.grantAll()
 		z.mu.Unlock()
 		n.reached(st, err)
 		return
