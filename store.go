@@ -147,11 +147,13 @@ type RedisStore struct {
 	// local_share is the default because the store exists to share a
 	// limit, not to be a single point of failure: with "refuse" an outage
 	// of Redis stops every new connection of the fleet, and the backend a
-	// limit protects is usually still up. With the automatic share the
-	// fleet as a whole stays within max_connections as long as no node
-	// joins during the outage (each admits its part of it), so the
-	// backend is protected too; choose "refuse" where exceeding the limit
-	// is worse than rejecting newcomers.
+	// limit protects is usually still up. With the automatic share each
+	// node fills its part of max_connections, counting what it holds: a
+	// node that held more than its part when Redis went away keeps it and
+	// admits nobody new, so the fleet can hold up to the sum over nodes of
+	// the larger of what each held and its part (max_connections when the
+	// load was even), more if a node joins meanwhile. Choose "refuse"
+	// where exceeding the limit is worse than rejecting newcomers.
 	OnUnreachable string `json:"on_unreachable,omitempty"`
 
 	// With on_unreachable local_share: how many connections (per key
