@@ -494,14 +494,16 @@ func (n *fleetNode) sync() {
 	counts := NodeState{Active: z.active, Waiters: z.waiting}
 	z.mu.Unlock()
 
+	// Renew first, even to register: Register holds the gate, which
+	// holds up every arrival, so it is sent only once the store answers.
 	err := n.write(limits, paused)
 	var st FleetState
-	if err == nil && !register {
+	if err == nil {
 		err = n.call("renew", func(ctx context.Context) (err error) {
 			st, err = n.store.Renew(ctx, counts)
 			return err
 		})
-		register = err == nil && st.Lapsed
+		register = register || st.Lapsed
 	}
 	if err == nil && register {
 		st, err = n.register()
