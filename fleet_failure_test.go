@@ -160,6 +160,11 @@ func ffArrivalIDs(as []ffArrival) []string {
 	for _, a := range as {
 		ids = append(ids, a.id)
 	}
+	return ffSorted(ids)
+}
+
+func ffSorted(ids []string) []string {
+	ids = slices.Clone(ids)
 	slices.Sort(ids)
 	return ids
 }
@@ -253,11 +258,30 @@ func TestFleetCrash(t *testing.T) {
 	}
 }
 
+// ffSignalRedis sends sig to the test's redis-server.
+func ffSignalRedis(t *testing.T, r *redisServer, sig syscall.Signal) {
+	t.Helper()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cmd == nil {
+		t.Fatal("redis-server is not running")
+	}
+	if err := r.cmd.Process.Signal(sig); err != nil {
+		t.Fatalf("redis-server: %v: %v", sig, err)
+	}
+}
+
 // 6. A stalled node: SIGSTOP node C, which holds k slots, for longer than
 // its lease, then SIGCONT. The others take over C's slots once its lease
 // ran out (not before); C, awake, finds its lease lapsed, admits nobody
 // new until it has registered again the k connections it still serves,
 // and the fleet's count is the truth again within one lease.
+//
+// C is stopped while store calls of its own are in flight (their replies
+// come while it is stopped, and it finds their deadlines passed when it
+// wakes), as a busy node would be, and a newcomer reaches it while it is
+// stopped: neither may be admitted on C's own (its local_share, here all
+// of max, is for a store that cannot be reached, not for a lapsed lease).
 //
 // The bound: while C is stopped its k connections still run (their
 // sockets are the kernel's), and the others fill all of max_connections
@@ -271,7 +295,7 @@ func TestFleetStall(t *testing.T) {
 	const max, k = 4, 2
 	r := startRedis(t, redisConfig{})
 	be := newBackend(t, true)
-	nodes := startFleet(t, 3, be.addr(), obj{"max_connections": max}, redisStore(r, nil))
+	nodes := startFleet(t, 3, be.addr(), obj{"max_connections": max}, redisStore(r, obj{"local_share": max}))
 	a, b, c := nodes[0], nodes[1], nodes[2]
 	live := []*caddyProc{a, b}
 
@@ -293,26 +317,43 @@ func TestFleetStall(t *testing.T) {
 	}
 	be.noArrival(200 * time.Millisecond)
 
+	// Redis holds still for a moment, while C2 arrives at C: C's Take for
+	// it (and maybe a renewal) is in flight when C stops. Redis answers
+	// once C is stopped; C finds the answers too late when it wakes.
+	quiet := time.Now()
+	ffSignalRedis(t, r, syscall.SIGSTOP)
+	t.Cleanup(func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if r.cmd != nil {
+			_ = r.cmd.Process.Signal(syscall.SIGCONT)
+		}
+	})
+	cl["C2"] = ffWaiter(t, c.listen, "C2")
+	time.Sleep(300 * time.Millisecond)
 	got := ffCollectArrivals(be, k, 10*time.Second)
 	stopped := time.Now()
 	c.signal(syscall.SIGSTOP)
 	t.Cleanup(func() { _ = c.cmd.Process.Signal(syscall.SIGCONT) })
-	// A newcomer at the stalled node: the kernel accepts it; C sees it
+	ffSignalRedis(t, r, syscall.SIGCONT)
+	// A newcomer while C is stopped: the kernel accepts it; C sees it
 	// when it wakes.
-	cl["C2"] = ffWaiter(t, c.listen, "C2")
+	cl["C3"] = ffWaiter(t, c.listen, "C3")
 
 	arrived := <-got
 	if len(arrived) != k {
 		t.Fatalf("while C was stopped only %v of A2, B0 reached the backend within 10s", ffArrivalIDs(arrived))
 	}
 	first, last := arrived[0].at.Sub(stopped), arrived[k-1].at.Sub(stopped)
-	t.Logf("SIGSTOP of C (%d slots): its slots taken over after %s and %s (lease %s)", k, first.Round(time.Millisecond), last.Round(time.Millisecond), ffLease)
+	t.Logf("SIGSTOP of C (%d slots): its slots taken over after %s and %s (%s after C last reached the store; lease %s)",
+		k, first.Round(time.Millisecond), last.Round(time.Millisecond), arrived[k-1].at.Sub(quiet).Round(time.Millisecond), ffLease)
 	if ids := ffArrivalIDs(arrived); !slices.Equal(ids, []string{"A2", "B0"}) {
 		t.Errorf("C's slots went to %v, want A2, B0 (first in line)", ids)
 	}
-	// C renewed at most a renewal period (lease/3) before it stopped: its
-	// lease ran out no sooner than 2/3 of a lease after.
-	if first < ffLease-RenewEvery(ffLease)-50*time.Millisecond {
+	// C renewed in the store at most a renewal period (lease/3) before
+	// Redis held still: its lease ran out no sooner than 2/3 of a lease
+	// after that.
+	if early := quiet.Add(ffLease - RenewEvery(ffLease) - 50*time.Millisecond); arrived[0].at.Before(early) {
 		t.Errorf("C's slots were taken over %s after it stopped: before its lease (%s) could run out", first, ffLease)
 	}
 	if last > ffLease+time.Second {
@@ -332,8 +373,8 @@ func TestFleetStall(t *testing.T) {
 	woke := time.Now()
 	c.signal(syscall.SIGCONT)
 	nodes = []*caddyProc{a, b, c}
-	views = waitNodes(t, 10*time.Second, "C registered again, the fleet's count the truth", "db", nodes, func(vs []zoneDetailJSON) bool {
-		return ffTruthful(3)(vs) && vs[2].Active == k && vs[2].Waiting == 1
+	views = waitNodes(t, 10*time.Second, "C registered again with its 4 connections, the fleet's count the truth", "db", nodes, func(vs []zoneDetailJSON) bool {
+		return ffTruthful(3)(vs) && vs[2].Active+vs[2].Waiting == k+2
 	})
 	converged := time.Since(woke)
 	t.Logf("SIGCONT of C after %s stopped: the fleet's count the truth again after %s:\n%s",
@@ -341,11 +382,14 @@ func TestFleetStall(t *testing.T) {
 	if converged > ffLease {
 		t.Errorf("the fleet's count took %s after C woke to be the truth: want within one lease (%s)", converged, ffLease)
 	}
-	if f := views[0].Fleet; f.Active != max+k || f.Waiting != 2 {
-		t.Errorf("after C woke the store says %d active, %d waiting; want max + k = %d, and B1 and C2", f.Active, f.Waiting, max+k)
+	if v := views[2]; v.Active != k || v.Waiting != 2 {
+		t.Errorf("C, awake, has %d active and %d waiting: it admitted on its own (want its %d, and C2 and C3 waiting)", v.Active, v.Waiting, k)
 	}
-	// C2 came while C was stalled: C admitted it neither on its own nor
-	// before it counted its k connections again.
+	if f := views[0].Fleet; f.Active != max+k || f.Waiting != 3 {
+		t.Errorf("after C woke the store says %d active, %d waiting; want max + k = %d, and B1, C2, C3", f.Active, f.Waiting, max+k)
+	}
+	// C admitted neither C2 nor C3 on its own, nor before it counted its
+	// k connections again.
 	be.noArrival(300 * time.Millisecond)
 
 	// The fleet counts max + k: it admits nobody until below max.
@@ -353,20 +397,23 @@ func TestFleetStall(t *testing.T) {
 		ffFinish(be, cl[id])
 		be.noArrival(400 * time.Millisecond)
 	}
-	// Below max: the next in line, B1 (queued before C re-registered), then C2.
+	// Below max: the next in line, B1 (queued before C registered again),
+	// then C's waiters.
 	ffFinish(be, cl["C0"])
 	if ids := be.waitArrivals(1, 5*time.Second); ids[0] != "B1" {
 		t.Errorf("a slot freed below max went to %s, want B1", ids[0])
 	}
 	ffFinish(be, cl["C1"])
-	if ids := be.waitArrivals(1, 5*time.Second); ids[0] != "C2" {
-		t.Errorf("the next slot went to %s, want C2", ids[0])
+	ffFinish(be, cl["A2"])
+	if ids := be.waitArrivals(2, 5*time.Second); !slices.Equal(ffSorted(ids), []string{"C2", "C3"}) {
+		t.Errorf("the next slots went to %v, want C2 and C3", ids)
 	}
-	for _, id := range []string{"A2", "B0", "B1", "C2"} {
+	be.noArrival(200 * time.Millisecond)
+	for _, id := range []string{"B0", "B1", "C2", "C3"} {
 		ffFinish(be, cl[id])
 	}
 	ffDrained(t, nodes)
-	if _, peak, total, _ := be.stats(); peak != max+k || total != 8 {
-		t.Errorf("backend peak %d, want exactly max + k = %d; %d connections, want 8", peak, max+k, total)
+	if _, peak, total, _ := be.stats(); peak != max+k || total != 9 {
+		t.Errorf("backend peak %d, want exactly max + k = %d; %d connections, want 9", peak, max+k, total)
 	}
 }
