@@ -417,3 +417,283 @@ func TestFleetStall(t *testing.T) {
 		t.Errorf("backend peak %d, want exactly max + k = %d; %d connections, want 9", peak, max+k, total)
 	}
 }
+
+// ffWarnings counts the lines of a node's log that say, at warn, that its
+// store cannot be reached (metrics.go says it once per outage).
+func ffWarnings(log string) int {
+	n := 0
+	for _, l := range strings.Split(log, "\n") {
+		if strings.Contains(l, "the zone's store cannot be reached") && strings.Contains(l, `"level":"warn"`) {
+			n++
+		}
+	}
+	return n
+}
+
+// ffOutage kills redis-server and waits until every node says its store
+// cannot be reached, in its one-zone view (which answers: no node hangs)
+// and in its log; it returns how long they took to notice.
+func ffOutage(t *testing.T, r *redisServer, nodes []*caddyProc) time.Duration {
+	t.Helper()
+	killed := time.Now()
+	r.Kill()
+	waitNodes(t, 10*time.Second, "every node to find its store unreachable", "db", nodes, func(vs []zoneDetailJSON) bool {
+		for _, v := range vs {
+			if v.Fleet == nil || v.Fleet.Store != "unreachable" || v.Fleet.StoreError == "" {
+				return false
+			}
+		}
+		return true
+	})
+	noticed := time.Since(killed)
+	for _, n := range nodes {
+		waitFor(t, 5*time.Second, "node "+n.name+"'s warning that its store cannot be reached", func() bool { return ffWarnings(n.log()) == 1 })
+	}
+	return noticed
+}
+
+// ffAlive checks that every node still runs and its admin API answers
+// within a few seconds, and returns their views.
+func ffAlive(t *testing.T, nodes []*caddyProc) []zoneDetailJSON {
+	t.Helper()
+	views := make([]zoneDetailJSON, len(nodes))
+	for i, n := range nodes {
+		if n.exited() {
+			t.Fatalf("node %s exited:\n%s", n.name, tail(n.log(), 2000))
+		}
+		start := time.Now()
+		views[i] = n.zone("db")
+		if took := time.Since(start); took > 3*time.Second {
+			t.Errorf("node %s's admin API took %s to answer", n.name, took)
+		}
+	}
+	return views
+}
+
+// ffBack starts redis-server again, empty, and waits until every node
+// has registered what it serves and who waits at it, so that the fleet's
+// count is the truth; it returns how long that took.
+func ffBack(t *testing.T, r *redisServer, nodes []*caddyProc, active, waiting int) ([]zoneDetailJSON, time.Duration) {
+	t.Helper()
+	r.Restart()
+	restarted := time.Now()
+	views := waitNodes(t, 10*time.Second, "every node registered again, the fleet's count the truth", "db", nodes, func(vs []zoneDetailJSON) bool {
+		return ffTruthful(len(nodes))(vs) && vs[0].Fleet.Active == active && vs[0].Fleet.Waiting == waiting
+	})
+	return views, time.Since(restarted)
+}
+
+// 7a. Redis goes away during load and comes back empty, with
+// on_unreachable local_share N: no node crashes or hangs, admitted
+// connections keep running, each node admits up to N on its own (counting
+// what it holds; N here is neither max_connections nor the automatic
+// share), and once Redis is back every node registers what it serves and
+// who waits, within one lease: the fleet's count is the truth again, it
+// admits nobody until below max, no waiter is forgotten and no slot leaks.
+func TestFleetRedisLocalShare(t *testing.T) {
+	const max, share = 3, 2 // the automatic share would be 3/2 = 1
+	r := startRedis(t, redisConfig{})
+	be := newBackend(t, true)
+	nodes := startFleet(t, 2, be.addr(), obj{"max_connections": max},
+		redisStore(r, obj{"on_unreachable": "local_share", "local_share": share}))
+	a, b := nodes[0], nodes[1]
+
+	// Full: A holds 2, B holds 1; B1, then A2, wait in the store.
+	cl := map[string]*client{}
+	for _, o := range []struct {
+		n  *caddyProc
+		id string
+	}{{a, "A0"}, {b, "B0"}, {a, "A1"}} {
+		cl[o.id] = takeSlot(t, be, o.n.listen, o.id)
+	}
+	cl["B1"] = ffQueueAt(t, b, "B1", 1)
+	cl["A2"] = ffQueueAt(t, a, "A2", 2)
+	be.noArrival(200 * time.Millisecond)
+
+	noticed := ffOutage(t, r, nodes)
+	t.Logf("Redis killed: both nodes unreachable after %s", noticed.Round(time.Millisecond))
+	// B holds 1 of its share of 2: its waiter B1 is admitted on B's own;
+	// A holds 2, its share: A2 waits.
+	if ids := be.waitArrivals(1, 5*time.Second); ids[0] != "B1" {
+		t.Fatalf("%s admitted during the outage, want B1 (B's share)", ids[0])
+	}
+	// Newcomers wait: each node is at its share.
+	cl["A3"] = ffWaiter(t, a.listen, "A3")
+	cl["B2"] = ffWaiter(t, b.listen, "B2")
+	be.noArrival(500 * time.Millisecond)
+	// An admitted connection keeps running and ends well; its slot goes
+	// to A's next waiter, on A's own.
+	ffFinish(be, cl["A0"])
+	if ids := be.waitArrivals(1, 5*time.Second); ids[0] != "A2" {
+		t.Fatalf("%s admitted when A0 ended during the outage, want A2", ids[0])
+	}
+	be.noArrival(500 * time.Millisecond)
+	views := ffAlive(t, nodes)
+	for i, want := range [][2]int{{share, 1}, {share, 1}} { // A: A1 A2 | A3; B: B0 B1 | B2
+		if v := views[i]; v.Active != want[0] || v.Waiting != want[1] || v.Fleet.Store != "unreachable" {
+			t.Errorf("node %s during the outage: %d active, %d waiting, store %s; want %d, %d, unreachable (its share %d)",
+				nodes[i].name, v.Active, v.Waiting, v.Fleet.Store, want[0], want[1], share)
+		}
+	}
+	if v := views[0].Fleet; v.OnUnreachable != "local_share" || v.LocalShare != share {
+		t.Errorf("A's fleet view says on_unreachable %q, local_share %d", v.OnUnreachable, v.LocalShare)
+	}
+	for _, n := range nodes {
+		if m := scrape(t, n.admin)[`caddy_layer4_connection_limit_store_reachable{zone="db"}`]; m != 0 {
+			t.Errorf("node %s: store_reachable %v during the outage, want 0", n.name, m)
+		}
+	}
+
+	// Redis is back, empty. The first node to register finds only its
+	// own 2 slots counted (the other has not registered yet) and admits
+	// one of its waiters: 5 active (max 3), 1 waiting, once both have.
+	views, took := ffBack(t, r, nodes, 2*share+1, 1)
+	t.Logf("Redis back empty: the fleet's count the truth again after %s:\n%s", took.Round(time.Millisecond), describeViews(nodes, views))
+	if took > ffLease {
+		t.Errorf("the fleet's count took %s to be the truth after Redis came back: want within one lease (%s)", took, ffLease)
+	}
+	if views[0].MaxConnections != max || views[0].Fleet.NodeCount != 2 {
+		t.Errorf("after the restart: max %d, %d nodes; want %d, 2", views[0].MaxConnections, views[0].Fleet.NodeCount, max)
+	}
+	for _, n := range nodes {
+		if m := scrape(t, n.admin)[`caddy_layer4_connection_limit_store_reachable{zone="db"}`]; m != 1 {
+			t.Errorf("node %s: store_reachable %v once Redis is back, want 1", n.name, m)
+		}
+		if !strings.Contains(n.log(), "the zone's store is reachable again") {
+			t.Errorf("node %s does not say in its log that its store is back", n.name)
+		}
+	}
+	x := be.waitArrivals(1, 5*time.Second)[0]
+	// 5 active of 3: nobody is admitted until the count is below max.
+	be.noArrival(300 * time.Millisecond)
+	for _, id := range []string{"A1", "B0"} {
+		ffFinish(be, cl[id])
+		be.noArrival(400 * time.Millisecond)
+	}
+	ffFinish(be, cl["A2"])
+	y := be.waitArrivals(1, 5*time.Second)[0]
+	if got := ffSorted([]string{x, y}); !slices.Equal(got, []string{"A3", "B2"}) {
+		t.Errorf("after the outage %v were admitted, want A3 and B2", got)
+	}
+	for _, id := range []string{"B1", "A3", "B2"} {
+		ffFinish(be, cl[id])
+	}
+	ffDrained(t, nodes)
+	// The backend saw max before the outage, each node's share during it
+	// (2 x 2), and one more while the store, back empty, did not yet count
+	// the second node to register.
+	if _, peak, total, _ := be.stats(); peak != 2*share+1 || total != 7 {
+		t.Errorf("backend peak %d, want 2 nodes x local_share %d + 1 = %d; %d connections, want 7", peak, share, 2*share+1, total)
+	}
+	ffAlive(t, nodes)
+}
+
+// 7b. Redis goes away during load and comes back empty, with
+// on_unreachable refuse: nobody new is admitted while it is away (not
+// even where a node holds nothing), waiters wait or time out, admitted
+// connections keep running; once Redis is back every node registers what
+// it serves within one lease, and the waiters of the outage are admitted.
+func TestFleetRedisRefuse(t *testing.T) {
+	const max = 2
+	const waitTimeout = 4 * time.Second
+	r := startRedis(t, redisConfig{})
+	be := newBackend(t, true)
+	nodes := startFleet(t, 2, be.addr(), obj{"max_connections": max, "wait_timeout": waitTimeout.String()},
+		redisStore(r, obj{"on_unreachable": "refuse"}))
+	a, b := nodes[0], nodes[1]
+
+	cl := map[string]*client{}
+	cl["A0"] = takeSlot(t, be, a.listen, "A0")
+	cl["B0"] = takeSlot(t, be, b.listen, "B0")
+
+	noticed := ffOutage(t, r, nodes)
+	t.Logf("Redis killed: both nodes unreachable after %s", noticed.Round(time.Millisecond))
+	cl["A1"] = ffWaiter(t, a.listen, "A1")
+	cl["B1"] = ffWaiter(t, b.listen, "B1")
+	arrived := time.Now()
+	// A0 ends well during the outage; A holds nothing now, and still
+	// admits nobody.
+	ffFinish(be, cl["A0"])
+	be.noArrival(time.Second)
+	views := ffAlive(t, nodes)
+	for i, want := range [][2]int{{0, 1}, {1, 1}} {
+		if v := views[i]; v.Active != want[0] || v.Waiting != want[1] || v.Fleet.Store != "unreachable" || v.Fleet.OnUnreachable != "refuse" {
+			t.Errorf("node %s during the outage: %d active, %d waiting, store %s, on_unreachable %s; want %d, %d, unreachable, refuse",
+				nodes[i].name, v.Active, v.Waiting, v.Fleet.Store, v.Fleet.OnUnreachable, want[0], want[1])
+		}
+	}
+	// A1 and B1 time out: closed unserved, counted as such.
+	cl["A1"].expectClosed(waitTimeout + 5*time.Second)
+	cl["B1"].expectClosed(5 * time.Second)
+	if waited := time.Since(arrived); waited < waitTimeout-100*time.Millisecond {
+		t.Errorf("A1 and B1 were closed after %s, before their wait_timeout %s", waited, waitTimeout)
+	}
+	views = ffAlive(t, nodes)
+	for i, v := range views {
+		if v.RejectedByReason["wait_timeout"] != 1 || v.Waiting != 0 {
+			t.Errorf("node %s: %d rejected by wait_timeout, %d waiting; want 1, 0", nodes[i].name, v.RejectedByReason["wait_timeout"], v.Waiting)
+		}
+	}
+	// Newcomers late in the outage wait, and are admitted once Redis is back.
+	cl["A2"] = ffWaiter(t, a.listen, "A2")
+	cl["B2"] = ffWaiter(t, b.listen, "B2")
+	be.noArrival(300 * time.Millisecond)
+
+	// Back, empty: B0 active, one of A2 and B2 admitted at once (the
+	// fleet has room for one), the other waits.
+	views, took := ffBack(t, r, nodes, max, 1)
+	t.Logf("Redis back empty: the fleet's count the truth again after %s:\n%s", took.Round(time.Millisecond), describeViews(nodes, views))
+	if took > ffLease {
+		t.Errorf("the fleet's count took %s to be the truth after Redis came back: want within one lease (%s)", took, ffLease)
+	}
+	x := be.waitArrivals(1, 5*time.Second)[0]
+	be.noArrival(200 * time.Millisecond)
+	ffFinish(be, cl["B0"])
+	y := be.waitArrivals(1, 5*time.Second)[0]
+	if got := ffSorted([]string{x, y}); !slices.Equal(got, []string{"A2", "B2"}) {
+		t.Errorf("after the outage %v were admitted, want A2 and B2", got)
+	}
+	ffFinish(be, cl["A2"])
+	ffFinish(be, cl["B2"])
+	ffDrained(t, nodes)
+	if _, peak, total, _ := be.stats(); peak != max || total != 4 {
+		t.Errorf("backend peak %d, want max %d; %d connections, want 4", peak, max, total)
+	}
+}
+
+// 7c. Caddy starts while Redis is down: provisioning succeeds, the node
+// says in a warning that the zone's store cannot be reached, admits on
+// its own (the automatic share of a node that never reached its store:
+// 1), and registers once Redis is up, its waiter then admitted by the
+// fleet.
+func TestFleetStartsWithRedisDown(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	r.Kill()
+	be := newBackend(t, true)
+	a := startNode(t, "A", nodeConfig(be.addr(), obj{"zone": "db", "max_connections": 2}, redisStore(r, nil)))
+	nodes := []*caddyProc{a}
+	waitFor(t, 5*time.Second, "A's warning that its store cannot be reached", func() bool { return ffWarnings(a.log()) == 1 })
+	v := a.zone("db")
+	if v.Fleet == nil || v.Fleet.Store != "unreachable" || v.Fleet.StoreError == "" {
+		t.Fatalf("A started with Redis down: fleet view %+v, want store unreachable with its error", v.Fleet)
+	}
+	a0 := takeSlot(t, be, a.listen, "A0")
+	a1 := ffWaiter(t, a.listen, "A1")
+	be.noArrival(500 * time.Millisecond)
+
+	r.Restart()
+	restarted := time.Now()
+	views := waitNodes(t, 10*time.Second, "A registered, its waiter admitted", "db", nodes, func(vs []zoneDetailJSON) bool {
+		return ffTruthful(1)(vs) && vs[0].Active == 2
+	})
+	t.Logf("Redis up: A registered and its waiter admitted after %s", time.Since(restarted).Round(time.Millisecond))
+	if f := views[0].Fleet; f.Active != 2 || f.Waiting != 0 || views[0].MaxConnections != 2 {
+		t.Errorf("after Redis came up the store says %d active, %d waiting, max %d; want 2, 0, 2", f.Active, f.Waiting, views[0].MaxConnections)
+	}
+	if ids := be.waitArrivals(1, 5*time.Second); ids[0] != "A1" {
+		t.Errorf("%s admitted, want A1", ids[0])
+	}
+	ffFinish(be, a0)
+	ffFinish(be, a1)
+	ffDrained(t, nodes)
+}
