@@ -2,6 +2,7 @@ package connlimit
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -707,4 +708,43 @@ func TestFleetStartsWithRedisDown(t *testing.T) {
 	ffFinish(be, a0)
 	ffFinish(be, a1)
 	ffDrained(t, nodes)
+}
+
+// 7d. Once Redis is back, the grants that a node's Register makes reach
+// it at once, although its grants' pump was backing off (a second between
+// tries) while Redis was down: the Register ends the pause. Without it a
+// waiter the fleet had admitted stayed waiting up to a second longer.
+func TestFleetRedisGrantsAfterOutage(t *testing.T) {
+	r := startRedis(t, redisConfig{})
+	s := newFleet(t, r, testZone, "A", withLease(ffLease))
+	mustRegister(t, s, NodeState{Limits: fifo(1, 0)})
+	r.Kill()
+	// The pump's errors come through NextGrant; after the fifth its
+	// pause is a second (100, 200, 400, 800 ms, then 1 s).
+	for i := range 5 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		g, err := s.NextGrant(ctx)
+		cancel()
+		if err == nil {
+			t.Fatalf("a grant with Redis down: %+v", g)
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("no error %d from NextGrant within 5s with Redis down", i+1)
+		}
+	}
+	paused := time.Now()
+	r.Restart()
+	// Back, empty: the node registers with a waiter, which the Register
+	// grants at once (the fleet is empty).
+	mustRegister(t, s, NodeState{Waiting: []Ticket{{ID: 7}}, Limits: fifo(1, 0)})
+	registered := time.Now()
+	g := nextGrant(t, s, 5*time.Second)
+	took := time.Since(registered)
+	t.Logf("the pump paused; Redis back %s later; the Register's grant read %s after it", registered.Sub(paused).Round(time.Millisecond), took.Round(time.Millisecond))
+	if g.ID != 7 {
+		t.Errorf("grant %+v, want ticket 7", g)
+	}
+	if took > 300*time.Millisecond {
+		t.Errorf("the grant of a Register came %s after it: the pump waited out its pause", took)
+	}
 }
