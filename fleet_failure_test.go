@@ -11,13 +11,13 @@ import (
 	"time"
 )
 
-// (Helpers here are named ff...: fleet failures.)
-
 // Fleet zones when something fails, end to end: a node killed (kill -9),
 // a node stalled (SIGSTOP, SIGCONT), Redis killed and started again empty,
 // and a node started while Redis is down. Separate Caddy processes share
 // zone db through a real redis-server, in front of one gated backend.
-// The store's lease is 1 s (redisStore), so a node renews every 333 ms.
+// The store's lease is 1 s (redisStore), so a node renews every 333 ms;
+// the Redis outage tests use 3 s (ffOutageLease). The helpers here are
+// named ff... (fleet failures).
 
 const ffLease = time.Second // redisStore's lease
 
