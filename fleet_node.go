@@ -375,7 +375,7 @@ func (n *fleetNode) give(key string) {
 func (n *fleetNode) failed(err error) {
 	n.lastErr = err
 	n.repair = true
-	if errors.Is(err, ErrLapsed) || errors.Is(err, ErrNoLimits) {
+	if errors.Is(err, ErrLapsed) || errors.Is(err, ErrNoLimits) || n.outlived() {
 		n.mode = fleetJoining
 	} else if n.mode == fleetJoined {
 		n.mode = fleetUnreachable
@@ -396,6 +396,17 @@ func (n *fleetNode) call(op string, f func(ctx context.Context) error) error {
 	cancel()
 	n.observe(op, start, err)
 	return err
+}
+
+// outlived: the node is registered, but it last heard from the store
+// longer than a lease ago: its renewals did not run (the process was
+// stopped, or starved), so its lease ran out and the others may have
+// taken over its slots. An error now, often a deadline that passed while
+// it was stopped, does not tell that the store is unreachable: the node
+// admits nobody new until it has registered again, and falls back on its
+// share only if that fails too. Zone lock held.
+func (n *fleetNode) outlived() bool {
+	return n.mode == fleetJoined && !n.learned.IsZero() && time.Since(n.learned) > n.store.Lease()
 }
 
 func (n *fleetNode) observe(op string, start time.Time, err error) {
@@ -514,7 +525,10 @@ func (n *fleetNode) sync() {
 	z.mu.Lock()
 	if err != nil {
 		n.lastErr = err
-		if n.mode == fleetJoined || !errors.Is(err, ErrLapsed) {
+		if n.outlived() {
+			n.mode = fleetJoining
+			n.kickNow()
+		} else if n.mode == fleetJoined || !errors.Is(err, ErrLapsed) {
 			n.mode = fleetUnreachable
 		}
 		n.z.grantAll()

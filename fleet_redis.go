@@ -125,6 +125,7 @@ type redisFleet struct {
 
 	pumpOnce  sync.Once
 	grants    chan grantResult
+	rearm     chan struct{} // a Register succeeded: end the pump's pause
 	pumpDone  chan struct{}
 	closeOnce sync.Once
 	closed    chan struct{}
@@ -228,6 +229,7 @@ func NewRedisFleet(opts RedisOptions, zone, nodeID string) (FleetStore, error) {
 		retryPause: opts.retryPause,
 		c:          c,
 		grants:     make(chan grantResult),
+		rearm:      make(chan struct{}, 1),
 		pumpDone:   make(chan struct{}),
 		closed:     make(chan struct{}),
 	}, nil
@@ -413,6 +415,10 @@ func (s *redisFleet) Register(ctx context.Context, st NodeState) (FleetState, er
 	if err != nil {
 		return FleetState{}, s.fail("register", err)
 	}
+	select { // the store answers again: read the grants at once
+	case s.rearm <- struct{}{}:
+	default:
+	}
 	return fs, nil
 }
 
@@ -466,7 +472,8 @@ func (s *redisFleet) NextGrant(ctx context.Context) (Ticket, error) {
 // to NextGrant. Being a goroutine of its own, it never loses a popped
 // grant when a NextGrant's ctx ends. A server that does not answer within
 // the lease and the timeout is an error; it backs off after errors (up to
-// a second).
+// a second), until a Register succeeds: the store is back then, and the
+// grants that Register made must not wait out the pause.
 func (s *redisFleet) pump() {
 	defer close(s.pumpDone)
 	pause := time.Duration(0)
@@ -502,6 +509,8 @@ func (s *redisFleet) pump() {
 			t := time.NewTimer(pause)
 			select {
 			case <-t.C:
+			case <-s.rearm:
+				t.Stop()
 			case <-s.closed:
 				t.Stop()
 				return
