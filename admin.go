@@ -147,7 +147,8 @@ type waiterJSON struct {
 	Waited     float64 `json:"waited_seconds"`
 }
 
-func zoneView(s Snapshot) zoneJSON {
+// zoneView is the admin API's view of z, from its snapshot s.
+func zoneView(z *Zone, s Snapshot) zoneJSON {
 	v := zoneJSON{
 		Zone:             s.Name,
 		MaxConnections:   s.Limits.MaxConnections,
@@ -172,8 +173,8 @@ func zoneView(s Snapshot) zoneJSON {
 	for _, r := range Reasons {
 		v.RejectedByReason[r.String()] = s.Counters.Rejected[r]
 	}
-	if s.Fleet != nil {
-		v.Fleet = fleetView(s.Fleet, time.Now())
+	if f := z.FleetView(); f != nil {
+		v.Fleet = fleetView(f, time.Now())
 	}
 	if o := s.Override; !o.IsZero() {
 		v.Override = &overrideJSON{MaxConnections: o.MaxConnections, MaxWaiting: o.MaxWaiting}
@@ -211,7 +212,7 @@ func (AdminAPI) handleList(w http.ResponseWriter, r *http.Request) error {
 	list := make([]zoneJSON, 0, len(zones))
 	now := time.Now()
 	for _, z := range zones {
-		list = append(list, zoneView(z.Snapshot(now, 0)))
+		list = append(list, zoneView(z, z.Snapshot(now, 0)))
 	}
 	return writeJSON(w, map[string]any{"zones": list})
 }
@@ -226,7 +227,7 @@ func (AdminAPI) handleZone(w http.ResponseWriter, r *http.Request, name string) 
 		return err
 	}
 	s := z.Snapshot(time.Now(), maxListedWaiters)
-	v := zoneDetailJSON{zoneJSON: zoneView(s)}
+	v := zoneDetailJSON{zoneJSON: zoneView(z, s)}
 	v.Waiters = make([]waiterJSON, 0, len(s.Waiters))
 	for _, wi := range s.Waiters {
 		v.Waiters = append(v.Waiters, waiterJSON{RemoteAddr: wi.Remote, Key: wi.Key, Priority: wi.Priority, Waited: wi.Waited.Seconds()})
@@ -262,7 +263,7 @@ func (AdminAPI) handlePause(w http.ResponseWriter, r *http.Request, name string,
 		msg = "zone paused"
 	}
 	adminLogger().Info(msg, zap.String("zone", name))
-	return writeJSON(w, zoneView(z.Snapshot(time.Now(), 0)))
+	return writeJSON(w, zoneView(z, z.Snapshot(time.Now(), 0)))
 }
 
 // handleLimits: POST /connection_limit/<zone>/limits sets limits over the
@@ -281,7 +282,7 @@ func (AdminAPI) handleLimits(w http.ResponseWriter, r *http.Request, name string
 		if z.ClearOverride() {
 			adminLogger().Info("limits override cleared: the config's limits are in force", zap.String("zone", name))
 		}
-		return writeJSON(w, zoneView(z.Snapshot(time.Now(), 0)))
+		return writeJSON(w, zoneView(z, z.Snapshot(time.Now(), 0)))
 	}
 	o, err := decodeOverride(r.Body)
 	if err != nil {
@@ -296,7 +297,7 @@ func (AdminAPI) handleLimits(w http.ResponseWriter, r *http.Request, name string
 		zap.Int("max_connections", s.Limits.MaxConnections),
 		zap.Int("max_waiting", s.Limits.MaxWaiting),
 		zap.Duration("wait_timeout", s.Limits.WaitTimeout))
-	return writeJSON(w, zoneView(s))
+	return writeJSON(w, zoneView(z, s))
 }
 
 // decodeOverride reads a limits body: a JSON object with any of

@@ -127,6 +127,7 @@ type fleetNode struct {
 	asking    map[uint64]struct{} // tickets whose Take is in flight
 	early     map[uint64]struct{} // grants that came while their Take was in flight
 	repair    bool                // the store may count wrongly for this node: Register
+	rejoin    time.Time           // when it last found it must register again
 	state     FleetState          // as last learned
 	learned   time.Time           // when
 	lastErr   error
@@ -160,7 +161,8 @@ func (z *Zone) joinFleet(spec Fleet) error {
 	for _, ks := range z.keys {
 		ks.each(z.limits.Order, visit)
 	}
-	z.node.Store(n)
+	z.fleet = n
+	z.shared.Store(true)
 	z.mu.Unlock()
 	n.loops.Add(2)
 	go n.renewals()
@@ -171,7 +173,7 @@ func (z *Zone) joinFleet(spec Fleet) error {
 // setFleet shares z through fleet's store, or counts it here alone (nil).
 // The same store as now changes nothing; another one replaces it.
 func (z *Zone) setFleet(fleet *Fleet) error {
-	n := z.node.Load()
+	n := z.node()
 	switch {
 	case n == nil && fleet == nil:
 		return nil
@@ -185,11 +187,17 @@ func (z *Zone) setFleet(fleet *Fleet) error {
 	return z.joinFleet(*fleet)
 }
 
+// node is the zone's fleet node, or nil.
+func (z *Zone) node() *fleetNode {
+	n, _ := z.sharedBy().(*fleetNode)
+	return n
+}
+
 // leaveFleet unlinks z from its fleet: its loops end and the store is
 // closed. The node's registration lapses with its lease, and the others
 // take over its slots then. The zone counts alone from here on.
 func (z *Zone) leaveFleet() {
-	n := z.node.Load()
+	n := z.node()
 	if n == nil {
 		return
 	}
@@ -200,12 +208,19 @@ func (z *Zone) leaveFleet() {
 	defer n.gate.Unlock()
 	z.mu.Lock()
 	defer z.mu.Unlock()
-	z.node.Store(nil)
+	z.fleet = nil
+	z.shared.Store(false)
 	for _, w := range n.waiting {
 		w.inFleet = false
 	}
 	z.grantAll()
 }
+
+// forget implements sharer.
+func (n *fleetNode) forget(w *Waiter) { delete(n.waiting, w.ticket) }
+
+// joined implements sharer.
+func (n *fleetNode) joined() bool { return n.mode == fleetJoined }
 
 // localSlots is how many slots per key value the node fills on its own:
 // none while the store decides or the node is registering, its share
@@ -225,7 +240,7 @@ func (n *fleetNode) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reas
 	defer n.gate.RUnlock()
 	z.mu.Lock()
 	defer z.mu.Unlock()
-	if z.node.Load() != n { // left the fleet meanwhile
+	if z.fleet != sharer(n) { // left the fleet meanwhile
 		return z.acquire(w, wake, now)
 	}
 	n.lastID++
@@ -236,7 +251,6 @@ func (n *fleetNode) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reas
 	if w.state != stateIdle {
 		panic("connlimit: Waiter reused")
 	}
-	w.zone = z
 	ks := z.keyState(w.Key, true)
 	ks.asking++
 	n.asking[w.ticket] = struct{}{}
@@ -249,7 +263,6 @@ func (n *fleetNode) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reas
 	delete(n.early, w.ticket)
 	if err != nil {
 		n.failed(err)
-		w.zone = nil
 		return n.acquireHere(w, wake, now)
 	}
 	switch out {
@@ -376,7 +389,7 @@ func (n *fleetNode) failed(err error) {
 	n.lastErr = err
 	n.repair = true
 	if errors.Is(err, ErrLapsed) || errors.Is(err, ErrNoLimits) || n.outlived() {
-		n.mode = fleetJoining
+		n.mode, n.rejoin = fleetJoining, time.Now()
 	} else if n.mode == fleetJoined {
 		n.mode = fleetUnreachable
 		n.z.grantAll() // its share admits waiters at once
@@ -499,6 +512,7 @@ func (n *fleetNode) renewals() {
 
 func (n *fleetNode) sync() {
 	z := n.z
+	started := time.Now()
 	z.mu.Lock()
 	limits, paused := n.limits, n.paused
 	register := n.mode != fleetJoined || n.repair
@@ -525,10 +539,17 @@ func (n *fleetNode) sync() {
 	z.mu.Lock()
 	if err != nil {
 		n.lastErr = err
-		if n.outlived() {
-			n.mode = fleetJoining
+		switch {
+		case n.outlived():
+			n.mode, n.rejoin = fleetJoining, time.Now()
 			n.kickNow()
-		} else if n.mode == fleetJoined || !errors.Is(err, ErrLapsed) {
+		case n.mode == fleetJoining && started.Before(n.rejoin):
+			// Sent before the node knew it must register again (a stall
+			// ran its deadline out): it says nothing of the store.
+			n.kickNow()
+			z.mu.Unlock()
+			return
+		case n.mode == fleetJoined || !errors.Is(err, ErrLapsed):
 			n.mode = fleetUnreachable
 		}
 		n.z.grantAll()
@@ -650,8 +671,19 @@ type FleetView struct {
 	Learned time.Time
 }
 
-// fleetView is the node's view, for Snapshot. Zone lock held.
-func (n *fleetNode) view() *FleetView {
+// FleetView is this node's view of the fleet; nil for a zone of its own.
+func (z *Zone) FleetView() *FleetView {
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	n, _ := z.fleet.(*fleetNode)
+	if n == nil {
+		return nil
+	}
+	return n.describe()
+}
+
+// describe is the node's view. Zone lock held.
+func (n *fleetNode) describe() *FleetView {
 	v := &FleetView{Node: n.store.NodeID(), State: n.mode.String(), Unreachable: n.spec.Unreachable, Fleet: n.state, Learned: n.learned}
 	if n.lastErr != nil {
 		v.Error = n.lastErr.Error()
@@ -662,7 +694,7 @@ func (n *fleetNode) view() *FleetView {
 // FleetStatus asks the store for the fleet and every node it knows; ok is
 // false for a zone of its own.
 func (z *Zone) FleetStatus(ctx context.Context) (st FleetStatus, ok bool, err error) {
-	n := z.node.Load()
+	n := z.node()
 	if n == nil {
 		return st, false, nil
 	}
@@ -673,3 +705,6 @@ func (z *Zone) FleetStatus(ctx context.Context) (st FleetStatus, ok bool, err er
 	n.observe("status", start, err)
 	return st, true, err
 }
+
+// Interface guard
+var _ sharer = (*fleetNode)(nil)

@@ -109,7 +109,7 @@ func fakeFleetZone(t *testing.T, s *fakeStore, policy UnreachablePolicy) *Zone {
 	waitFor(t, 5*time.Second, "the node to register", func() bool {
 		z.mu.Lock()
 		defer z.mu.Unlock()
-		return z.node.Load().mode == fleetJoined
+		return z.fleet.joined()
 	})
 	return z
 }
@@ -211,7 +211,7 @@ func TestFleetNodeUnreachableShareThenRegister(t *testing.T) {
 	if _, _, r := s.counts(); r != regs {
 		t.Fatalf("registered while the store failed")
 	}
-	if v := z.Snapshot(time.Now(), 0).Fleet; v.State != "unreachable" || v.Error == "" {
+	if v := z.FleetView(); v.State != "unreachable" || v.Error == "" {
 		t.Fatalf("fleet view while down: %+v", v)
 	}
 	s.mu.Lock()

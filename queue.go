@@ -3,12 +3,13 @@ package connlimit
 import (
 	"fmt"
 	"strings"
+	"time"
 )
 
-// The waiting lists and the order of admission: within one key value, a
-// list per priority, highest first; within a priority, oldest first (FIFO)
-// or newest first (LIFO). The zone (zone.go) owns them and its lock guards
-// them.
+// A waiter, how it is woken, and the waiting lists and order of
+// admission: within one key value, a list per priority, highest first;
+// within a priority, oldest first (FIFO) or newest first (LIFO). The zone
+// (zone.go) owns them and its lock guards them.
 
 // Order is the order in which waiters of equal priority are admitted.
 type Order uint8
@@ -37,6 +38,86 @@ func ParseOrder(s string) (Order, error) {
 		return LIFO, nil
 	}
 	return FIFO, fmt.Errorf("must be fifo or lifo, got '%s'", s)
+}
+
+// Waker wakes the goroutine of one waiting connection. A zone calls its
+// methods with the zone's lock held, so they must not block or call into
+// the zone; holding the lock orders them with every grant, so a wake-up is
+// never lost.
+type Waker interface {
+	// Wake: a slot was granted to the waiter, or the settings that bound
+	// its wait changed; the woken goroutine calls Zone.Poll to learn which.
+	// It may be called more than once.
+	Wake()
+	// Arm: the waiter goes on waiting until deadline (zero: no deadline),
+	// unless woken first. Called when the waiter is queued and whenever
+	// Poll tells it to go on waiting.
+	Arm(deadline time.Time)
+}
+
+// Signal is a Waker for a goroutine that waits on a channel.
+type Signal chan struct{}
+
+// NewSignal returns a Signal ready for use.
+func NewSignal() Signal { return make(Signal, 1) }
+
+// Wake implements Waker; wake-ups that are not yet received coalesce.
+func (s Signal) Wake() {
+	select {
+	case s <- struct{}{}:
+	default:
+	}
+}
+
+// Arm implements Waker: a Signal's owner keeps its own timer from the
+// deadline that Poll returns.
+func (s Signal) Arm(time.Time) {}
+
+type waiterState uint8
+
+const (
+	stateIdle      waiterState = iota // not in a zone
+	stateWaiting                      // in a waiting list
+	stateGranted                      // a slot was granted, not yet claimed by Poll
+	stateActive                       // holds a slot, handed on
+	stateFreed                        // slot given back, or never had one
+	stateAbandoned                    // its client left before it was handed on
+)
+
+// Waiter is one connection's place in a zone. Its zero value is ready for
+// use; set Key, Priority and Remote before Acquire. A Waiter is used for
+// one connection only and is owned by that connection's goroutine.
+type Waiter struct {
+	// Key is the connection's key value: it counts and waits apart from
+	// other key values. The empty key is one key of its own.
+	Key string
+	// Priority: within a key, higher priorities are admitted first.
+	Priority int
+	// Remote names the client in snapshots (optional).
+	Remote fmt.Stringer
+
+	ks         *keyState
+	lvl        *level
+	prev, next *Waiter
+	waker      Waker
+	enqueued   time.Time
+	position   int
+	state      waiterState
+	ticket     uint64 // fleet zones: its id in the store's waiting list
+	inFleet    bool   // the store's waiting list holds its ticket
+}
+
+// Position is the waiter's place in line when it started waiting (1 is
+// the next to be admitted), or 0 if it was admitted at once.
+func (w *Waiter) Position() int { return w.position }
+
+// Waited is how long the waiter has been (or was) in line by now; 0 if it
+// never joined the waiting list.
+func (w *Waiter) Waited(now time.Time) time.Duration {
+	if w.enqueued.IsZero() {
+		return 0
+	}
+	return now.Sub(w.enqueued)
 }
 
 // level is the waiting list of one priority within one key: a doubly

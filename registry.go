@@ -163,7 +163,7 @@ func (r *Registry) leave(e *zoneEntry, u *zoneUser) {
 		// Nobody configures the zone any more: its connections drain
 		// under the last settings, and a pause must not strand them
 		// (a fleet's pause is the fleet's: it stays).
-		if e.zone.node.Load() == nil {
+		if !e.zone.shared.Load() {
 			e.zone.SetPaused(false)
 		}
 		r.sweep()

@@ -97,87 +97,6 @@ type Observer interface {
 	OverrideEnded()
 }
 
-// Waker wakes the goroutine of one waiting connection. A zone calls its
-// methods with the zone's lock held, so they must not block or call into
-// the zone; holding the lock orders them with every grant, so a wake-up is
-// never lost.
-type Waker interface {
-	// Wake: a slot was granted to the waiter, or the settings that bound
-	// its wait changed; the woken goroutine calls Zone.Poll to learn which.
-	// It may be called more than once.
-	Wake()
-	// Arm: the waiter goes on waiting until deadline (zero: no deadline),
-	// unless woken first. Called when the waiter is queued and whenever
-	// Poll tells it to go on waiting.
-	Arm(deadline time.Time)
-}
-
-// Signal is a Waker for a goroutine that waits on a channel.
-type Signal chan struct{}
-
-// NewSignal returns a Signal ready for use.
-func NewSignal() Signal { return make(Signal, 1) }
-
-// Wake implements Waker; wake-ups that are not yet received coalesce.
-func (s Signal) Wake() {
-	select {
-	case s <- struct{}{}:
-	default:
-	}
-}
-
-// Arm implements Waker: a Signal's owner keeps its own timer from the
-// deadline that Poll returns.
-func (s Signal) Arm(time.Time) {}
-
-type waiterState uint8
-
-const (
-	stateIdle      waiterState = iota // not in a zone
-	stateWaiting                      // in a waiting list
-	stateGranted                      // a slot was granted, not yet claimed by Poll
-	stateActive                       // holds a slot, handed on
-	stateFreed                        // slot given back, or never had one
-	stateAbandoned                    // its client left before it was handed on
-)
-
-// Waiter is one connection's place in a zone. Its zero value is ready for
-// use; set Key, Priority and Remote before Acquire. A Waiter is used for
-// one connection only and is owned by that connection's goroutine.
-type Waiter struct {
-	// Key is the connection's key value: it counts and waits apart from
-	// other key values. The empty key is one key of its own.
-	Key string
-	// Priority: within a key, higher priorities are admitted first.
-	Priority int
-	// Remote names the client in snapshots (optional).
-	Remote fmt.Stringer
-
-	zone       *Zone
-	ks         *keyState
-	lvl        *level
-	prev, next *Waiter
-	waker      Waker
-	enqueued   time.Time
-	position   int
-	state      waiterState
-	ticket     uint64 // fleet zones: its id in the store's waiting list
-	inFleet    bool   // the store's waiting list holds its ticket
-}
-
-// Position is the waiter's place in line when it started waiting (1 is
-// the next to be admitted), or 0 if it was admitted at once.
-func (w *Waiter) Position() int { return w.position }
-
-// Waited is how long the waiter has been (or was) in line by now; 0 if it
-// never joined the waiting list.
-func (w *Waiter) Waited(now time.Time) time.Duration {
-	if w.enqueued.IsZero() {
-		return 0
-	}
-	return now.Sub(w.enqueued)
-}
-
 // Counters are the cumulative counts of a zone.
 type Counters struct {
 	Admitted  uint64
@@ -200,10 +119,11 @@ type Zone struct {
 	name string
 	obs  Observer
 
-	// node is set while the zone is shared by a fleet (fleet_node.go).
-	node atomic.Pointer[fleetNode]
+	// shared tells, without the lock, that fleet is set.
+	shared atomic.Bool
 
 	mu       sync.Mutex
+	fleet    sharer // set while the zone is shared by a fleet
 	limits   Limits // in force: config with override applied
 	config   Limits
 	override Override
@@ -214,6 +134,39 @@ type Zone struct {
 	active   int                  // over all keys
 	waiting  int                  // over all keys
 	stats    Counters
+}
+
+// sharer is the fleet's side of a zone that several processes share
+// (fleet_node.go): it decides admissions through the fleet's store, while
+// the zone keeps this process's waiters and counts. The methods marked so
+// are called with the zone's lock held.
+type sharer interface {
+	acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason)
+	free(w *Waiter) bool
+	abandon(w *Waiter) bool
+	// leave takes a waiter that timed out out of the fleet's line.
+	leave(w *Waiter)
+	// localSlots: how many slots per key value this process fills on its
+	// own now. Lock held.
+	localSlots() int
+	// forget: w left the zone's waiting list. Lock held.
+	forget(w *Waiter)
+	// joined: the fleet's store decides admissions now. Lock held.
+	joined() bool
+	// pushLimits and pushPaused hand a change made here to the fleet.
+	// Lock held.
+	pushLimits(l Limits)
+	pushPaused(p bool)
+}
+
+// sharedBy is the zone's fleet side, or nil for a zone of its own.
+func (z *Zone) sharedBy() sharer {
+	if !z.shared.Load() {
+		return nil
+	}
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	return z.fleet
 }
 
 // NewZone returns a zone with the given limits. obs may be nil.
@@ -285,8 +238,8 @@ const (
 // Acquire takes a slot for w if one is free, or else puts w in its key's
 // waiting list (wake is called when that changes), or rejects it.
 func (z *Zone) Acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
-	if n := z.node.Load(); n != nil {
-		return n.acquire(w, wake, now)
+	if f := z.sharedBy(); f != nil {
+		return f.acquire(w, wake, now)
 	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
@@ -299,7 +252,6 @@ func (z *Zone) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
 	if w.state != stateIdle {
 		panic("connlimit: Waiter reused")
 	}
-	w.zone = z
 	ks := z.keyState(w.Key, true)
 	if !z.paused && ks.active < z.localSlots() {
 		z.admit(w, ks)
@@ -362,8 +314,8 @@ func (z *Zone) enqueue(w *Waiter, ks *keyState, wake Waker, now time.Time) {
 // zone none while the store decides, or its share while the store is
 // unreachable (fleet_node.go). Lock held.
 func (z *Zone) localSlots() int {
-	if n := z.node.Load(); n != nil {
-		return n.localSlots()
+	if z.fleet != nil {
+		return z.fleet.localSlots()
 	}
 	return z.limits.MaxConnections
 }
@@ -382,8 +334,8 @@ func (z *Zone) unlink(w *Waiter) {
 	w.ks.waiting--
 	z.waiting--
 	z.obs.WaitingDelta(-1)
-	if n := z.node.Load(); n != nil {
-		delete(n.waiting, w.ticket)
+	if z.fleet != nil {
+		z.fleet.forget(w)
 	}
 }
 
@@ -395,12 +347,12 @@ func (z *Zone) unlink(w *Waiter) {
 // on waiting.
 func (z *Zone) Poll(w *Waiter, now time.Time) (Outcome, Reason, time.Time) {
 	z.mu.Lock()
-	n := z.node.Load()
-	inFleet := n != nil && w.inFleet && n.mode == fleetJoined
+	f := z.fleet
+	inFleet := f != nil && w.inFleet && f.joined()
 	out, r, d := z.poll(w, now)
 	z.mu.Unlock()
 	if inFleet && r == ReasonWaitTimeout {
-		n.leave(w) // out of the fleet's waiting list too
+		f.leave(w) // out of the fleet's waiting list too
 	}
 	return out, r, d
 }
@@ -477,8 +429,8 @@ func (z *Zone) Wait(w *Waiter, s Signal, gone <-chan struct{}) (Outcome, Reason)
 // and counts as abandoned. It reports false if w was not waiting (it is
 // already active or done), in which case nothing changed.
 func (z *Zone) Abandon(w *Waiter) bool {
-	if n := z.node.Load(); n != nil {
-		return n.abandon(w)
+	if f := z.sharedBy(); f != nil {
+		return f.abandon(w)
 	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
@@ -507,8 +459,8 @@ func (z *Zone) abandon(w *Waiter) bool {
 // waiter. It reports false, changing nothing, if w holds no slot: a slot
 // is freed exactly once.
 func (z *Zone) Free(w *Waiter) bool {
-	if n := z.node.Load(); n != nil {
-		return n.free(w)
+	if f := z.sharedBy(); f != nil {
+		return f.free(w)
 	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
@@ -663,8 +615,8 @@ func (z *Zone) ClearOverride() bool {
 // nobody already waiting. Lock held.
 func (z *Zone) apply(l Limits) {
 	z.inForce(l)
-	if n := z.node.Load(); n != nil {
-		n.pushLimits(l) // the fleet's, for every node
+	if z.fleet != nil {
+		z.fleet.pushLimits(l) // the fleet's, for every node
 	}
 }
 
@@ -689,8 +641,8 @@ func (z *Zone) SetPaused(p bool) {
 	z.mu.Lock()
 	defer z.mu.Unlock()
 	z.setPaused(p)
-	if n := z.node.Load(); n != nil {
-		n.pushPaused(p)
+	if z.fleet != nil {
+		z.fleet.pushPaused(p)
 	}
 }
 
@@ -726,8 +678,6 @@ type Snapshot struct {
 	// Waiters holds up to the number asked for, in admission order within
 	// each key value (keys in no particular order).
 	Waiters []WaiterInfo
-	// Fleet is this node's view of the fleet; nil for a zone of its own.
-	Fleet *FleetView
 }
 
 // Snapshot returns the zone's counts and up to maxWaiters of its waiters.
@@ -743,9 +693,6 @@ func (z *Zone) Snapshot(now time.Time, maxWaiters int) Snapshot {
 		Active:   z.active,
 		Waiting:  z.waiting,
 		Counters: z.stats,
-	}
-	if n := z.node.Load(); n != nil {
-		s.Fleet = n.view()
 	}
 	visit := func(w *Waiter) bool {
 		if d := now.Sub(w.enqueued); d > s.OldestWait {
