@@ -238,8 +238,10 @@ const (
 // Acquire takes a slot for w if one is free, or else puts w in its key's
 // waiting list (wake is called when that changes), or rejects it.
 func (z *Zone) Acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
-	if f := z.sharedBy(); f != nil {
-		return f.acquire(w, wake, now)
+	if z.shared.Load() { // a fleet zone: rare, and off the common path
+		if f := z.sharedBy(); f != nil {
+			return f.acquire(w, wake, now)
+		}
 	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
@@ -429,8 +431,10 @@ func (z *Zone) Wait(w *Waiter, s Signal, gone <-chan struct{}) (Outcome, Reason)
 // and counts as abandoned. It reports false if w was not waiting (it is
 // already active or done), in which case nothing changed.
 func (z *Zone) Abandon(w *Waiter) bool {
-	if f := z.sharedBy(); f != nil {
-		return f.abandon(w)
+	if z.shared.Load() { // a fleet zone: rare, and off the common path
+		if f := z.sharedBy(); f != nil {
+			return f.abandon(w)
+		}
 	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
@@ -459,8 +463,10 @@ func (z *Zone) abandon(w *Waiter) bool {
 // waiter. It reports false, changing nothing, if w holds no slot: a slot
 // is freed exactly once.
 func (z *Zone) Free(w *Waiter) bool {
-	if f := z.sharedBy(); f != nil {
-		return f.free(w)
+	if z.shared.Load() { // a fleet zone: rare, and off the common path
+		if f := z.sharedBy(); f != nil {
+			return f.free(w)
+		}
 	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
