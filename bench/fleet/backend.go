@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -32,6 +33,12 @@ type backend struct {
 	wg    sync.WaitGroup
 	mu    sync.Mutex
 	conns map[net.Conn]struct{}
+
+	// while record: when each connection was accepted and closed (ns
+	// since base), for the hand-off gaps of a run
+	record  atomic.Bool
+	accepts []int64
+	closes  []int64
 }
 
 // heldConn is a gated connection.
@@ -83,6 +90,9 @@ func (b *backend) acceptLoop() {
 		}
 		b.mu.Lock()
 		b.conns[c] = struct{}{}
+		if b.record.Load() {
+			b.accepts = append(b.accepts, int64(at.Sub(b.base)))
+		}
 		b.mu.Unlock()
 		b.wg.Add(1)
 		go b.serve(c, at)
@@ -134,16 +144,55 @@ func (b *backend) serve(c net.Conn, at time.Time) {
 		b.bad.Add(1)
 	}
 	b.active.Add(-1)
+	now := time.Now()
 	if closed != nil {
-		closed <- time.Now()
+		closed <- now
 	}
 	b.mu.Lock()
 	delete(b.conns, c)
+	if b.record.Load() {
+		b.closes = append(b.closes, int64(now.Sub(b.base)))
+	}
 	b.mu.Unlock()
 	_ = c.Close()
 	if ok {
 		b.served.Add(1)
 	}
+}
+
+// startRecording starts recording accepts and closes afresh.
+func (b *backend) startRecording() {
+	b.mu.Lock()
+	b.accepts, b.closes = b.accepts[:0], b.closes[:0]
+	b.mu.Unlock()
+	b.record.Store(true)
+}
+
+// stopRecording stops recording and returns what was recorded.
+func (b *backend) stopRecording() (accepts, closes []int64) {
+	b.record.Store(false)
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(b.accepts), slices.Clone(b.closes)
+}
+
+// handoffGaps pairs slot frees with refills: with at most limit
+// connections at the backend, the k-th close (in time order) frees a slot
+// that the (k+limit)-th accept fills; the gap is the time between the
+// two. Only closes in [from, to) count (ns since base).
+func handoffGaps(accepts, closes []int64, limit int, from, to int64) []int64 {
+	a, c := slices.Clone(accepts), slices.Clone(closes)
+	slices.Sort(a)
+	slices.Sort(c)
+	var gaps []int64
+	for k, t := range c {
+		if t < from || t >= to || k+limit >= len(a) {
+			continue
+		}
+		gaps = append(gaps, a[k+limit]-t)
+	}
+	slices.Sort(gaps)
+	return gaps
 }
 
 // close stops the backend; it waits at most 5 s for its connections.

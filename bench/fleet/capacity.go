@@ -43,9 +43,9 @@ func capacity(e *env, r *report) error {
 	go func() {
 		defer wg.Done()
 		time.Sleep(time.Until(mStart))
-		a = takeSample(e)
+		a = takeSample(e, "")
 		time.Sleep(time.Until(mEnd))
-		b = takeSample(e)
+		b = takeSample(e, "")
 	}()
 	lr := runLoad(c.dialer, addrs, c.capWorkers, mStart, mEnd, mEnd.Add(5*time.Second))
 	wg.Wait()
@@ -106,9 +106,9 @@ func capacity(e *env, r *report) error {
 	go func() {
 		defer wg.Done()
 		time.Sleep(time.Until(mStart))
-		a = takeSample(e)
+		a = takeSample(e, "")
 		time.Sleep(time.Until(mEnd))
-		b = takeSample(e)
+		b = takeSample(e, "")
 	}()
 	for range c.storeWorkers {
 		wg.Add(1)

@@ -54,9 +54,12 @@ type sample struct {
 	cs         cmdStats
 	served     int64
 	backendErr int64
+	hist       hist // the nodes' store_seconds of zone, summed
 }
 
-func takeSample(e *env) sample {
+// takeSample samples CPU and counts; with zone, also the nodes' store
+// round-trip histograms of that zone.
+func takeSample(e *env, zone string) sample {
 	s := sample{at: time.Now(), redis: procCPU(e.redis.pid), self: procCPU(os.Getpid())}
 	for _, n := range e.nodes {
 		s.nodes = append(s.nodes, procCPU(n.pid))
@@ -65,6 +68,11 @@ func takeSample(e *env) sample {
 	s.cs, _ = e.redis.commandStats()
 	s.served = e.backend.served.Load()
 	s.backendErr = e.backend.bad.Load()
+	if zone != "" {
+		for _, n := range e.nodes {
+			s.hist = s.hist.add(n.storeHist(zone))
+		}
+	}
 	return s
 }
 
@@ -78,11 +86,13 @@ type usage struct {
 	cs        cmdStats
 	served    int64
 	backendEr int64
+	hist      hist
 }
 
 func between(a, b sample) usage {
 	u := usage{wall: b.at.Sub(a.at), redis: b.redis - a.redis, self: b.self - a.self,
-		cs: b.cs.sub(a.cs), served: b.served - a.served, backendEr: b.backendErr - a.backendErr}
+		cs: b.cs.sub(a.cs), served: b.served - a.served, backendEr: b.backendErr - a.backendErr,
+		hist: b.hist.sub(a.hist)}
 	for i := range a.nodes {
 		u.nodes = append(u.nodes, b.nodes[i]-a.nodes[i])
 	}
@@ -115,6 +125,7 @@ type limitRun struct {
 	tput     float64 // completed per second in the window
 	p50, p99 float64 // ms
 	load     float64
+	gaps     []int64 // backend close -> next accept, ns, sorted
 }
 
 type limitResult struct {
@@ -187,18 +198,26 @@ func limitOnce(e *env, fleet bool, round int, prof *profileResult) (*limitRun, e
 	var a, b sample
 	var wg sync.WaitGroup
 	wg.Add(1)
+	zone := ""
+	if fleet {
+		zone = zLimit
+	}
+	e.backend.startRecording()
 	go func() {
 		defer wg.Done()
 		time.Sleep(time.Until(mStart))
-		a = takeSample(e)
+		a = takeSample(e, zone)
 		if prof != nil {
 			prof.take(e, c.window)
 		}
 		time.Sleep(time.Until(mEnd))
-		b = takeSample(e)
+		b = takeSample(e, zone)
 	}()
 	run.res = runLoad(c.dialer, addrs, c.clients, mStart, mEnd, hardStop)
 	wg.Wait()
+	acc, cls := e.backend.stopRecording()
+	base := e.backend.base
+	run.gaps = handoffGaps(acc, cls, c.limit, int64(mStart.Sub(base)), int64(mEnd.Sub(base)))
 	run.u = between(a, b)
 	run.peak = e.backend.peak.Load()
 	// wait (bounded) until the backend is empty again
@@ -208,8 +227,8 @@ func limitOnce(e *env, fleet bool, round int, prof *profileResult) (*limitRun, e
 	run.tput = float64(run.res.completed) / c.window.Seconds()
 	run.p50 = float64(pct(run.res.lat, 50)) / 1e6
 	run.p99 = float64(pct(run.res.lat, 99)) / 1e6
-	logf("  %.0f conn/s, p50 %.1f ms, p99 %.1f ms, peak %d, failed %d, Redis CPU %s",
-		run.tput, run.p50, run.p99, run.peak, run.res.failed, run.u.redis)
+	logf("  %.0f conn/s, p50 %.1f ms, p99 %.1f ms, peak %d, failed %d, Redis CPU %s, hand-off gap p50 %.3f ms",
+		run.tput, run.p50, run.p99, run.peak, run.res.failed, run.u.redis, float64(pct(run.gaps, 50))/1e6)
 	if run.res.errs > 0 {
 		return nil, fmt.Errorf("limit-bound (%s): %d connections failed", what, run.res.errs)
 	}

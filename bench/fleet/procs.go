@@ -7,11 +7,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -398,6 +400,84 @@ func (n *node) get(path string) ([]byte, error) {
 		return b, fmt.Errorf("GET %s: %s", path, resp.Status)
 	}
 	return b, nil
+}
+
+// hist is a Prometheus histogram: cumulative counts by upper bound.
+type hist struct {
+	les    []float64
+	counts []float64
+}
+
+// storeHist is the node's store_seconds histogram of zone (every store
+// operation of the zone: take, give, leave, renew...).
+func (n *node) storeHist(zone string) hist {
+	var h hist
+	b, err := n.get("/metrics")
+	if err != nil {
+		return h
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if !strings.HasPrefix(l, "caddy_layer4_connection_limit_store_seconds_bucket{") ||
+			!strings.Contains(l, `zone="`+zone+`"`) {
+			continue
+		}
+		_, rest, ok := strings.Cut(l, `le="`)
+		if !ok {
+			continue
+		}
+		le, _, _ := strings.Cut(rest, `"`)
+		f := strings.Fields(l)
+		v, _ := strconv.ParseFloat(f[len(f)-1], 64)
+		x, err := strconv.ParseFloat(le, 64)
+		if le == "+Inf" {
+			x, err = math.Inf(1), nil
+		}
+		if err == nil {
+			h.les = append(h.les, x)
+			h.counts = append(h.counts, v)
+		}
+	}
+	return h
+}
+
+// add adds o's counts to h's (same buckets).
+func (h hist) add(o hist) hist {
+	if len(h.les) == 0 {
+		return hist{les: slices.Clone(o.les), counts: slices.Clone(o.counts)}
+	}
+	out := hist{les: h.les, counts: slices.Clone(h.counts)}
+	for i := range out.counts {
+		if i < len(o.counts) {
+			out.counts[i] += o.counts[i]
+		}
+	}
+	return out
+}
+
+// sub is h minus an earlier o.
+func (h hist) sub(o hist) hist {
+	out := hist{les: h.les, counts: slices.Clone(h.counts)}
+	for i := range out.counts {
+		if i < len(o.counts) {
+			out.counts[i] -= o.counts[i]
+		}
+	}
+	return out
+}
+
+// quantile is the upper bound of the bucket holding quantile q, and the
+// number of observations.
+func (h hist) quantile(q float64) (float64, float64) {
+	if len(h.counts) == 0 {
+		return math.NaN(), 0
+	}
+	total := h.counts[len(h.counts)-1]
+	for i, c := range h.counts {
+		if total > 0 && c >= q*total {
+			return h.les[i], total
+		}
+	}
+	return math.NaN(), total
 }
 
 // storeErrors sums the node's store_errors_total.

@@ -370,17 +370,27 @@ func (r *report) limitBound(p printer) {
 		"the `utime+stime` delta of redis-server (`/proc/<pid>/stat`) over the window, minus the idle fleet's "+
 		"rate, divided by the connections the backend served in the window; round trips per connection are "+
 		"the window's EVALSHA+EVAL+BLPOP calls (commandstats, renewals included) over the same count. The "+
-		"backend's peak concurrency is checked against max. %s.\n\n",
+		"hand-off gap pairs the backend's k-th close with its (k+max)-th accept (the slot that close freed, "+
+		"refilled), for closes in the window. Store op: every store operation of the zone on the three nodes "+
+		"(take, give, renew...), from their `store_seconds` histograms over the window (the upper bound of "+
+		"the bucket). The backend's peak concurrency is checked against max. %s.\n\n",
 		c.clients, c.warmup, c.window, c.grace, zLimit, zLimitLocal, c.rounds, l.load)
-	p("| round | zone | conn/s | p50 | p99 | backend peak | failed | Redis CPU/conn | store round trips/conn | Caddy CPU/conn (3 nodes) | machine busy | load |\n")
-	p("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+	p("| round | zone | conn/s | p50 | p99 | backend peak | failed | hand-off gap p50 / p99 | store op p50 / p99 (≤ bucket) | Redis CPU/conn | store round trips/conn | Caddy CPU/conn (3 nodes) | machine busy | load |\n")
+	p("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	idle := r.idle.cpuPerSec()
 	for _, run := range l.runs {
 		n := float64(run.u.served)
 		redis := run.u.redis - time.Duration(float64(idle)*run.u.wall.Seconds())
 		name := map[bool]string{true: "fleet, 3 nodes", false: "local, node A"}[run.fleet]
-		p("| %d | %s | %.0f | %.1f ms | %.1f ms | %d | %d | %s | %.2f | %s | %.0f %% | %.2f |\n",
+		storeOp := "—"
+		if run.fleet {
+			q50, _ := run.u.hist.quantile(0.5)
+			q99, _ := run.u.hist.quantile(0.99)
+			storeOp = fmt.Sprintf("%.2g / %.2g ms", q50*1e3, q99*1e3)
+		}
+		p("| %d | %s | %.0f | %.1f ms | %.1f ms | %d | %d | %.2f / %.2f ms | %s | %s | %.2f | %s | %.0f %% | %.2f |\n",
 			run.round+1, name, run.tput, run.p50, run.p99, run.peak, run.res.failed,
+			float64(pct(run.gaps, 50))/1e6, float64(pct(run.gaps, 99))/1e6, storeOp,
 			usf(float64(redis)/1e3/n), float64(run.u.roundTrips())/n, usf(float64(run.u.nodeCPU())/1e3/n),
 			100*run.u.machine, run.load)
 	}
