@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -65,7 +64,7 @@ func (g *rig) step(i int) (time.Duration, error) {
 	g.client(i)
 	deadline := time.Now().Add(stepTimeout)
 	for {
-		w, err := g.e.nodes[i].zoneWaiting(g.zone)
+		w, _, err := g.e.nodes[i].zoneCounts(g.zone)
 		if err == nil && w == 1 {
 			break
 		}
@@ -113,31 +112,6 @@ func (g *rig) finish() error {
 		return fmt.Errorf("zone %s: %d clients failed (last: %v)", g.zone, n, g.lastEr.Load())
 	}
 	return nil
-}
-
-// zoneWaiting is the zone's waiting count on this node, from GET
-// /connection_limit/ (this node's counts; unlike GET
-// /connection_limit/<zone> it does not ask the store).
-func (n *node) zoneWaiting(zone string) (int, error) {
-	b, err := n.get("/connection_limit/")
-	if err != nil {
-		return -1, err
-	}
-	var v struct {
-		Zones []struct {
-			Zone    string `json:"zone"`
-			Waiting int    `json:"waiting"`
-		} `json:"zones"`
-	}
-	if err := json.Unmarshal(b, &v); err != nil {
-		return -1, err
-	}
-	for _, z := range v.Zones {
-		if z.Zone == zone {
-			return z.Waiting, nil
-		}
-	}
-	return -1, fmt.Errorf("node %s has no zone %s", n.name, zone)
 }
 
 // handoffResult holds the samples of each kind of hand-off, in µs.

@@ -3,11 +3,8 @@ package main
 import (
 	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
+	"runtime"
 	"slices"
-	"strings"
-	"sync"
 	"time"
 )
 
@@ -24,7 +21,7 @@ func (i idleInfo) cpuPerSec() time.Duration {
 }
 
 func measureIdle(e *env) (idleInfo, error) {
-	w := 3 * time.Second
+	w := 6 * time.Second
 	if e.cfg.quick {
 		w = 2 * time.Second
 	}
@@ -103,6 +100,14 @@ func between(a, b sample) usage {
 	return u
 }
 
+// others is the CPU (in cores) that processes other than this program,
+// its nodes and its redis-server used: the machine's busy time minus
+// theirs.
+func (u usage) others() float64 {
+	ours := float64(u.redis+u.nodeCPU()+u.self) / float64(u.wall)
+	return max(0, u.machine*float64(runtime.NumCPU())-ours)
+}
+
 func (u usage) nodeCPU() time.Duration {
 	var t time.Duration
 	for _, d := range u.nodes {
@@ -113,130 +118,6 @@ func (u usage) nodeCPU() time.Duration {
 
 // scripts is the EVALSHA, EVAL and BLPOP calls of the window.
 func (u usage) roundTrips() int64 { return u.cs["evalsha"] + u.cs["eval"] + u.cs["blpop"] }
-
-// ---- the limit-bound workload ----
-
-type limitRun struct {
-	fleet    bool
-	round    int
-	res      *loadResult
-	u        usage
-	peak     int64
-	tput     float64 // completed per second in the window
-	p50, p99 float64 // ms
-	load     float64
-	gaps     []int64 // backend close -> next accept, ns, sorted
-}
-
-type limitResult struct {
-	runs []*limitRun
-	load loadInfo
-	prof *profileResult
-}
-
-// limitBound runs C clients against a zone of max L whose backend holds
-// each connection H: the fleet zone with clients spread over the three
-// nodes, and node A's local zone with every client on it, interleaved
-// (the order alternates between rounds).
-func limitBound(e *env, r *report) error {
-	c := e.cfg
-	res := &limitResult{load: c.waitLoad("limit-bound")}
-	for round := range c.rounds {
-		order := []bool{true, false}
-		if round%2 == 1 {
-			order = []bool{false, true}
-		}
-		for _, fleet := range order {
-			if round > 0 || !fleet {
-				// each run starts on a quiet machine, as far as it can
-				_ = c.waitLoad(fmt.Sprintf("limit-bound round %d", round+1))
-			}
-			run, err := limitOnce(e, fleet, round, nil)
-			if err != nil {
-				return err
-			}
-			res.runs = append(res.runs, run)
-		}
-	}
-	if c.profile {
-		logf("limit-bound: an extra fleet run with CPU profiles (not in the tables)")
-		prof := &profileResult{}
-		if _, err := limitOnce(e, true, -1, prof); err != nil {
-			return err
-		}
-		select {
-		case <-prof.done:
-			res.prof = prof
-		case <-time.After(2 * time.Minute):
-			res.prof = &profileResult{err: "the profile did not come within 2 min"}
-		}
-	}
-	res.load.done()
-	r.limit = res
-	return nil
-}
-
-func limitOnce(e *env, fleet bool, round int, prof *profileResult) (*limitRun, error) {
-	c := e.cfg
-	e.backend.setHold(c.hold)
-	var addrs []string
-	if fleet {
-		for _, n := range e.nodes {
-			addrs = append(addrs, n.listen[zLimit])
-		}
-	} else {
-		addrs = []string{e.nodes[0].listen[zLimitLocal]}
-	}
-	run := &limitRun{fleet: fleet, round: round, load: loadAvg1()}
-	what := map[bool]string{true: "fleet zone over 3 nodes", false: "local zone on node A"}[fleet]
-	logf("limit-bound round %d: %s, C=%d max=%d hold=%s (load %.2f)", round+1, what, c.clients, c.limit, c.hold, run.load)
-	e.backend.resetPeak()
-	start := time.Now()
-	mStart := start.Add(c.warmup)
-	mEnd := mStart.Add(c.window)
-	hardStop := mEnd.Add(c.grace)
-	var a, b sample
-	var wg sync.WaitGroup
-	wg.Add(1)
-	zone := ""
-	if fleet {
-		zone = zLimit
-	}
-	e.backend.startRecording()
-	go func() {
-		defer wg.Done()
-		time.Sleep(time.Until(mStart))
-		a = takeSample(e, zone)
-		if prof != nil {
-			prof.take(e, c.window)
-		}
-		time.Sleep(time.Until(mEnd))
-		b = takeSample(e, zone)
-	}()
-	run.res = runLoad(c.dialer, addrs, c.clients, mStart, mEnd, hardStop)
-	wg.Wait()
-	acc, cls := e.backend.stopRecording()
-	base := e.backend.base
-	run.gaps = handoffGaps(acc, cls, c.limit, int64(mStart.Sub(base)), int64(mEnd.Sub(base)))
-	run.u = between(a, b)
-	run.peak = e.backend.peak.Load()
-	// wait (bounded) until the backend is empty again
-	for deadline := time.Now().Add(10 * time.Second); e.backend.active.Load() > 0 && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
-	}
-	run.tput = float64(run.res.completed) / c.window.Seconds()
-	run.p50 = float64(pct(run.res.lat, 50)) / 1e6
-	run.p99 = float64(pct(run.res.lat, 99)) / 1e6
-	logf("  %.0f conn/s, p50 %.1f ms, p99 %.1f ms, peak %d, failed %d, Redis CPU %s, hand-off gap p50 %.3f ms",
-		run.tput, run.p50, run.p99, run.peak, run.res.failed, run.u.redis, float64(pct(run.gaps, 50))/1e6)
-	if run.res.errs > 0 {
-		return nil, fmt.Errorf("limit-bound (%s): %d connections failed", what, run.res.errs)
-	}
-	if run.peak > int64(c.limit) {
-		return nil, fmt.Errorf("limit-bound (%s): the backend saw %d connections at once, max is %d", what, run.peak, c.limit)
-	}
-	return run, nil
-}
 
 // ---- added latency of a connection admitted at once ----
 
@@ -280,32 +161,4 @@ func addedLatency(e *env, r *report) error {
 	res.load.done()
 	r.latency = res
 	return nil
-}
-
-// ---- CPU profiles ----
-
-type profileResult struct {
-	nodeTop, err string
-	done         chan struct{}
-}
-
-// take fetches node A's CPU profile over d (in the background of the run
-// it is called in) and summarizes it with go tool pprof.
-func (p *profileResult) take(e *env, d time.Duration) {
-	file := filepath.Join(e.cfg.workDir, "nodeA-limit.pprof")
-	secs := max(1, int(d.Seconds()))
-	p.done = make(chan struct{})
-	go func() {
-		defer close(p.done)
-		if err := e.nodes[0].fetch(fmt.Sprintf("/debug/pprof/profile?seconds=%d", secs), file); err != nil {
-			p.err = err.Error()
-			return
-		}
-		out, err := exec.Command("go", "tool", "pprof", "-top", "-nodecount=35", e.cfg.caddyBin, file).CombinedOutput()
-		if err != nil {
-			p.err = fmt.Sprintf("%v: %s", err, out)
-			return
-		}
-		p.nodeTop = strings.TrimSpace(string(out))
-	}()
 }

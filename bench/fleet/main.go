@@ -54,7 +54,8 @@ type config struct {
 	clients      int           // limit-bound: C
 	limit        int           // limit-bound: max
 	hold         time.Duration // limit-bound: backend hold
-	rounds       int           // limit-bound rounds (fleet and local interleaved)
+	rounds       int           // limit-bound rounds (the kinds interleaved)
+	limitFleet1  bool          // limit-bound: also the fleet zone with every client on node A
 	warmup       time.Duration
 	window       time.Duration
 	grace        time.Duration
@@ -83,7 +84,7 @@ func main() {
 	flag.Float64Var(&c.loadMax, "load-max", 1.5, "before each measurement, wait until the 1-minute load is below this")
 	flag.DurationVar(&c.loadWait, "load-wait", 10*time.Minute, "the longest wait for the load before one measurement")
 	flag.DurationVar(&c.loadTotal, "load-total", 25*time.Minute, "the longest wait for the load over the whole run")
-	flag.BoolVar(&c.profile, "profile", true, "take a CPU profile of a node and of the benchmark in an extra fleet limit-bound run (not in the tables)")
+	flag.BoolVar(&c.profile, "profile", true, "limit-bound: one extra run of each kind with node A's CPU profiled (not in the tables)")
 	flag.IntVar(&c.rtConns, "rt-conns", 1000, "round trips: connections admitted at once")
 	flag.IntVar(&c.rtWaited, "rt-waited", 200, "round trips: connections that waited")
 	flag.IntVar(&c.handoffs, "handoffs", 500, "hand-off samples of each kind")
@@ -91,7 +92,8 @@ func main() {
 	flag.IntVar(&c.clients, "clients", 500, "limit-bound: concurrent clients (C)")
 	flag.IntVar(&c.limit, "limit", 50, "limit-bound: max_connections")
 	flag.DurationVar(&c.hold, "hold", 20*time.Millisecond, "limit-bound: how long the backend holds each connection")
-	flag.IntVar(&c.rounds, "rounds", 3, "limit-bound: rounds (fleet and local zone interleaved in each)")
+	flag.IntVar(&c.rounds, "rounds", 5, "limit-bound: rounds (fleet and local zone interleaved in each)")
+	flag.BoolVar(&c.limitFleet1, "limit-fleet1", true, "limit-bound: also run the fleet zone with every client on node A (where the fleet's cost goes)")
 	flag.DurationVar(&c.warmup, "warmup", time.Second, "limit-bound: warm-up of each run (not measured)")
 	flag.DurationVar(&c.window, "window", 6*time.Second, "limit-bound: measured window of each run")
 	flag.DurationVar(&c.grace, "grace", 2*time.Second, "limit-bound: time after the window for connections in flight")

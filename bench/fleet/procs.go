@@ -296,6 +296,7 @@ type node struct {
 	name   string
 	admin  string
 	listen map[string]string // server name -> host:port
+	ids    map[string]string // fleet zone -> this node's id in the store
 }
 
 // server is one layer4 server of a node: its zone, limit and whether the
@@ -311,7 +312,7 @@ func startNode(cfg *config, name string, servers []server, backend, redisAddr st
 	if err != nil {
 		return nil, err
 	}
-	n := &node{name: name, admin: fmt.Sprintf("127.0.0.1:%d", ap), listen: map[string]string{}}
+	n := &node{name: name, admin: fmt.Sprintf("127.0.0.1:%d", ap), listen: map[string]string{}, ids: map[string]string{}}
 	srvs := obj{}
 	for _, s := range servers {
 		port, err := freePort()
@@ -368,11 +369,13 @@ func startNode(cfg *config, name string, servers []server, backend, redisAddr st
 		for {
 			var v struct {
 				Fleet *struct {
+					Node  string `json:"node"`
 					Store string `json:"store"`
 				} `json:"fleet"`
 			}
 			b, err := n.get("/connection_limit/" + s.name)
 			if err == nil && json.Unmarshal(b, &v) == nil && v.Fleet != nil && v.Fleet.Store == "registered" {
+				n.ids[s.name] = v.Fleet.Node
 				break
 			}
 			if p.exited() || time.Now().After(deadline) {

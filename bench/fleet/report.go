@@ -122,8 +122,8 @@ func (r *report) markdown() string {
 		"`%s`, `%s` with the same limits. Every route is `connection_limit` (`release %s`) → `proxy` "+
 		"to this program's backend; clients, backend and nodes are on 127.0.0.1.\n",
 		zHandoff, zLimit, c.limit, zOpen, c.lease, min(c.lease/3, time.Second), zHandoffLocal, zLimitLocal, zOpenLocal, c.release)
-	p("* Idle fleet (3 zones × 3 nodes, no connection): Redis CPU %s/s; %s per second.\n",
-		r.idle.cpuPerSec().Round(time.Microsecond), rates(r.idle.cs, r.idle.window))
+	p("* Idle fleet (3 zones × 3 nodes, no connection), over %.0f s: Redis CPU %.1f ms per second (`/proc` ticks of 10 ms); %s per second.\n",
+		r.idle.window.Seconds(), float64(r.idle.cpuPerSec())/1e6, rates(r.idle.cs, r.idle.window))
 	p("* Node store errors over the run: %d; error lines in the nodes' logs: %d.\n\n", r.storeErrors, r.logErrors)
 
 	r.summary(p)
@@ -141,14 +141,6 @@ func (r *report) markdown() string {
 	}
 	if r.capacity != nil || r.limit != nil {
 		r.capacityText(p)
-	}
-	if r.limit != nil && r.limit.prof != nil {
-		p("### CPU profile of node A in an extra fleet limit-bound run (not in the tables)\n\n")
-		if r.limit.prof.err != "" {
-			p("Profile failed: %s\n\n", r.limit.prof.err)
-		} else {
-			p("<details><summary>go tool pprof -top</summary>\n\n```\n%s\n```\n</details>\n\n", r.limit.prof.nodeTop)
-		}
 	}
 	return b.String()
 }
@@ -187,7 +179,8 @@ func (r *report) summary(p printer) {
 			ms(cross), ms(same), dms(cross-same), ms(pct(sortedCopy(h.cross), 99)), met(cross-same <= int64(time.Millisecond)))
 	}
 	if l := r.limit; l != nil && len(l.runs) > 0 {
-		ratio, f, lo := r.limitRatios()
+		ratio, agg := r.limitAggs()
+		f, lo := agg[fleet3], agg[local1]
 		p("| limit-bound throughput, fleet (3 nodes) ÷ local (1 node) | ≥ 0.95× | %.3f× (%.0f vs %.0f conn/s; rounds %s) | %s |\n",
 			median(ratio), median(f.tput), median(lo.tput), fmtList(ratio, "%.3f"), met(median(ratio) >= 0.95))
 		p("| limit-bound p99, fleet vs local | stated | %.1f vs %.1f ms | |\n", median(f.p99), median(lo.p99))
@@ -307,28 +300,31 @@ func (r *report) addedLatency(p printer) {
 // ---- limit-bound ----
 
 type limitAgg struct {
-	tput, p50, p99, redisPerConn, rtPerConn, nodeCPUPerConn, machine []float64
+	tput, p50, p99, redisPerConn, rtPerConn, nodeCPUPerConn, machine, gap50 []float64
 }
 
-func (r *report) limitRatios() (ratio []float64, f, lo limitAgg) {
-	byRound := map[int][2]*limitRun{}
-	for _, run := range r.limit.runs {
-		pair := byRound[run.round]
-		if run.fleet {
-			pair[0] = run
-		} else {
-			pair[1] = run
-		}
-		byRound[run.round] = pair
-	}
+// limitAggs returns the medians' inputs of each kind, and the ratios of
+// fleet3 to local1 throughput per round.
+func (r *report) limitAggs() (ratio []float64, agg map[limitKind]*limitAgg) {
+	byRound := map[int]map[limitKind]*limitRun{}
+	agg = map[limitKind]*limitAgg{}
 	idle := r.idle.cpuPerSec()
-	add := func(a *limitAgg, run *limitRun) {
+	for _, run := range r.limit.runs {
+		if byRound[run.round] == nil {
+			byRound[run.round] = map[limitKind]*limitRun{}
+		}
+		byRound[run.round][run.kind] = run
+		a := agg[run.kind]
+		if a == nil {
+			a = &limitAgg{}
+			agg[run.kind] = a
+		}
 		a.tput = append(a.tput, run.tput)
 		a.p50 = append(a.p50, run.p50)
 		a.p99 = append(a.p99, run.p99)
 		a.machine = append(a.machine, run.u.machine)
-		n := float64(run.u.served)
-		if n > 0 {
+		a.gap50 = append(a.gap50, float64(pct(run.gaps, 50))/1e6)
+		if n := float64(run.u.served); n > 0 {
 			redis := run.u.redis - time.Duration(float64(idle)*run.u.wall.Seconds())
 			a.redisPerConn = append(a.redisPerConn, float64(redis)/1e3/n)
 			a.rtPerConn = append(a.rtPerConn, float64(run.u.roundTrips())/n)
@@ -336,18 +332,17 @@ func (r *report) limitRatios() (ratio []float64, f, lo limitAgg) {
 		}
 	}
 	for round := range r.cfg.rounds {
-		pair := byRound[round]
-		if pair[0] != nil {
-			add(&f, pair[0])
-		}
-		if pair[1] != nil {
-			add(&lo, pair[1])
-		}
-		if pair[0] != nil && pair[1] != nil && pair[1].tput > 0 {
-			ratio = append(ratio, pair[0].tput/pair[1].tput)
+		f, lo := byRound[round][fleet3], byRound[round][local1]
+		if f != nil && lo != nil && lo.tput > 0 {
+			ratio = append(ratio, f.tput/lo.tput)
 		}
 	}
-	return ratio, f, lo
+	for _, k := range []limitKind{fleet3, local1, fleet1} {
+		if agg[k] == nil {
+			agg[k] = &limitAgg{}
+		}
+	}
+	return ratio, agg
 }
 
 func fmtList(v []float64, format string) string {
@@ -363,44 +358,131 @@ func (r *report) limitBound(p printer) {
 	l := r.limit
 	p("### Limit-bound workload (C=%d, max %d, backend holds %s)\n\n", c.clients, c.limit, c.hold)
 	p("Method: %d clients in a closed loop (connect, send a line, read the reply to EOF, close), for a "+
-		"%s warm-up, a %s measured window and up to %s of grace: **fleet** = zone `%s` shared by nodes A, B, C, "+
-		"client i on node i mod 3; **local** = zone `%s` (no store) on node A alone, every client on it (B and "+
-		"C idle). %d round(s), the two interleaved, the order alternating between rounds. Throughput counts "+
-		"connections answered inside the window; latency is dial → EOF of those. Redis CPU per connection is "+
-		"the `utime+stime` delta of redis-server (`/proc/<pid>/stat`) over the window, minus the idle fleet's "+
+		"%s warm-up, a %s measured window and up to %s of grace: **fleet, 3 nodes** = zone `%s` shared by "+
+		"nodes A, B, C, client i on node i mod 3; **local, node A** = zone `%s` (no store) on node A alone, "+
+		"every client on it (B and C idle)", c.clients, c.warmup, c.window, c.grace, zLimit, zLimitLocal)
+	if c.limitFleet1 {
+		p("; and, to tell the store's cost from that of three processes, **fleet, node A only** = zone `%s` "+
+			"with every client on node A (B and C registered, idle)", zLimit)
+	}
+	p(". %d round(s), the kinds interleaved, their order rotating between rounds; before each run the "+
+		"program waits (bounded) for the 1-minute load to fall below %.1f. Throughput counts connections "+
+		"answered inside the window; latency is dial → EOF of those. Redis CPU per connection is the "+
+		"`utime+stime` delta of redis-server (`/proc/<pid>/stat`) over the window, minus the idle fleet's "+
 		"rate, divided by the connections the backend served in the window; round trips per connection are "+
-		"the window's EVALSHA+EVAL+BLPOP calls (commandstats, renewals included) over the same count. The "+
-		"hand-off gap pairs the backend's k-th close with its (k+max)-th accept (the slot that close freed, "+
-		"refilled), for closes in the window. Store op: every store operation of the zone on the three nodes "+
-		"(take, give, renew...), from their `store_seconds` histograms over the window (the upper bound of "+
-		"the bucket). The backend's peak concurrency is checked against max. %s.\n\n",
-		c.clients, c.warmup, c.window, c.grace, zLimit, zLimitLocal, c.rounds, l.load)
-	p("| round | zone | conn/s | p50 | p99 | backend peak | failed | hand-off gap p50 / p99 | store op p50 / p99 (≤ bucket) | Redis CPU/conn | store round trips/conn | Caddy CPU/conn (3 nodes) | machine busy | load |\n")
-	p("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+		"the window's EVALSHA+EVAL+BLPOP calls (commandstats, renewals included) over the same count; Caddy "+
+		"CPU per connection sums the three nodes' `utime+stime` likewise. The hand-off gap pairs the "+
+		"backend's k-th close with its (k+max)-th accept (the slot that close freed, refilled), for closes "+
+		"in the window. Store op: every store operation of the zone on the three nodes (take, give, "+
+		"renew...), from their `store_seconds` histograms over the window (the upper bound of the bucket). "+
+		"Grants queued: the zone's grants pushed to a node's list and not yet popped by its BLPOP (each "+
+		"node pops one grant per round trip), `LLEN` of every node's list summed, every 20 ms. "+
+		"Machine busy: all cores, from `/proc/stat`; other processes: that busy time less this program's, "+
+		"its nodes' and its Redis' (other engineers' work on the shared machine). The backend's peak concurrency is checked against max. "+
+		"%s.\n\n", c.rounds, c.loadMax, l.load)
+	p("| round | zone | conn/s | p50 | p99 | backend peak | failed | hand-off gap p50 / p99 | store op p50 / p99 (≤ bucket) | grants queued for their node's BLPOP, mean / max | Redis CPU/conn | store round trips/conn | Caddy CPU/conn (3 nodes) | machine busy | other processes | load |\n")
+	p("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	idle := r.idle.cpuPerSec()
 	for _, run := range l.runs {
 		n := float64(run.u.served)
 		redis := run.u.redis - time.Duration(float64(idle)*run.u.wall.Seconds())
-		name := map[bool]string{true: "fleet, 3 nodes", false: "local, node A"}[run.fleet]
-		storeOp := "—"
-		if run.fleet {
+		storeOp, backlog := "—", "—"
+		if run.kind.isFleet() {
 			q50, _ := run.u.hist.quantile(0.5)
 			q99, _ := run.u.hist.quantile(0.99)
 			storeOp = fmt.Sprintf("%.2g / %.2g ms", q50*1e3, q99*1e3)
+			backlog = fmt.Sprintf("%.1f / %d", meanOf(run.backlog), pct(run.backlog, 100))
 		}
-		p("| %d | %s | %.0f | %.1f ms | %.1f ms | %d | %d | %.2f / %.2f ms | %s | %s | %.2f | %s | %.0f %% | %.2f |\n",
-			run.round+1, name, run.tput, run.p50, run.p99, run.peak, run.res.failed,
-			float64(pct(run.gaps, 50))/1e6, float64(pct(run.gaps, 99))/1e6, storeOp,
+		p("| %d | %s | %.0f | %.1f ms | %.1f ms | %d | %d | %.2f / %.2f ms | %s | %s | %s | %.2f | %s | %.0f %% | %.2f cores | %.2f |\n",
+			run.round+1, run.kind, run.tput, run.p50, run.p99, run.peak, run.res.failed,
+			float64(pct(run.gaps, 50))/1e6, float64(pct(run.gaps, 99))/1e6, storeOp, backlog,
 			usf(float64(redis)/1e3/n), float64(run.u.roundTrips())/n, usf(float64(run.u.nodeCPU())/1e3/n),
-			100*run.u.machine, run.load)
+			100*run.u.machine, run.u.others(), run.load)
 	}
-	ratio, f, lo := r.limitRatios()
-	p("\nMedians: fleet %.0f conn/s, p99 %.1f ms; local %.0f conn/s, p99 %.1f ms. Fleet ÷ local throughput "+
-		"(per round: %s): median **%.3f×** (target ≥ 0.95×: %s). Redis CPU per connection (fleet): **%s** "+
-		"(rounds: %s µs). Caddy CPU per connection, all nodes: fleet %s, local %s.\n\n",
+	ratio, agg := r.limitAggs()
+	f, lo, f1 := agg[fleet3], agg[local1], agg[fleet1]
+	p("\nMedians: fleet (3 nodes) %.0f conn/s, p99 %.1f ms; local %.0f conn/s, p99 %.1f ms. Fleet ÷ local "+
+		"throughput (per round: %s): median **%.3f×** (target ≥ 0.95×: %s). Redis CPU per connection (fleet, "+
+		"3 nodes): **%s** (rounds: %s µs). Caddy CPU per connection, all nodes: fleet %s, local %s. Machine "+
+		"busy: fleet %.0f %%, local %.0f %%.",
 		median(f.tput), median(f.p99), median(lo.tput), median(lo.p99), fmtList(ratio, "%.3f"), median(ratio),
 		met(median(ratio) >= 0.95), usf(median(f.redisPerConn)), fmtList(f.redisPerConn, "%.1f"),
-		usf(median(f.nodeCPUPerConn)), usf(median(lo.nodeCPUPerConn)))
+		usf(median(f.nodeCPUPerConn)), usf(median(lo.nodeCPUPerConn)), 100*median(f.machine), 100*median(lo.machine))
+	if len(f1.tput) > 0 {
+		p(" Fleet zone with every client on node A: %.0f conn/s (%.3f× local), p99 %.1f ms, Caddy CPU per "+
+			"connection %s, machine busy %.0f %%.", median(f1.tput), median(f1.tput)/median(lo.tput), median(f1.p99),
+			usf(median(f1.nodeCPUPerConn)), 100*median(f1.machine))
+	}
+	p("\n\n")
+	if len(l.profs) > 0 {
+		r.profiles(p)
+	}
+}
+
+// profiles shows where node A's CPU went in the profiled extra runs, per
+// connection it admitted.
+func (r *report) profiles(p printer) {
+	l := r.limit
+	p("#### Where node A's CPU goes (extra runs, one of each kind, node A profiled over the window)\n\n")
+	p("Cumulative CPU of each part in node A's profile (`go tool pprof -top -cum`), divided by the " +
+		"connections node A admitted in the zone meanwhile (its admin API's `admitted`).\n\n")
+	p("| part |")
+	for _, pr := range l.profs {
+		p(" %s |", pr.kind)
+	}
+	p("\n|---|")
+	for range l.profs {
+		p("---|")
+	}
+	p("\n| connections node A admitted | ")
+	for _, pr := range l.profs {
+		p("%d | ", pr.admitted)
+	}
+	p("\n| node A's CPU per connection (all of it) | ")
+	for _, pr := range l.profs {
+		p("%s | ", perConn(pr.total, pr.admitted))
+	}
+	p("\n")
+	for i, pp := range profParts {
+		p("| %s | ", strings.Replace(pp.name, "  ", "&nbsp;&nbsp;", 1))
+		for _, pr := range l.profs {
+			if i < len(pr.parts) {
+				p("%s | ", perConn(pr.parts[i].cum, pr.admitted))
+			} else {
+				p("— | ")
+			}
+		}
+		p("\n")
+	}
+	for _, pr := range l.profs {
+		if pr.err != "" {
+			p("\nProfile (%s) failed: %s\n", pr.kind, pr.err)
+		}
+	}
+	p("\n")
+	for _, pr := range l.profs {
+		if pr.top != "" {
+			p("<details><summary>node A, %s: go tool pprof -top</summary>\n\n```\n%s\n```\n</details>\n\n", pr.kind, pr.top)
+		}
+	}
+}
+
+func meanOf(v []int64) float64 {
+	if len(v) == 0 {
+		return math.NaN()
+	}
+	var t float64
+	for _, x := range v {
+		t += float64(x)
+	}
+	return t / float64(len(v))
+}
+
+func perConn(d time.Duration, n uint64) string {
+	if n == 0 {
+		return "—"
+	}
+	return usf(float64(d) / 1e3 / float64(n))
 }
 
 // ---- capacity ----
@@ -418,8 +500,8 @@ func (r *report) capacityText(p printer) {
 	idle := r.idle.cpuPerSec()
 	p("Every operation of a zone is a Lua script on the zone's keys, run by Redis' one command thread: a "+
 		"zone's ceiling is one Redis core. Method: Redis CPU (`/proc/<pid>/stat` utime+stime delta, minus "+
-		"the idle fleet's %s/s) per connection, and the ceiling 1 s ÷ that; and, where the load can "+
-		"be driven high enough, Redis' CPU as a share of one core.\n\n", idle.Round(time.Microsecond))
+		"the idle fleet's %.1f ms/s) per connection, and the ceiling 1 s ÷ that; and, where the load can "+
+		"be driven high enough, Redis' CPU as a share of one core.\n\n", float64(idle)/1e6)
 	p("| driven by | conn/s (or take+give pairs/s) | Redis CPU, share of one core | Redis CPU per connection | ceiling, one core (1 s ÷ CPU per conn) | other CPU |\n|---|---|---|---|---|---|\n")
 	if cp := r.capacity; cp != nil {
 		row := func(name string, u usage, n int64, other string) {
@@ -436,8 +518,8 @@ func (r *report) capacityText(p printer) {
 			fmt.Sprintf("this program %.2f cores, machine %.0f %% busy; %d errors", float64(cp.store.self)/float64(cp.store.wall), 100*cp.store.machine, cp.storeErrs))
 	}
 	if l := r.limit; l != nil {
-		_, f, _ := r.limitRatios()
-		if len(f.redisPerConn) > 0 {
+		_, agg := r.limitAggs()
+		if f := agg[fleet3]; len(f.redisPerConn) > 0 {
 			per := median(f.redisPerConn)
 			p("| limit-bound workload (fleet, C=%d, max %d; most connections wait: take, grant, give) | %.0f | — | %s | %.0f /s | — |\n",
 				r.cfg.clients, r.cfg.limit, median(f.tput), usf(per), 1e6/per)
