@@ -117,7 +117,9 @@ func (u usage) nodeCPU() time.Duration {
 }
 
 // scripts is the EVALSHA, EVAL and BLPOP calls of the window.
-func (u usage) roundTrips() int64 { return u.cs["evalsha"] + u.cs["eval"] + u.cs["blpop"] }
+func (u usage) roundTrips() int64 {
+	return u.cs["evalsha"] + u.cs["eval"] + u.cs["blpop"] + u.cs["blmpop"]
+}
 
 // ---- added latency of a connection admitted at once ----
 
