@@ -21,7 +21,8 @@ type capacityResult struct {
 	store      usage
 	storePairs int64
 	storeErrs  int64
-	load       loadInfo
+	load       loadInfo // through Caddy
+	storeLoad  loadInfo // straight at the store
 }
 
 func capacity(e *env, r *report) error {
@@ -55,7 +56,8 @@ func capacity(e *env, r *report) error {
 	res.caddy, res.caddyConn = between(a, b), lr.completed
 	logf("  %d conn in %s, Redis CPU %s", lr.completed, c.capWindow, res.caddy.redis)
 
-	_ = c.waitLoad("capacity, straight at the store")
+	res.load.done()
+	res.storeLoad = c.waitLoad("capacity, straight at the store")
 	logf("capacity: %d goroutines, take + give straight at the store, for %s", c.storeWorkers, c.capWindow)
 	st, err := connlimit.NewRedisFleet(connlimit.RedisOptions{Address: e.redis.addr, Lease: c.lease}, "capacity", "bench-direct")
 	if err != nil {
@@ -134,7 +136,7 @@ func capacity(e *env, r *report) error {
 	<-renewDone
 	res.store, res.storePairs, res.storeErrs = between(a, b), inWindow.Load(), errs.Load()
 	logf("  %d pairs in %s, Redis CPU %s, errors %d", res.storePairs, c.capWindow, res.store.redis, res.storeErrs)
-	res.load.done()
+	res.storeLoad.done()
 	r.capacity = res
 	return nil
 }

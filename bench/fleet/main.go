@@ -200,7 +200,7 @@ type loadInfo struct {
 func (l *loadInfo) done() { l.After = loadAvg1() }
 
 func (l loadInfo) String() string {
-	s := fmt.Sprintf("load %.2f → %.2f", l.Before, l.After)
+	s := fmt.Sprintf("1-minute load %.2f at the start, %.2f at the end", l.Before, l.After)
 	if l.Waited >= time.Second {
 		s += fmt.Sprintf(" (waited %s)", l.Waited.Round(time.Second))
 	}

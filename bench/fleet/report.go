@@ -274,7 +274,7 @@ func (r *report) handoffs(p printer) {
 		"waiter's connection: the node sees the close, frees the slot (`release %s`), the store grants it, "+
 		"the waiter's node hands the waiter to `proxy`, which dials the backend. The waiter then holds the "+
 		"slot for the next sample. Kinds interleaved in blocks of 25 (fleet: cross and same alternating; "+
-		"then local). %s; %s.\n\n", r.cfg.release, h.load, h.took.Round(time.Second))
+		"then local). %s; took %s.\n\n", r.cfg.release, h.load, h.took.Round(time.Second))
 	p("| hand-off | samples | p50 | p90 | p99 | max |\n|---|---|---|---|---|---|\n")
 	for _, row := range []struct {
 		name string
@@ -524,7 +524,11 @@ func (r *report) capacityText(p printer) {
 	p("Every operation of a zone is a Lua script on the zone's keys, run by Redis' one command thread: a "+
 		"zone's ceiling is one Redis core. Method: Redis CPU (`/proc/<pid>/stat` utime+stime delta, minus "+
 		"the idle fleet's %.1f ms/s) per connection, and the ceiling 1 s ÷ that; and, where the load can "+
-		"be driven high enough, Redis' CPU as a share of one core.\n\n", float64(idle)/1e6)
+		"be driven high enough, Redis' CPU as a share of one core.", float64(idle)/1e6)
+	if cp := r.capacity; cp != nil {
+		p(" Through Caddy: %s. Straight at the store: %s.", cp.load, cp.storeLoad)
+	}
+	p("\n\n")
 	p("| driven by | conn/s (or take+give pairs/s) | Redis CPU, share of one core | Redis CPU per connection | ceiling, one core (1 s ÷ CPU per conn) | other CPU |\n|---|---|---|---|---|---|\n")
 	if cp := r.capacity; cp != nil {
 		row := func(name string, u usage, n int64, other string) {
