@@ -242,15 +242,13 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	// Hand over, or reject.
 	switch out {
 	case Abandoned:
-		h.logEvent("abandoned while waiting", cx, w, zap.Duration("waited", waited))
+		h.logAbandoned(cx, w, waited)
 		defer a.done()
 		return a.end(cx)
 	case Rejected:
 		cx = a.handOn(cx) // a UDP flow's held packets go to overflow too
 		repl.Set(replReason, reason.String())
-		h.logEvent("rejected", cx, w, zap.String("reason", reason.String()),
-			zap.Duration("waited", waited), zap.Bool("overflow", h.overflow != nil))
-		h.warnRejecting(reason)
+		h.logRejected(cx, w, reason, waited)
 		defer a.done()
 		if h.overflow != nil {
 			return h.overflow.Handle(cx)
@@ -259,8 +257,7 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	}
 	repl.Set(replWaitedMS, waited.Milliseconds())
 	repl.Set(replPosition, w.Position())
-	h.logEvent("admitted", cx, w, zap.Duration("waited", waited), zap.Int("position", w.Position()),
-		zap.Int("udp_packets_dropped_while_waiting", a.dropped()))
+	h.logAdmitted(cx, w, waited, a.dropped())
 	cx = a.handOn(cx)
 
 	// Free the slot: when next returns, or earlier (release.go).

@@ -13,6 +13,27 @@ import (
 // the handler is placed where the limit cannot hold, and a warning (once
 // per process) when config reloads can reset connections.
 
+// The events of Handle are logged by functions of their own, so that the
+// fields they build do not sit in Handle's frame, which is on the stack of
+// every waiting connection (one more byte there can double it to 8 KiB).
+
+func (h *Handler) logAbandoned(cx *layer4.Connection, w *Waiter, waited time.Duration) {
+	h.logEvent("abandoned while waiting", cx, w, zap.Duration("waited", waited))
+}
+
+// logRejected logs a rejection, and warns (rate-limited) that the zone
+// rejects connections.
+func (h *Handler) logRejected(cx *layer4.Connection, w *Waiter, r Reason, waited time.Duration) {
+	h.logEvent("rejected", cx, w, zap.String("reason", r.String()),
+		zap.Duration("waited", waited), zap.Bool("overflow", h.overflow != nil))
+	h.warnRejecting(r)
+}
+
+func (h *Handler) logAdmitted(cx *layer4.Connection, w *Waiter, waited time.Duration, dropped int) {
+	h.logEvent("admitted", cx, w, zap.Duration("waited", waited), zap.Int("position", w.Position()),
+		zap.Int("udp_packets_dropped_while_waiting", dropped))
+}
+
 // logEvent logs one connection's event at debug level.
 func (h *Handler) logEvent(msg string, cx *layer4.Connection, w *Waiter, fields ...zap.Field) {
 	if !h.logger.Core().Enabled(zap.DebugLevel) {
