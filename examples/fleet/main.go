@@ -11,7 +11,6 @@
 package main
 
 import (
-	"bufio"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -27,6 +26,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/examples/internal/session"
 )
 
 type node struct {
@@ -196,7 +197,7 @@ func demo(nodes []*node, hold time.Duration) bool {
 			go func() {
 				defer wg.Done()
 				name := fmt.Sprintf("%s%d", n.name, i)
-				err := session(n.addr, hold, func(answered time.Duration) {
+				err := session.Run(n.addr, hold, func(answered time.Duration) {
 					mu.Lock()
 					serving++
 					peak = max(peak, serving)
@@ -242,32 +243,4 @@ func demo(nodes []*node, hold time.Duration) bool {
 			fmt.Printf("%6.2fs  %s\n", time.Since(start).Seconds(), strings.Join(parts, "; "))
 		}
 	}
-}
-
-// session is one client: connect, ask, read the answer (answered), keep
-// the session for hold, then leave (left).
-func session(addr string, hold time.Duration, answered func(time.Duration), left func()) error {
-	t0 := time.Now()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
-	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: demo\r\n\r\n"); err != nil {
-		return err
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		return fmt.Errorf("no answer: %v", err)
-	}
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 200))
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("answer %s: %s", resp.Status, body)
-	}
-	answered(time.Since(t0))
-	time.Sleep(hold)
-	left()
-	return nil
 }

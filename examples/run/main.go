@@ -9,12 +9,9 @@
 package main
 
 import (
-	"bufio"
 	"encoding/json"
 	"flag"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -29,6 +26,7 @@ import (
 	_ "github.com/mholt/caddy-l4"
 
 	_ "github.com/l4-connlimit/connlimit"
+	"github.com/l4-connlimit/connlimit/examples/internal/session"
 )
 
 func main() {
@@ -102,14 +100,14 @@ func demo(addr, admin string, n int, hold time.Duration) bool {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			err := session(addr, hold, func(served time.Duration) {
+			err := session.Run(addr, hold, func(served time.Duration) {
 				mu.Lock()
 				defer mu.Unlock()
 				if served > hold/2 {
 					waited++
 				}
 				fmt.Printf("%6.2fs  client %d: answered after %.2fs; keeps its session for %s\n", time.Since(start).Seconds(), i, served.Seconds(), hold)
-			})
+			}, nil)
 			if err != nil {
 				mu.Lock()
 				defer mu.Unlock()
@@ -133,33 +131,6 @@ func demo(addr, admin string, n int, hold time.Duration) bool {
 			}
 		}
 	}
-}
-
-// session is one client: connect, ask, read the answer (then call
-// answered with the time it took), keep the session for hold.
-func session(addr string, hold time.Duration, answered func(time.Duration)) error {
-	t0 := time.Now()
-	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
-	if _, err := io.WriteString(c, "GET / HTTP/1.1\r\nHost: demo\r\n\r\n"); err != nil {
-		return err
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		return fmt.Errorf("no answer: %v", err)
-	}
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, 200))
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("answer %s: %s", resp.Status, body)
-	}
-	answered(time.Since(t0))
-	time.Sleep(hold)
-	return nil
 }
 
 // zones reads the admin API's view of the zones, in one line.
