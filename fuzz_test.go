@@ -325,9 +325,9 @@ func FuzzCaddyfile(f *testing.F) {
 			t.Fatalf("accepted max_waiting %d", h.MaxWaiting)
 		case h.WaitTimeout < 0:
 			t.Fatalf("accepted wait_timeout %d", h.WaitTimeout)
-		case h.Order != "" && h.Order != "fifo" && h.Order != "lifo":
-			t.Fatalf("accepted order %q", h.Order)
-		case h.Release != "" && h.Release != "return" && h.Release != "close_write":
+		case h.Order != "" && !strings.EqualFold(h.Order, "fifo") && !strings.EqualFold(h.Order, "lifo"):
+			t.Fatalf("accepted order %q", h.Order) // any case, as in JSON
+		case h.Release != "" && !strings.EqualFold(h.Release, "return") && !strings.EqualFold(h.Release, "close_write"):
 			t.Fatalf("accepted release %q", h.Release)
 		case h.OverflowRaw != nil && len(h.OverflowRaw) == 0:
 			t.Fatal("accepted an empty overflow")
