@@ -9,49 +9,10 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/l4-connlimit/connlimit/bench/internal/benchkit"
 )
-
-// dialer spreads client connections over several 127.0.0.x source
-// addresses, so that 50 000 connections to one proxy port do not run out
-// of ephemeral ports (IP_BIND_ADDRESS_NO_PORT lets the kernel pick the
-// port per 4-tuple at connect time).
-type dialer struct {
-	srcs []net.IP
-	n    atomic.Uint64
-}
-
-func newDialer(nsrc int) *dialer {
-	d := &dialer{}
-	for i := range nsrc {
-		d.srcs = append(d.srcs, net.IPv4(127, 0, 0, byte(1+i)))
-	}
-	return d
-}
-
-func bindNoPort(_, _ string, c syscall.RawConn) error {
-	var serr error
-	err := c.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
-	})
-	if err != nil {
-		return err
-	}
-	return serr
-}
-
-func (d *dialer) dial(addr string, deadline time.Time) (net.Conn, error) {
-	i := d.n.Add(1)
-	nd := net.Dialer{
-		Deadline:  deadline,
-		LocalAddr: &net.TCPAddr{IP: d.srcs[int(i%uint64(len(d.srcs)))]},
-		Control:   bindNoPort,
-	}
-	return nd.Dial("tcp4", addr)
-}
 
 // readReply reads until EOF (the proxy closes after the backend did) and
 // checks the answer. Reading to EOF makes the client the passive closer,
@@ -96,7 +57,7 @@ type loadResult struct {
 // runLoad runs workers that each loop: connect, send a line, read the
 // reply to EOF, close, until mEnd. Connections still open at hardStop are
 // cut (counted as timeouts). Times are relative to base.
-func runLoad(addr string, workers int, d *dialer, mStart, mEnd, hardStop time.Time) *loadResult {
+func runLoad(addr string, workers int, d *benchkit.Dialer, mStart, mEnd, hardStop time.Time) *loadResult {
 	type wres struct {
 		completed, failed, dialErrs, timeouts, bad, started int
 		lat                                                 []int64
@@ -113,7 +74,7 @@ func runLoad(addr string, workers int, d *dialer, mStart, mEnd, hardStop time.Ti
 			for time.Now().Before(mEnd) {
 				t0 := time.Now()
 				r.started++
-				c, err := d.dial(addr, hardStop)
+				c, err := d.Dial(addr, hardStop)
 				if err != nil {
 					r.dialErrs++
 					if t := time.Now(); !t.Before(mStart) && t.Before(mEnd) {
@@ -180,8 +141,8 @@ type waiterClient struct {
 }
 
 // open dials index idx, sends it and starts reading the answer.
-func (w *waiterClient) open(d *dialer, addr string, idx int, deadline time.Time) error {
-	c, err := d.dial(addr, deadline)
+func (w *waiterClient) open(d *benchkit.Dialer, addr string, idx int, deadline time.Time) error {
+	c, err := d.Dial(addr, deadline)
 	if err != nil {
 		return err
 	}

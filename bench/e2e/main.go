@@ -33,6 +33,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/bench/internal/benchkit"
 )
 
 type config struct {
@@ -59,7 +61,7 @@ type config struct {
 	only        string
 	systems     []sysKind
 
-	dialer    *dialer
+	dialer    *benchkit.Dialer
 	start     time.Time
 	profCache map[string]float64 // profileSeconds
 	setFlags  []string           // the flags given, for the charts' captions
@@ -135,7 +137,7 @@ func main() {
 			c.scaleNs = append(c.scaleNs, n)
 		}
 	}
-	c.dialer = newDialer(max(1, min(c.sources, 254)))
+	c.dialer = benchkit.NewDialer(max(1, min(c.sources, 254)))
 	c.systems = allSystems
 	if systems != "" {
 		c.systems = nil

@@ -2,50 +2,15 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/bench/internal/benchkit"
 )
-
-// clkTck is the unit of utime and stime in /proc/PID/stat.
-var clkTck = func() float64 {
-	out, err := exec.Command("getconf", "CLK_TCK").Output()
-	if err == nil {
-		if v, err := strconv.Atoi(strings.TrimSpace(string(out))); err == nil && v > 0 {
-			return float64(v)
-		}
-	}
-	return 100
-}()
-
-// procCPU is the CPU time (utime+stime, all threads, including exited
-// ones) of process pid, from /proc/PID/stat.
-func procCPU(pid int) (time.Duration, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("bad stat for %d", pid)
-	}
-	f := strings.Fields(string(b[i+1:]))
-	// f[0] is field 3 (state); utime is field 14, stime field 15.
-	if len(f) < 13 {
-		return 0, fmt.Errorf("short stat for %d", pid)
-	}
-	u, err1 := strconv.ParseUint(f[11], 10, 64)
-	s, err2 := strconv.ParseUint(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("bad utime/stime for %d", pid)
-	}
-	return time.Duration(float64(u+s) / clkTck * float64(time.Second)), nil
-}
 
 // procSchedNS is the run time in nanoseconds of the live threads of pid,
 // summed from /proc/PID/task/*/schedstat (finer than procCPU's ticks).
@@ -181,7 +146,7 @@ func allProcCPU() map[int]procSample {
 		if err != nil {
 			continue
 		}
-		c, err := procCPU(pid)
+		c, err := benchkit.ProcCPU(pid)
 		if err != nil {
 			continue
 		}

@@ -15,6 +15,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/bench/internal/benchkit"
 )
 
 // sysKind is one of the systems under test.
@@ -274,21 +276,7 @@ func haproxyConfig(spec procSpec, listen, sock string) string {
 
 var httpc = &http.Client{Timeout: 60 * time.Second}
 
-func httpGet(url string) ([]byte, error) {
-	resp, err := httpc.Get(url)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return b, fmt.Errorf("GET %s: %s", url, resp.Status)
-	}
-	return b, nil
-}
+func httpGet(url string) ([]byte, error) { return benchkit.Get(httpc, url) }
 
 // goMem is the part of runtime.MemStats that Caddy's /debug/vars shows.
 type goMem struct {

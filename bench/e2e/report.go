@@ -155,7 +155,7 @@ func (rep *report) markdown(c *config) string {
 	}
 	w("| RLIMIT_NOFILE | %d |\n\n", rep.rlimit)
 	w("Settings: %d round(s), each run %s warm-up + %s measured (+ up to %s for connections in flight), systems interleaved within each round, machine idle (<10%% busy over 200 ms) checked before each run. Client source addresses 127.0.0.1–127.0.0.%d. Polling system: try_duration %s, try_interval %s. Each run starts a fresh proxy process.\n\n",
-		c.rounds, c.warmup, c.duration, c.grace, len(c.dialer.srcs), c.tryDuration, c.tryInterval)
+		c.rounds, c.warmup, c.duration, c.grace, c.dialer.Sources(), c.tryDuration, c.tryInterval)
 
 	for _, wl := range workloads {
 		w("### Throughput, %s\n\n", wl.name)

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/l4-connlimit/connlimit/bench/internal/benchkit"
+
 	"github.com/l4-connlimit/connlimit/bench/charts"
 )
 
@@ -111,8 +113,8 @@ func (c *config) runThroughput(kind sysKind, wl workload, round int, profile boo
 	go func() {
 		defer wg.Done()
 		time.Sleep(time.Until(mStart))
-		cpu0, _ = procCPU(p.pid)
-		self0, _ = procCPU(os.Getpid())
+		cpu0, _ = benchkit.ProcCPU(p.pid)
+		self0, _ = benchkit.ProcCPU(os.Getpid())
 		idle0, tot0 = cpuTotals()
 		if profile && p.adminAddr != "" {
 			file := filepath.Join(c.profDir, fmt.Sprintf("cpu-%s-%s.pb.gz", wl.key, kind))
@@ -126,8 +128,8 @@ func (c *config) runThroughput(kind sysKind, wl workload, round int, profile boo
 		time.Sleep(time.Until(mStart.Add(c.duration / 2)))
 		r.threads = procThreads(p.pid)
 		time.Sleep(time.Until(mEnd))
-		cpu1, _ = procCPU(p.pid)
-		self1, _ = procCPU(os.Getpid())
+		cpu1, _ = benchkit.ProcCPU(p.pid)
+		self1, _ = benchkit.ProcCPU(os.Getpid())
 		idle1, tot1 = cpuTotals()
 	}()
 	lr := runLoad(p.addr(), r.clients, c.dialer, mStart, mEnd, hardStop)
@@ -158,7 +160,7 @@ func (c *config) runThroughput(kind sysKind, wl workload, round int, profile boo
 		r.otherCores = r.busyDuring*float64(runtime.NumCPU()) - r.cpuCores - (self1-self0).Seconds()/c.duration.Seconds()
 	}
 	if kind.limited() {
-		gaps := handoffGaps(accepts, closes, wl.limit, int64(mStart.Sub(base)), int64(mEnd.Sub(base)))
+		gaps := benchkit.HandoffGaps(accepts, closes, wl.limit, int64(mStart.Sub(base)), int64(mEnd.Sub(base)))
 		r.gapN = len(gaps)
 		r.gapQ = charts.Summarise(gaps)
 		r.gapP50 = time.Duration(pct(gaps, 50))
@@ -308,10 +310,10 @@ func (c *config) runScale(kind sysKind, n, round int, profile bool) (r scaleResu
 	}
 	time.Sleep(time.Second)
 	r.rss1, _ = procRSSKiB(p.pid)
-	cpuA, _ := procCPU(p.pid)
+	cpuA, _ := benchkit.ProcCPU(p.pid)
 	schA, _ := procSchedNS(p.pid)
 	time.Sleep(c.idleWindow)
-	cpuB, _ := procCPU(p.pid)
+	cpuB, _ := benchkit.ProcCPU(p.pid)
 	schB, _ := procSchedNS(p.pid)
 	r.idleCPU, r.idleSched = cpuB-cpuA, schB-schA
 	r.rss2, _ = procRSSKiB(p.pid)

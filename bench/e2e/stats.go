@@ -45,23 +45,3 @@ func maxOf(v []float64) float64 {
 }
 
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
-
-// handoffGaps pairs slot frees with refills: with at most limit
-// connections at the backend, the k-th close (in time order) frees a slot
-// that the (k+limit)-th accept fills. The gap is the time between the two.
-// Only closes inside [from, to) count. Times are ns from a common base.
-func handoffGaps(accepts, closes []int64, limit int, from, to int64) []int64 {
-	a := slices.Clone(accepts)
-	c := slices.Clone(closes)
-	slices.Sort(a)
-	slices.Sort(c)
-	var gaps []int64
-	for k, t := range c {
-		if t < from || t >= to || k+limit >= len(a) {
-			continue
-		}
-		gaps = append(gaps, a[k+limit]-t)
-	}
-	slices.Sort(gaps)
-	return gaps
-}

@@ -176,25 +176,6 @@ func (b *backend) stopRecording() (accepts, closes []int64) {
 	return slices.Clone(b.accepts), slices.Clone(b.closes)
 }
 
-// handoffGaps pairs slot frees with refills: with at most limit
-// connections at the backend, the k-th close (in time order) frees a slot
-// that the (k+limit)-th accept fills; the gap is the time between the
-// two. Only closes in [from, to) count (ns since base).
-func handoffGaps(accepts, closes []int64, limit int, from, to int64) []int64 {
-	a, c := slices.Clone(accepts), slices.Clone(closes)
-	slices.Sort(a)
-	slices.Sort(c)
-	var gaps []int64
-	for k, t := range c {
-		if t < from || t >= to || k+limit >= len(a) {
-			continue
-		}
-		gaps = append(gaps, a[k+limit]-t)
-	}
-	slices.Sort(gaps)
-	return gaps
-}
-
 // close stops the backend; it waits at most 5 s for its connections.
 func (b *backend) close() {
 	_ = b.ln.Close()

@@ -9,48 +9,10 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
+	"github.com/l4-connlimit/connlimit/bench/internal/benchkit"
 )
-
-// dialer spreads client connections over several 127.0.0.x source
-// addresses (IP_BIND_ADDRESS_NO_PORT: the kernel picks the port per
-// 4-tuple), so that many short connections do not run out of ports.
-type dialer struct {
-	srcs []net.IP
-	n    atomic.Uint64
-}
-
-func newDialer(nsrc int) *dialer {
-	d := &dialer{}
-	for i := range nsrc {
-		d.srcs = append(d.srcs, net.IPv4(127, 0, 0, byte(1+i)))
-	}
-	return d
-}
-
-func bindNoPort(_, _ string, c syscall.RawConn) error {
-	var serr error
-	err := c.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
-	})
-	if err != nil {
-		return err
-	}
-	return serr
-}
-
-func (d *dialer) dial(addr string, deadline time.Time) (net.Conn, error) {
-	i := d.n.Add(1)
-	nd := net.Dialer{
-		Deadline:  deadline,
-		LocalAddr: &net.TCPAddr{IP: d.srcs[int(i%uint64(len(d.srcs)))]},
-		Control:   bindNoPort,
-	}
-	return nd.Dial("tcp4", addr)
-}
 
 var (
 	errTimeout  = errors.New("timeout")
@@ -98,7 +60,7 @@ type loadResult struct {
 // runLoad runs workers, worker i on addrs[i%len(addrs)], each in a loop:
 // connect, send a line, read the reply to EOF, close; until mEnd.
 // Connections still open at hardStop are cut.
-func runLoad(d *dialer, addrs []string, workers int, mStart, mEnd, hardStop time.Time) *loadResult {
+func runLoad(d *benchkit.Dialer, addrs []string, workers int, mStart, mEnd, hardStop time.Time) *loadResult {
 	type wres struct {
 		completed, failed, errs int
 		lat                     []int64
@@ -114,7 +76,7 @@ func runLoad(d *dialer, addrs []string, workers int, mStart, mEnd, hardStop time
 			line := make([]byte, 0, 24)
 			for time.Now().Before(mEnd) {
 				t0 := time.Now()
-				c, err := d.dial(addr, hardStop)
+				c, err := d.Dial(addr, hardStop)
 				if err == nil {
 					_ = c.SetDeadline(hardStop)
 					line = append(strconv.AppendInt(line[:0], seq.Add(1), 10), '\n')
@@ -153,10 +115,10 @@ func runLoad(d *dialer, addrs []string, workers int, mStart, mEnd, hardStop time
 
 // oneConn is one connection: dial, send, read the reply to EOF. It
 // returns the time from the dial's start to the reply's first byte.
-func oneConn(d *dialer, addr string, line []byte, timeout time.Duration) (time.Duration, error) {
+func oneConn(d *benchkit.Dialer, addr string, line []byte, timeout time.Duration) (time.Duration, error) {
 	t0 := time.Now()
 	deadline := t0.Add(timeout)
-	c, err := d.dial(addr, deadline)
+	c, err := d.Dial(addr, deadline)
 	if err != nil {
 		return 0, err
 	}

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/l4-connlimit/connlimit/bench/internal/benchkit"
+
 	"github.com/redis/go-redis/v9"
 )
 
@@ -148,7 +150,7 @@ func limitOnce(e *env, kind limitKind, round int, prof *profileResult) (*limitRu
 	wg.Wait()
 	acc, cls := e.backend.stopRecording()
 	base := e.backend.base
-	run.gaps = handoffGaps(acc, cls, c.limit, int64(mStart.Sub(base)), int64(mEnd.Sub(base)))
+	run.gaps = benchkit.HandoffGaps(acc, cls, c.limit, int64(mStart.Sub(base)), int64(mEnd.Sub(base)))
 	run.u = between(a, b)
 	run.peak = e.backend.peak.Load()
 	// wait (bounded) until the backend is empty again

@@ -28,6 +28,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/bench/internal/benchkit"
 )
 
 type config struct {
@@ -65,7 +67,7 @@ type config struct {
 
 	start    time.Time
 	loadUsed time.Duration
-	dialer   *dialer
+	dialer   *benchkit.Dialer
 }
 
 func main() {
@@ -126,7 +128,7 @@ func main() {
 	if c.release != "return" && c.release != "close_write" {
 		fatalf("-release must be return or close_write")
 	}
-	c.dialer = newDialer(max(1, min(c.sources, 254)))
+	c.dialer = benchkit.NewDialer(max(1, min(c.sources, 254)))
 
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)

@@ -2,11 +2,9 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"math"
 	"net"
 	"net/http"
@@ -20,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/l4-connlimit/connlimit/bench/internal/benchkit"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -219,34 +218,10 @@ func (s cmdStats) sub(before cmdStats) cmdStats {
 
 // ---- CPU from /proc ----
 
-// clkTck is the unit of utime and stime in /proc/PID/stat.
-var clkTck = func() float64 {
-	out, err := exec.Command("getconf", "CLK_TCK").Output()
-	if err == nil {
-		if v, err := strconv.Atoi(strings.TrimSpace(string(out))); err == nil && v > 0 {
-			return float64(v)
-		}
-	}
-	return 100
-}()
-
-// procCPU is utime+stime of pid (all its threads) from /proc/PID/stat.
+// procCPU is utime+stime of pid (all its threads); 0 if it cannot be read.
 func procCPU(pid int) time.Duration {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0
-	}
-	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 13 {
-		return 0
-	}
-	u, _ := strconv.ParseUint(f[11], 10, 64)
-	s, _ := strconv.ParseUint(f[12], 10, 64)
-	return time.Duration(float64(u+s) / clkTck * float64(time.Second))
+	d, _ := benchkit.ProcCPU(pid)
+	return d
 }
 
 // loadAvg1 is the 1-minute load average.
@@ -390,19 +365,7 @@ func startNode(cfg *config, name string, servers []server, backend, redisAddr st
 var httpc = &http.Client{Timeout: 30 * time.Second}
 
 func (n *node) get(path string) ([]byte, error) {
-	resp, err := httpc.Get("http://" + n.admin + path)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return b, fmt.Errorf("GET %s: %s", path, resp.Status)
-	}
-	return b, nil
+	return benchkit.Get(httpc, "http://"+n.admin+path)
 }
 
 // hist is a Prometheus histogram: cumulative counts by upper bound.
