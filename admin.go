@@ -12,6 +12,9 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
+
+	"github.com/l4-connlimit/connlimit/internal/engine"
+	"github.com/l4-connlimit/connlimit/store"
 )
 
 func init() {
@@ -102,7 +105,7 @@ type nodeJSON struct {
 	ExpiresIn  float64 `json:"lease_expires_in_seconds"`
 }
 
-func fleetView(f *FleetView, now time.Time) *fleetJSON {
+func fleetView(f *engine.FleetView, now time.Time) *fleetJSON {
 	v := &fleetJSON{
 		Node: f.Node, Store: f.State, StoreError: f.Error,
 		OnUnreachable: "local_share", LocalShare: f.Unreachable.Share,
@@ -148,7 +151,7 @@ type waiterJSON struct {
 }
 
 // zoneView is the admin API's view of z, from its snapshot s.
-func zoneView(z *Zone, s Snapshot) zoneJSON {
+func zoneView(z *engine.Zone, s engine.Snapshot) zoneJSON {
 	v := zoneJSON{
 		Zone:             s.Name,
 		MaxConnections:   s.Limits.MaxConnections,
@@ -161,7 +164,7 @@ func zoneView(z *Zone, s Snapshot) zoneJSON {
 		Paused:           s.Paused,
 		Admitted:         s.Counters.Admitted,
 		Rejected:         s.Counters.RejectedTotal(),
-		RejectedByReason: make(map[string]uint64, len(Reasons)),
+		RejectedByReason: make(map[string]uint64, len(store.Reasons)),
 		Abandoned:        s.Counters.Abandoned,
 		Config: limitsJSON{
 			MaxConnections: s.Config.MaxConnections,
@@ -170,7 +173,7 @@ func zoneView(z *Zone, s Snapshot) zoneJSON {
 			Order:          s.Config.Order.String(),
 		},
 	}
-	for _, r := range Reasons {
+	for _, r := range store.Reasons {
 		v.RejectedByReason[r.String()] = s.Counters.Rejected[r]
 	}
 	if f := z.FleetView(); f != nil {
@@ -208,7 +211,7 @@ func (AdminAPI) handleList(w http.ResponseWriter, r *http.Request) error {
 	if err := allowMethods(w, r, http.MethodGet); err != nil {
 		return err
 	}
-	zones := zoneRegistry.Zones()
+	zones := zones.Zones()
 	list := make([]zoneJSON, 0, len(zones))
 	now := time.Now()
 	for _, z := range zones {
@@ -303,13 +306,13 @@ func (AdminAPI) handleLimits(w http.ResponseWriter, r *http.Request, name string
 // decodeOverride reads a limits body: a JSON object with any of
 // max_connections, max_waiting and wait_timeout (a duration string), and
 // nothing else.
-func decodeOverride(body io.Reader) (Override, error) {
+func decodeOverride(body io.Reader) (engine.Override, error) {
 	raw, err := io.ReadAll(io.LimitReader(body, maxLimitsBody+1))
 	if err != nil {
-		return Override{}, fmt.Errorf("reading the body: %v", err)
+		return engine.Override{}, fmt.Errorf("reading the body: %v", err)
 	}
 	if len(raw) > maxLimitsBody {
-		return Override{}, fmt.Errorf("body larger than %d bytes", maxLimitsBody)
+		return engine.Override{}, fmt.Errorf("body larger than %d bytes", maxLimitsBody)
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.DisallowUnknownFields()
@@ -317,23 +320,23 @@ func decodeOverride(body io.Reader) (Override, error) {
 	if err := dec.Decode(&v); err != nil {
 		var te *json.UnmarshalTypeError
 		if errors.As(err, &te) && te.Field != "" {
-			return Override{}, fmt.Errorf("%s: must be %s, got %s", te.Field, jsonKind(te.Field), te.Value)
+			return engine.Override{}, fmt.Errorf("%s: must be %s, got %s", te.Field, jsonKind(te.Field), te.Value)
 		}
-		return Override{}, fmt.Errorf("body must be a JSON object with any of max_connections, max_waiting and wait_timeout: %v", err)
+		return engine.Override{}, fmt.Errorf("body must be a JSON object with any of max_connections, max_waiting and wait_timeout: %v", err)
 	}
 	if dec.More() {
-		return Override{}, fmt.Errorf("body must be one JSON object")
+		return engine.Override{}, fmt.Errorf("body must be one JSON object")
 	}
-	o := Override{MaxConnections: v.MaxConnections, MaxWaiting: v.MaxWaiting}
+	o := engine.Override{MaxConnections: v.MaxConnections, MaxWaiting: v.MaxWaiting}
 	if v.WaitTimeout != nil {
 		d, err := caddy.ParseDuration(*v.WaitTimeout)
 		if err != nil {
-			return Override{}, fmt.Errorf("wait_timeout: %v", err)
+			return engine.Override{}, fmt.Errorf("wait_timeout: %v", err)
 		}
 		o.WaitTimeout = &d
 	}
 	if o.IsZero() {
-		return Override{}, fmt.Errorf("body sets none of max_connections, max_waiting and wait_timeout")
+		return engine.Override{}, fmt.Errorf("body sets none of max_connections, max_waiting and wait_timeout")
 	}
 	return o, nil
 }
@@ -347,8 +350,8 @@ func jsonKind(field string) string {
 
 func adminLogger() *zap.Logger { return caddy.Log().Named("layer4.handlers.connection_limit") }
 
-func lookupZone(name string) (*Zone, error) {
-	z, ok := zoneRegistry.Zone(name)
+func lookupZone(name string) (*engine.Zone, error) {
+	z, ok := zones.Zone(name)
 	if !ok {
 		return nil, caddy.APIError{HTTPStatus: http.StatusNotFound, Err: fmt.Errorf("unknown zone %q", name)}
 	}

@@ -6,6 +6,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/mholt/caddy-l4/layer4"
+
+	"github.com/l4-connlimit/connlimit/store"
 )
 
 // UnmarshalCaddyfile sets up the Handler from Caddyfile tokens. Syntax:
@@ -109,7 +111,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if !d.NextArg() {
 				return d.Errf("connection_limit: option '%s' needs a value", name)
 			}
-			if _, perr := ParseOrder(d.Val()); perr != nil {
+			if _, perr := store.ParseOrder(d.Val()); perr != nil {
 				return d.Errf("connection_limit: option '%s' %v", name, perr)
 			}
 			h.Order = d.Val()

@@ -1,14 +1,16 @@
 package connlimit
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"slices"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/testkit"
+	"github.com/l4-connlimit/connlimit/store"
+	"github.com/l4-connlimit/connlimit/store/redisstore"
 )
 
 // Fleet zones when something fails, end to end: a node killed (kill -9),
@@ -90,12 +92,10 @@ func ffDrained(t *testing.T, nodes []*caddyProc) {
 // ffStoreTraces lists what the store still holds of node in zone db: its
 // keys (held slots, tickets, grants), its lease, info and epoch, and its
 // tickets in the waiting lists.
-func ffStoreTraces(t *testing.T, r *redisServer, node string) []string {
+func ffStoreTraces(t *testing.T, r *testkit.Redis, node string) []string {
 	t.Helper()
-	ctx := context.Background()
-	a := r.Admin()
-	base := DefaultKeyPrefix + ":{db}"
-	keys, err := a.Keys(ctx, base+":*").Result()
+	base := redisstore.DefaultKeyPrefix + ":{db}"
+	keys, err := r.Strings("KEYS", base+":*")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +105,7 @@ func ffStoreTraces(t *testing.T, r *redisServer, node string) []string {
 			out = append(out, "key "+k)
 		}
 		if strings.HasPrefix(k, base+":q:") {
-			ms, err := a.ZRange(ctx, k, 0, -1).Result()
+			ms, err := r.Strings("ZRANGE", k, 0, -1)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -116,11 +116,11 @@ func ffStoreTraces(t *testing.T, r *redisServer, node string) []string {
 			}
 		}
 	}
-	if _, err := a.ZScore(ctx, base+":nodes", node).Result(); err == nil {
+	if _, err := r.Str("ZSCORE", base+":nodes", node); err == nil {
 		out = append(out, "lease in "+base+":nodes")
 	}
 	for _, h := range []string{"info", "epochs"} {
-		if ok, _ := a.HExists(ctx, base+":"+h, node).Result(); ok {
+		if n, _ := r.Int("HEXISTS", base+":"+h, node); n == 1 {
 			out = append(out, "field in "+base+":"+h)
 		}
 	}
@@ -177,7 +177,7 @@ func ffSorted(ids []string) []string {
 // C's slots. No operator action.
 func TestFleetCrash(t *testing.T) {
 	const max, k, w = 4, 3, 2
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	nodes := startFleet(t, 3, be.addr(), obj{"max_connections": max}, redisStore(r, nil))
 	a, b, c := nodes[0], nodes[1], nodes[2]
@@ -260,14 +260,9 @@ func TestFleetCrash(t *testing.T) {
 }
 
 // ffSignalRedis sends sig to the test's redis-server.
-func ffSignalRedis(t *testing.T, r *redisServer, sig syscall.Signal) {
+func ffSignalRedis(t *testing.T, r *testkit.Redis, sig syscall.Signal) {
 	t.Helper()
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if r.cmd == nil {
-		t.Fatal("redis-server is not running")
-	}
-	if err := r.cmd.Process.Signal(sig); err != nil {
+	if err := r.Signal(sig); err != nil {
 		t.Fatalf("redis-server: %v: %v", sig, err)
 	}
 }
@@ -294,7 +289,7 @@ func ffSignalRedis(t *testing.T, r *redisServer, sig syscall.Signal) {
 // max + k.
 func TestFleetStall(t *testing.T) {
 	const max, k = 4, 2
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	nodes := startFleet(t, 3, be.addr(), obj{"max_connections": max}, redisStore(r, obj{"local_share": max}))
 	a, b, c := nodes[0], nodes[1], nodes[2]
@@ -324,11 +319,7 @@ func TestFleetStall(t *testing.T) {
 	quiet := time.Now()
 	ffSignalRedis(t, r, syscall.SIGSTOP)
 	t.Cleanup(func() {
-		r.mu.Lock()
-		defer r.mu.Unlock()
-		if r.cmd != nil {
-			_ = r.cmd.Process.Signal(syscall.SIGCONT)
-		}
+		_ = r.Signal(syscall.SIGCONT)
 	})
 	cl["C2"] = ffWaiter(t, c.listen, "C2")
 	time.Sleep(300 * time.Millisecond)
@@ -354,7 +345,7 @@ func TestFleetStall(t *testing.T) {
 	// C renewed in the store at most a renewal period (lease/3) before
 	// Redis held still: its lease ran out no sooner than 2/3 of a lease
 	// after that.
-	if early := quiet.Add(ffLease - RenewEvery(ffLease) - 50*time.Millisecond); arrived[0].at.Before(early) {
+	if early := quiet.Add(ffLease - store.RenewEvery(ffLease) - 50*time.Millisecond); arrived[0].at.Before(early) {
 		t.Errorf("C's slots were taken over %s after it stopped: before its lease (%s) could run out", first, ffLease)
 	}
 	if last > ffLease+time.Second {
@@ -434,7 +425,7 @@ func ffWarnings(log string) int {
 // ffOutage kills redis-server and waits until every node says its store
 // cannot be reached, in its one-zone view (which answers: no node hangs)
 // and in its log; it returns how long they took to notice.
-func ffOutage(t *testing.T, r *redisServer, nodes []*caddyProc) time.Duration {
+func ffOutage(t *testing.T, r *testkit.Redis, nodes []*caddyProc) time.Duration {
 	t.Helper()
 	killed := time.Now()
 	r.Kill()
@@ -448,7 +439,7 @@ func ffOutage(t *testing.T, r *redisServer, nodes []*caddyProc) time.Duration {
 	})
 	noticed := time.Since(killed)
 	for _, n := range nodes {
-		waitFor(t, 5*time.Second, "node "+n.name+"'s warning that its store cannot be reached", func() bool { return ffWarnings(n.log()) == 1 })
+		testkit.WaitFor(t, 5*time.Second, "node "+n.name+"'s warning that its store cannot be reached", func() bool { return ffWarnings(n.log()) == 1 })
 	}
 	return noticed
 }
@@ -460,7 +451,7 @@ func ffAlive(t *testing.T, nodes []*caddyProc) []zoneDetailJSON {
 	views := make([]zoneDetailJSON, len(nodes))
 	for i, n := range nodes {
 		if n.exited() {
-			t.Fatalf("node %s exited:\n%s", n.name, tail(n.log(), 2000))
+			t.Fatalf("node %s exited:\n%s", n.name, testkit.Tail(n.log(), 2000))
 		}
 		start := time.Now()
 		views[i] = n.zone("db")
@@ -485,7 +476,7 @@ const ffOutageLease = 3 * time.Second
 // ffBack starts redis-server again, empty, and waits until every node
 // has registered what it serves and who waits at it, so that the fleet's
 // count is the truth; it returns how long that took.
-func ffBack(t *testing.T, r *redisServer, nodes []*caddyProc, active, waiting int) ([]zoneDetailJSON, time.Duration) {
+func ffBack(t *testing.T, r *testkit.Redis, nodes []*caddyProc, active, waiting int) ([]zoneDetailJSON, time.Duration) {
 	t.Helper()
 	r.Restart()
 	restarted := time.Now()
@@ -504,7 +495,7 @@ func ffBack(t *testing.T, r *redisServer, nodes []*caddyProc, active, waiting in
 // admits nobody until below max, no waiter is forgotten and no slot leaks.
 func TestFleetRedisLocalShare(t *testing.T) {
 	const max, share = 3, 2 // the automatic share would be 3/2 = 1
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	nodes := startFleet(t, 2, be.addr(), obj{"max_connections": max},
 		redisStore(r, obj{"on_unreachable": "local_share", "local_share": share, "lease": ffOutageLease.String()}))
@@ -608,7 +599,7 @@ func TestFleetRedisLocalShare(t *testing.T) {
 func TestFleetRedisRefuse(t *testing.T) {
 	const max = 2
 	const waitTimeout = 4 * time.Second
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	nodes := startFleet(t, 2, be.addr(), obj{"max_connections": max, "wait_timeout": waitTimeout.String()},
 		redisStore(r, obj{"on_unreachable": "refuse", "lease": ffOutageLease.String()}))
@@ -679,12 +670,12 @@ func TestFleetRedisRefuse(t *testing.T) {
 // 1), and registers once Redis is up, its waiter then admitted by the
 // fleet.
 func TestFleetStartsWithRedisDown(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	r.Kill()
 	be := newBackend(t, true)
 	a := startNode(t, "A", nodeConfig(be.addr(), obj{"zone": "db", "max_connections": 2}, redisStore(r, nil)))
 	nodes := []*caddyProc{a}
-	waitFor(t, 5*time.Second, "A's warning that its store cannot be reached", func() bool { return ffWarnings(a.log()) == 1 })
+	testkit.WaitFor(t, 5*time.Second, "A's warning that its store cannot be reached", func() bool { return ffWarnings(a.log()) == 1 })
 	v := a.zone("db")
 	if v.Fleet == nil || v.Fleet.Store != "unreachable" || v.Fleet.StoreError == "" {
 		t.Fatalf("A started with Redis down: fleet view %+v, want store unreachable with its error", v.Fleet)
@@ -708,43 +699,4 @@ func TestFleetStartsWithRedisDown(t *testing.T) {
 	ffFinish(be, a0)
 	ffFinish(be, a1)
 	ffDrained(t, nodes)
-}
-
-// 7d. Once Redis is back, the grants that a node's Register makes reach
-// it at once, although its grants' pump was backing off (a second between
-// tries) while Redis was down: the Register ends the pause. Without it a
-// waiter the fleet had admitted stayed waiting up to a second longer.
-func TestFleetRedisGrantsAfterOutage(t *testing.T) {
-	r := startRedis(t, redisConfig{})
-	s := newFleet(t, r, testZone, "A", withLease(ffLease))
-	mustRegister(t, s, NodeState{Limits: fifo(1, 0)})
-	r.Kill()
-	// The pump's errors come through NextGrant; after the fifth its
-	// pause is a second (100, 200, 400, 800 ms, then 1 s).
-	for i := range 5 {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		g, err := s.NextGrant(ctx)
-		cancel()
-		if err == nil {
-			t.Fatalf("a grant with Redis down: %+v", g)
-		}
-		if errors.Is(err, context.DeadlineExceeded) {
-			t.Fatalf("no error %d from NextGrant within 5s with Redis down", i+1)
-		}
-	}
-	paused := time.Now()
-	r.Restart()
-	// Back, empty: the node registers with a waiter, which the Register
-	// grants at once (the fleet is empty).
-	mustRegister(t, s, NodeState{Waiting: []Ticket{{ID: 7}}, Limits: fifo(1, 0)})
-	registered := time.Now()
-	g := nextGrant(t, s, 5*time.Second)
-	took := time.Since(registered)
-	t.Logf("the pump paused; Redis back %s later; the Register's grant read %s after it", registered.Sub(paused).Round(time.Millisecond), took.Round(time.Millisecond))
-	if g.ID != 7 {
-		t.Errorf("grant %+v, want ticket 7", g)
-	}
-	if took > 300*time.Millisecond {
-		t.Errorf("the grant of a Register came %s after it: the pump waited out its pause", took)
-	}
 }

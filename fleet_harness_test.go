@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // The fleet tests run each Caddy node as a process of its own (this
@@ -274,7 +276,7 @@ func freePortNode() int {
 
 // redisStore is a store setting for the test's redis-server, with a short
 // lease so that crashes are noticed fast.
-func redisStore(r *redisServer, fields obj) obj {
+func redisStore(r *testkit.Redis, fields obj) obj {
 	s := obj{"backend": "redis", "address": r.Addr(), "lease": "1s"}
 	for k, v := range fields {
 		s[k] = v

@@ -1,7 +1,6 @@
 package connlimit
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -14,6 +13,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/testkit"
+	"github.com/l4-connlimit/connlimit/store/redisstore"
 )
 
 // Operating a fleet zone, end to end with Caddy processes and a real
@@ -30,11 +32,9 @@ const opPropagation = time.Second
 func opFields(max int) obj { return obj{"zone": "db", "max_connections": max} }
 
 // opStoreTot reads the fleet's totals straight from the store.
-func opStoreTot(t testing.TB, r *redisServer, prefix string) (active, waiting int) {
+func opStoreTot(t testing.TB, r *testkit.Redis, prefix string) (active, waiting int) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	v, err := r.Admin().HMGet(ctx, prefix+":{db}:tot", "a", "w").Result()
+	v, err := r.Array("HMGET", prefix+":{db}:tot", "a", "w")
 	if err != nil {
 		t.Fatalf("reading the store's totals: %v", err)
 	}
@@ -48,14 +48,14 @@ func opStoreTot(t testing.TB, r *redisServer, prefix string) (active, waiting in
 
 // opQueue connects a client named id to node p and waits until the store
 // counts it waiting: its place in the fleet's line is then fixed.
-func opQueue(t *testing.T, r *redisServer, p *caddyProc, id string) *client {
+func opQueue(t *testing.T, r *testkit.Redis, p *caddyProc, id string) *client {
 	t.Helper()
-	_, before := opStoreTot(t, r, DefaultKeyPrefix)
+	_, before := opStoreTot(t, r, redisstore.DefaultKeyPrefix)
 	c := dial(t, p.listen, id)
 	c.hello("")
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if _, w := opStoreTot(t, r, DefaultKeyPrefix); w == before+1 {
+		if _, w := opStoreTot(t, r, redisstore.DefaultKeyPrefix); w == before+1 {
 			return c
 		}
 		if time.Now().After(deadline) {
@@ -172,7 +172,7 @@ func opSecret(t *testing.T, what string) string {
 // and A's waiters keep their places in the fleet's line (a node that
 // registered anew would queue them again at the end).
 func TestFleetReloadKeepsRegistration(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	st := redisStore(r, nil)
 	nodes := startFleet(t, 2, be.addr(), obj{"max_connections": 2}, st)
@@ -201,7 +201,6 @@ func TestFleetReloadKeepsRegistration(t *testing.T) {
 	stop, stopped := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(stopped)
-		ctx := context.Background()
 		for {
 			select {
 			case <-stop:
@@ -209,8 +208,8 @@ func TestFleetReloadKeepsRegistration(t *testing.T) {
 			default:
 			}
 			var errs []string
-			tot, err := r.Admin().HMGet(ctx, "connlimit:{db}:tot", "a", "w").Result()
-			n, err2 := r.Admin().ZCard(ctx, "connlimit:{db}:nodes").Result()
+			tot, err := r.Array("HMGET", "connlimit:{db}:tot", "a", "w")
+			n, err2 := r.Int("ZCARD", "connlimit:{db}:nodes")
 			switch {
 			case err != nil || err2 != nil:
 				errs = append(errs, fmt.Sprintf("store: %v %v", err, err2))
@@ -284,7 +283,7 @@ func TestFleetReloadKeepsRegistration(t *testing.T) {
 // node's admin API within a second; raising it admits waiters on the
 // other nodes, lowering it cuts nobody.
 func TestFleetReloadChangesLimits(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	st := redisStore(r, nil)
 	nodes := startFleet(t, 3, be.addr(), obj{"max_connections": 1}, st)
@@ -347,7 +346,7 @@ func TestFleetReloadChangesLimits(t *testing.T) {
 // every node shows it; DELETE puts that node's config's limit back in
 // force for the fleet, which cuts nobody.
 func TestFleetLimitsRoute(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	nodes := startFleet(t, 3, be.addr(), obj{"max_connections": 1}, redisStore(r, nil))
 	a, b, c := nodes[0], nodes[1], nodes[2]
@@ -406,7 +405,7 @@ func TestFleetLimitsRoute(t *testing.T) {
 // node within a second: a slot freed admits nobody anywhere, newcomers
 // wait. Resume through another node resumes it, in the fleet's order.
 func TestFleetPauseResume(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	nodes := startFleet(t, 3, be.addr(), obj{"max_connections": 1}, redisStore(r, nil))
 	a, b, c := nodes[0], nodes[1], nodes[2]
@@ -466,7 +465,7 @@ func TestFleetPauseResume(t *testing.T) {
 // node's id, the store's state, the fleet's totals, and every node seen
 // with its counts and when it renewed. The list adds the fleet too.
 func TestFleetOperatingView(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	nodes := startFleet(t, 3, be.addr(), obj{"max_connections": 1}, redisStore(r, nil))
 	a, b := nodes[0], nodes[1]
@@ -574,7 +573,7 @@ func TestFleetOperatingView(t *testing.T) {
 // waiting as gauges of their own; the node's own gauges keep their label
 // and exist at 0 on a node that got no connection.
 func TestFleetMetrics(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	nodes := startFleet(t, 3, be.addr(), obj{"max_connections": 1}, redisStore(r, nil))
 	a, b, c := nodes[0], nodes[1], nodes[2]
@@ -643,11 +642,10 @@ func TestFleetMetrics(t *testing.T) {
 	// The store answers with errors (its cfg key holds a string): every
 	// node counts them by operation and says the store is not reachable;
 	// B's share (1 of max 1) admits its waiter on its own.
-	ctx := context.Background()
-	if err := r.Admin().Del(ctx, "connlimit:{db}:cfg").Err(); err != nil {
+	if _, err := r.Do("DEL", "connlimit:{db}:cfg"); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Admin().Set(ctx, "connlimit:{db}:cfg", "not a hash", 0).Err(); err != nil {
+	if _, err := r.Do("SET", "connlimit:{db}:cfg", "not a hash"); err != nil {
 		t.Fatal(err)
 	}
 	for _, n := range nodes {
@@ -659,7 +657,7 @@ func TestFleetMetrics(t *testing.T) {
 	if got := be.waitArrivals(1, 5*time.Second)[0]; got != "b1" {
 		t.Fatalf("%s went in on its node's share; want b1", got)
 	}
-	if err := r.Admin().Del(ctx, "connlimit:{db}:cfg").Err(); err != nil {
+	if _, err := r.Do("DEL", "connlimit:{db}:cfg"); err != nil {
 		t.Fatal(err)
 	}
 	for _, n := range nodes {
@@ -684,18 +682,17 @@ func TestFleetMetrics(t *testing.T) {
 // data is good again every node registers anew and the fleet's counts
 // are the truth.
 func TestFleetBadData(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	st := redisStore(r, obj{"key_prefix": "cltest", "local_share": 1})
 	nodes := startFleet(t, 2, be.addr(), obj{"max_connections": 2, "key": "{l4.conn.remote_ip}"}, st)
 	a, b := nodes[0], nodes[1]
-	ctx := context.Background()
 	tot := func() (int, int) { return opStoreTot(t, r, "cltest") }
 	queue := func(p *caddyProc, id string, waiting int) *client {
 		t.Helper()
 		c := dial(t, p.listen, id)
 		c.hello("")
-		waitFor(t, 5*time.Second, id+" waiting in the store", func() bool { _, w := tot(); return w == waiting })
+		testkit.WaitFor(t, 5*time.Second, id+" waiting in the store", func() bool { _, w := tot(); return w == waiting })
 		return c
 	}
 
@@ -706,7 +703,7 @@ func TestFleetBadData(t *testing.T) {
 	waitNodes(t, 2*time.Second, "2 active, 2 waiting", "db", nodes, opCounts([][2]int{{2, 1}, {0, 1}}, 2, 2))
 
 	// Every key is "cltest:{db}:...", nothing else is in the database.
-	keys, err := r.Admin().Keys(ctx, "*").Result()
+	keys, err := r.Strings("KEYS", "*")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -756,7 +753,7 @@ func TestFleetBadData(t *testing.T) {
 				ownW += v.Waiting
 			}
 			a, w := tot()
-			key, _ := r.Admin().HGet(ctx, "cltest:{db}:active", "127.0.0.1").Result()
+			key, _ := r.Str("HGET", "cltest:{db}:active", "127.0.0.1")
 			beActive, _, _, _ := be.stats()
 			active = a
 			return opCounts(nil, a, w)(vs) && a == ownA && w == ownW && (key == strconv.Itoa(a) || a == 0 && key == "") && beActive == a
@@ -782,7 +779,7 @@ func TestFleetBadData(t *testing.T) {
 	}
 
 	// The cfg key holds a string.
-	if err := r.Admin().Set(ctx, "cltest:{db}:cfg", "garbage", 0).Err(); err != nil {
+	if _, err := r.Do("SET", "cltest:{db}:cfg", "garbage"); err != nil {
 		t.Fatal(err)
 	}
 	unreachable("every node to say the store fails with WRONGTYPE", "WRONGTYPE", a, b)
@@ -811,7 +808,7 @@ func TestFleetBadData(t *testing.T) {
 	// other's slots reaped, and may admit one of its own waiters at once
 	// (the same as when Redis comes back empty); the counts are the
 	// truth once both registered.
-	if err := r.Admin().Del(ctx, "cltest:{db}:cfg").Err(); err != nil {
+	if _, err := r.Do("DEL", "cltest:{db}:cfg"); err != nil {
 		t.Fatal(err)
 	}
 	n := recovered("every node registered again, the counts the truth")
@@ -823,13 +820,13 @@ func TestFleetBadData(t *testing.T) {
 	}
 
 	// A garbled value.
-	if err := r.Admin().HSet(ctx, "cltest:{db}:cfg", "max", "lots").Err(); err != nil {
+	if _, err := r.Do("HSET", "cltest:{db}:cfg", "max", "lots"); err != nil {
 		t.Fatal(err)
 	}
 	unreachable("every node to say the store holds a garbled cfg.max", `garbled value in cfg.max: "lots"`, a, b)
 	noneAdmitted(300 * time.Millisecond) // A holds 2, B at least 1: their shares
 	alive()
-	if err := r.Admin().HSet(ctx, "cltest:{db}:cfg", "max", "2").Err(); err != nil {
+	if _, err := r.Do("HSET", "cltest:{db}:cfg", "max", "2"); err != nil {
 		t.Fatal(err)
 	}
 	n = recovered("every node registered again, the counts the truth")
@@ -838,11 +835,11 @@ func TestFleetBadData(t *testing.T) {
 	// The key's active count is garbled: B's next take reads it and
 	// fails, B falls back (its newcomer waits: B holds its share), A,
 	// which reads no count, goes on. Put back, B registers again.
-	good, err := r.Admin().HGet(ctx, "cltest:{db}:active", "127.0.0.1").Result()
+	good, err := r.Str("HGET", "cltest:{db}:active", "127.0.0.1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Admin().HSet(ctx, "cltest:{db}:active", "127.0.0.1", "x").Err(); err != nil {
+	if _, err := r.Do("HSET", "cltest:{db}:active", "127.0.0.1", "x"); err != nil {
 		t.Fatal(err)
 	}
 	b3 := dial(t, b.listen, "b3")
@@ -850,7 +847,7 @@ func TestFleetBadData(t *testing.T) {
 	unreachable("B to say the store holds a garbled active count", `garbled value in active: "x"`, b)
 	noneAdmitted(300 * time.Millisecond)
 	alive()
-	if err := r.Admin().HSet(ctx, "cltest:{db}:active", "127.0.0.1", good).Err(); err != nil {
+	if _, err := r.Do("HSET", "cltest:{db}:active", "127.0.0.1", good); err != nil {
 		t.Fatal(err)
 	}
 	if got := recovered("every node registered again, the counts the truth"); got != n {
@@ -889,7 +886,7 @@ func opNoSecret(t *testing.T, nodes []*caddyProc, secrets ...string) {
 
 // opServedThroughFleet: a client of A holds the one slot, a client of B
 // waits for it, and is served once A's leaves.
-func opServedThroughFleet(t *testing.T, r *redisServer, be *backend, a, b *caddyProc) {
+func opServedThroughFleet(t *testing.T, r *testkit.Redis, be *backend, a, b *caddyProc) {
 	t.Helper()
 	registered(t, "db", a, b)
 	a1 := takeSlot(t, be, a.listen, "a1")
@@ -909,7 +906,7 @@ func opServedThroughFleet(t *testing.T, r *redisServer, be *backend, a, b *caddy
 func TestFleetSecurePassword(t *testing.T) {
 	t.Setenv("CONNLIMIT_TEST_LOG", "") // the nodes' level is what nodeConfig gives, or set below
 	secret, wrong := opSecret(t, "pw"), opSecret(t, "wrong")
-	r := startRedis(t, redisConfig{Password: secret})
+	r := testkit.StartRedis(t, testkit.RedisConfig{Password: secret})
 	be := newBackend(t, true)
 	st := redisStore(r, obj{"password": "{env.CONNLIMIT_REDIS_PASSWORD}"})
 	fields := obj{"zone": "db", "max_connections": 1}
@@ -921,7 +918,7 @@ func TestFleetSecurePassword(t *testing.T) {
 	waitNodes(t, 5*time.Second, "C to say the store refuses its password", "db", []*caddyProc{c}, func(vs []zoneDetailJSON) bool {
 		return vs[0].Fleet != nil && vs[0].Fleet.Store == "unreachable" && strings.Contains(vs[0].Fleet.StoreError, "WRONGPASS")
 	})
-	if n, err := r.Admin().ZCard(context.Background(), "connlimit:{db}:nodes").Result(); err != nil || n != 2 {
+	if n, err := r.Int("ZCARD", "connlimit:{db}:nodes"); err != nil || n != 2 {
 		t.Fatalf("the store knows %d nodes (%v), want 2", n, err)
 	}
 	for _, n := range []*caddyProc{b, c} {
@@ -941,9 +938,9 @@ func TestFleetSecurePassword(t *testing.T) {
 func TestFleetSecureTLS(t *testing.T) {
 	t.Setenv("CONNLIMIT_TEST_LOG", "")
 	secret := opSecret(t, "tls-pw")
-	r := startRedis(t, redisConfig{TLS: true, User: "fleet", UserPassword: secret})
+	r := testkit.StartRedis(t, testkit.RedisConfig{TLS: true, User: "fleet", UserPassword: secret})
 	be := newBackend(t, true)
-	st := redisStore(r, obj{"tls": true, "tls_ca_file": r.caFile, "username": "fleet",
+	st := redisStore(r, obj{"tls": true, "tls_ca_file": r.CAFile, "username": "fleet",
 		"password": "{env.CONNLIMIT_REDIS_PASSWORD}"})
 	noCA := redisStore(r, obj{"tls": true, "username": "fleet", "password": "{env.CONNLIMIT_REDIS_PASSWORD}"})
 	fields := obj{"zone": "db", "max_connections": 1}
@@ -956,7 +953,7 @@ func TestFleetSecureTLS(t *testing.T) {
 	waitNodes(t, 5*time.Second, "C to say the store's certificate is not trusted", "db", []*caddyProc{c}, func(vs []zoneDetailJSON) bool {
 		return vs[0].Fleet != nil && vs[0].Fleet.Store == "unreachable" && strings.Contains(vs[0].Fleet.StoreError, "certificate")
 	})
-	if n, err := r.Admin().ZCard(context.Background(), "connlimit:{db}:nodes").Result(); err != nil || n != 2 {
+	if n, err := r.Int("ZCARD", "connlimit:{db}:nodes"); err != nil || n != 2 {
 		t.Fatalf("the store knows %d nodes (%v), want 2", n, err)
 	}
 	// A plain connection to the TLS port gets nowhere.
@@ -979,7 +976,7 @@ func TestFleetSecureTLS(t *testing.T) {
 // goes away quietly: no warning that the store cannot be reached (it can:
 // the zone only left its fleet).
 func TestFleetReloadFailedLoad(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	st := redisStore(r, nil)
 	nodes := startFleet(t, 1, be.addr(), obj{"max_connections": 1}, st)

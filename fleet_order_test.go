@@ -1,7 +1,6 @@
 package connlimit
 
 import (
-	"context"
 	"fmt"
 	"net"
 	"os"
@@ -10,6 +9,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/testkit"
+	"github.com/l4-connlimit/connlimit/store/redisstore"
 )
 
 // Fleet zones, end to end (issue 11, "What must hold" 2 to 4): waiters stay
@@ -20,13 +22,13 @@ import (
 
 // fleetKey is the store's key of zone db's shared state (the store's
 // default key_prefix), for the tests' own looks into Redis.
-func fleetKey(what string) string { return DefaultKeyPrefix + ":{db}:" + what }
+func fleetKey(what string) string { return redisstore.DefaultKeyPrefix + ":{db}:" + what }
 
 // storeTotals are the fleet's active and waiting counts as the store has
 // them, read straight from Redis (no script: nothing a node would do).
-func storeTotals(t *testing.T, r *redisServer) (active, waiting int) {
+func storeTotals(t *testing.T, r *testkit.Redis) (active, waiting int) {
 	t.Helper()
-	v, err := r.Admin().HMGet(context.Background(), fleetKey("tot"), "a", "w").Result()
+	v, err := r.Array("HMGET", fleetKey("tot"), "a", "w")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -39,7 +41,7 @@ func storeTotals(t *testing.T, r *redisServer) (active, waiting int) {
 }
 
 // waitStore waits until the store counts active and waiting.
-func waitStore(t *testing.T, r *redisServer, within time.Duration, active, waiting int) {
+func waitStore(t *testing.T, r *testkit.Redis, within time.Duration, active, waiting int) {
 	t.Helper()
 	deadline := time.Now().Add(within)
 	for {
@@ -117,7 +119,7 @@ func procAddr(t *testing.T, hostport string) string {
 // holder leaves, the second one gets the slot and the backend gets its
 // bytes intact.
 func TestFleetWaiterUnreadAndLeaves(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	nodes := startNodes(t, be.addr(), redisStore(r, nil), obj{"max_connections": 1}, obj{"max_connections": 1})
 	a, b := nodes[0], nodes[1]
@@ -142,7 +144,7 @@ func TestFleetWaiterUnreadAndLeaves(t *testing.T) {
 	// Unread: every byte w sent is still in B's socket for it, and stays
 	// there while it waits.
 	sent := len(fmt.Sprintf("w hash %d\n", size)) + size
-	waitFor(t, 5*time.Second, "w's bytes in B's receive queue", func() bool {
+	testkit.WaitFor(t, 5*time.Second, "w's bytes in B's receive queue", func() bool {
 		return rxQueue(t, b.listen, w.conn.LocalAddr().String()) == sent
 	})
 	time.Sleep(300 * time.Millisecond)
@@ -203,7 +205,7 @@ func TestFleetWaiterUnreadAndLeaves(t *testing.T) {
 // its ticket granted, and the grant that follows is given back); both ways
 // must give the slot back.
 func TestFleetWaiterGrantedAsItLeaves(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	// A long lease: B's stop must not look like a crash.
 	nodes := startNodes(t, be.addr(), redisStore(r, obj{"lease": "5s"}), obj{"max_connections": 1}, obj{"max_connections": 1})
@@ -228,7 +230,7 @@ func TestFleetWaiterGrantedAsItLeaves(t *testing.T) {
 	// The store gave the holder's slot to B (for the leaver, first in
 	// line) while B cannot take it in.
 	waitStore(t, r, 5*time.Second, 1, 1)
-	held, err := r.Admin().HGet(context.Background(), fleetKey("held:"+bID), "").Int()
+	held, err := r.Int("HGET", fleetKey("held:"+bID), "")
 	if err != nil || held != 1 {
 		t.Fatalf("B holds %d slots in the store (err %v), want the 1 granted while it is stopped", held, err)
 	}
@@ -278,7 +280,7 @@ func TestFleetOrder(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			r := startRedis(t, redisConfig{})
+			r := testkit.StartRedis(t, testkit.RedisConfig{})
 			be := newBackend(t, true)
 			var fields []obj
 			for _, p := range tc.prio {
@@ -336,7 +338,7 @@ func TestFleetOrder(t *testing.T) {
 // renewal (or BLPOP) of every node costs above the idle baseline; a
 // waiter that cost one command a second would cost 60 here.
 func TestFleetIdleCost(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	f := obj{"max_connections": 1}
 	nodes := startNodes(t, be.addr(), redisStore(r, nil), f, f, f)
@@ -386,7 +388,7 @@ func TestFleetIdleCost(t *testing.T) {
 // queue again, and that one is admitted when a slot of its key frees.
 func TestFleetPerKey(t *testing.T) {
 	const timeout = 3 * time.Second
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	f := obj{"max_connections": 2, "max_waiting": 1, "wait_timeout": timeout.String(), "key": ipKey}
 	nodes := startNodes(t, be.addr(), redisStore(r, nil), f, f, f)
@@ -423,7 +425,7 @@ func TestFleetPerKey(t *testing.T) {
 
 	_ = connect("127.0.0.3", c, "b1")
 	expectArrival("b1")
-	if n, err := r.Admin().HGet(context.Background(), fleetKey("active"), "127.0.0.2").Int(); err != nil || n != 2 {
+	if n, err := r.Int("HGET", fleetKey("active"), "127.0.0.2"); err != nil || n != 2 {
 		t.Fatalf("the store counts %d active of key 127.0.0.2 (err %v), want 2", n, err)
 	}
 	waitStore(t, r, 5*time.Second, 3, 1)

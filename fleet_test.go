@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // Fleet zones, end to end: separate Caddy processes share one zone through
@@ -52,7 +54,7 @@ func dialHash(t *testing.T, addr, id string, size int) *hashClient {
 // of them, the backend never sees more than 6 at once, and every client
 // is served with its bytes intact.
 func TestFleetBound(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	nodes := startFleet(t, 3, be.addr(), obj{"max_connections": 6}, redisStore(r, nil))
 

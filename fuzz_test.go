@@ -38,6 +38,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/l4-connlimit/connlimit/internal/engine"
 	"github.com/mholt/caddy-l4/layer4"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
@@ -162,7 +163,7 @@ func forgetZoneMetrics(names []string) {
 		if name == "" {
 			continue // the private zones' series: not the fuzz run's
 		}
-		if _, ok := zoneRegistry.Zone(name); ok {
+		if _, ok := zones.Zone(name); ok {
 			continue
 		}
 		for _, c := range allCollectors {
@@ -195,15 +196,15 @@ func provisionHandlers(t *testing.T, handlers ...[]byte) error {
 	if err := caddy.StrictUnmarshalJSON(raw, &cfg); err != nil {
 		t.Fatalf("the config around the handlers does not decode: %v\n%s", err, raw)
 	}
-	before := make(map[*Zone]bool)
-	for _, z := range zoneRegistry.Zones() {
+	before := make(map[*engine.Zone]bool)
+	for _, z := range zones.Zones() {
 		before[z] = true
 	}
 	var err error
 	within(t, "validating "+string(raw), func() { err = caddy.Validate(&cfg) })
-	for _, z := range zoneRegistry.Zones() {
+	for _, z := range zones.Zones() {
 		if !before[z] {
-			t.Fatalf("zone %q outlives the config that made it (validated: %v)", z.name, err)
+			t.Fatalf("zone %q outlives the config that made it (validated: %v)", z.Name(), err)
 		}
 	}
 	var names []string
@@ -512,16 +513,16 @@ var adminStatuses = map[int]bool{200: true, 204: true, 400: true, 404: true, 405
 func fuzzAdminZone(tb testing.TB, name string) {
 	tb.Helper()
 	owner := new(int)
-	z, leave, err := zoneRegistry.Use(name, owner, Limits{MaxConnections: 1, MaxWaiting: 10, WaitTimeout: time.Hour}, nil)
+	z, leave, err := zones.Use(name, owner, engine.Limits{MaxConnections: 1, MaxWaiting: 10, WaitTimeout: time.Hour}, nil)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	served := &Waiter{Key: "k", Remote: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}}
-	waiting := &Waiter{Key: "k", Priority: 3, Remote: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 2}}
-	if out, _ := z.Acquire(served, NewSignal(), time.Now()); out != Admitted {
+	served := &engine.Waiter{Key: "k", Remote: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}}
+	waiting := &engine.Waiter{Key: "k", Priority: 3, Remote: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 2}}
+	if out, _ := z.Acquire(served, engine.NewSignal(), time.Now()); out != engine.Admitted {
 		tb.Fatalf("first waiter: outcome %d", out)
 	}
-	if out, _ := z.Acquire(waiting, NewSignal(), time.Now()); out != Queued {
+	if out, _ := z.Acquire(waiting, engine.NewSignal(), time.Now()); out != engine.Queued {
 		tb.Fatalf("second waiter: outcome %d", out)
 	}
 	tb.Cleanup(func() {

@@ -21,6 +21,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/l4-connlimit/connlimit/internal/engine"
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 	_ "github.com/mholt/caddy-l4/layer4"
 	_ "github.com/mholt/caddy-l4/modules/l4echo"
 	_ "github.com/mholt/caddy-l4/modules/l4proxy"
@@ -379,23 +381,11 @@ func limit(fields obj) obj {
 	return h
 }
 
-// waitFor polls cond every millisecond until it holds or within passes.
-func waitFor(t testing.TB, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", within, what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 // zoneCounts sums active and waiting over every zone with the given name
 // ("" sums the private zones).
 func zoneCounts(name string) (active, waiting int) {
-	for _, z := range zoneRegistry.Zones() {
-		if z.name == name {
+	for _, z := range zones.Zones() {
+		if z.Name() == name {
 			a, w := z.Counts()
 			active += a
 			waiting += w
@@ -406,7 +396,7 @@ func zoneCounts(name string) (active, waiting int) {
 
 func waitCounts(t testing.TB, zone string, active, waiting int) {
 	t.Helper()
-	waitFor(t, 5*time.Second, fmt.Sprintf("zone %q to have %d active and %d waiting", zone, active, waiting), func() bool {
+	testkit.WaitFor(t, 5*time.Second, fmt.Sprintf("zone %q to have %d active and %d waiting", zone, active, waiting), func() bool {
 		a, w := zoneCounts(zone)
 		return a == active && w == waiting
 	})
@@ -463,9 +453,9 @@ func limitedRoute(t testing.TB, be *backend, fields obj) string {
 // Zones, as the tests see them.
 
 // namedZone returns the named zone, failing the test if it is not known.
-func namedZone(t testing.TB, name string) *Zone {
+func namedZone(t testing.TB, name string) *engine.Zone {
 	t.Helper()
-	z, ok := zoneRegistry.Zone(name)
+	z, ok := zones.Zone(name)
 	if !ok {
 		t.Fatalf("zone %q is not known", name)
 	}
@@ -473,7 +463,7 @@ func namedZone(t testing.TB, name string) *Zone {
 }
 
 // zoneSnapshot is the named zone's snapshot with up to 100 waiters.
-func zoneSnapshot(t testing.TB, name string) Snapshot {
+func zoneSnapshot(t testing.TB, name string) engine.Snapshot {
 	t.Helper()
 	return namedZone(t, name).Snapshot(time.Now(), 100)
 }
@@ -614,7 +604,7 @@ func TestPerKeyLimitSeparatesClients(t *testing.T) {
 	if len(s.Waiters) != 1 || s.Waiters[0].Key != "127.0.0.2" || !strings.HasPrefix(s.Waiters[0].Remote, "127.0.0.2:") {
 		t.Fatalf("waiters %+v, want one of key 127.0.0.2", s.Waiters)
 	}
-	if n := keyCount(namedZone(t, zone)); n != 2 {
+	if n := zoneSnapshot(t, zone).Keys; n != 2 {
 		t.Fatalf("zone holds %d keys, want 2", n)
 	}
 
@@ -811,13 +801,13 @@ func adminLoad(t *testing.T, admin string, cfg obj) (int, string) {
 }
 
 // zoneLimits returns the settings in force of a named zone.
-func zoneLimits(t *testing.T, name string) Limits {
+func zoneLimits(t *testing.T, name string) engine.Limits {
 	t.Helper()
-	z, ok := zoneRegistry.Zone(name)
+	z, ok := zones.Zone(name)
 	if !ok {
 		t.Fatalf("zone %q unknown", name)
 	}
-	return limitsOf(z)
+	return z.Snapshot(time.Now(), 0).Limits
 }
 
 // The admin API and the metrics.

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // End-to-end tests of per-key limits, keys from PROXY protocol headers,
@@ -39,7 +41,7 @@ func TestPerKeyStateIsFreed(t *testing.T) {
 		extra := dialFrom(t, fmt.Sprintf("127.0.1.%d", first), listen, "extra")
 		extra.hello("")
 		waitCounts(t, zone, batch, 1)
-		if n := keyCount(namedZone(t, zone)); n != batch {
+		if n := zoneSnapshot(t, zone).Keys; n != batch {
 			t.Fatalf("zone holds %d keys with %d distinct IPs connected, want %d", n, batch, batch)
 		}
 		_ = extra.conn.Close()
@@ -49,7 +51,7 @@ func TestPerKeyStateIsFreed(t *testing.T) {
 		}
 		waitCounts(t, zone, 0, 0)
 	}
-	waitFor(t, 5*time.Second, "every key to be freed", func() bool { return keyCount(namedZone(t, zone)) == 0 })
+	testkit.WaitFor(t, 5*time.Second, "every key to be freed", func() bool { return zoneSnapshot(t, zone).Keys == 0 })
 	s := zoneSnapshot(t, zone)
 	if s.Counters.Admitted != ips || s.Counters.Abandoned != ips/batch {
 		t.Fatalf("admitted %d, abandoned %d; want %d and %d", s.Counters.Admitted, s.Counters.Abandoned, ips, ips/batch)
@@ -101,7 +103,7 @@ func TestProxyProtocolKeys(t *testing.T) {
 	c2.expectLine("ok c2", 5*time.Second)
 	_ = c2.conn.Close()
 	waitCounts(t, zone, 0, 0)
-	waitFor(t, 5*time.Second, "the keys to be freed", func() bool { return keyCount(namedZone(t, zone)) == 0 })
+	testkit.WaitFor(t, 5*time.Second, "the keys to be freed", func() bool { return zoneSnapshot(t, zone).Keys == 0 })
 }
 
 // A waiter behind proxy_protocol that leaves is noticed at once too: the
@@ -163,7 +165,7 @@ func TestChainedPerIPAndGlobalLimits(t *testing.T) {
 	}
 	// a1 and b1 in; a2, a3, b2 wait for their IP; c1 and d1 for a
 	// global slot (the order among them depends on arrival).
-	waitFor(t, 5*time.Second, "the limits to fill", func() bool {
+	testkit.WaitFor(t, 5*time.Second, "the limits to fill", func() bool {
 		ipA, ipW := zoneCounts("chain-ip")
 		allA, allW := zoneCounts("chain-all")
 		return ipA == 4 && ipW == 3 && allA == 2 && allW == 2

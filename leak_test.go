@@ -41,9 +41,9 @@ func checkNothingLeft(within time.Duration) error {
 	for {
 		stuck := goroutinesIn(ourFrames)
 		var busy []string
-		for _, z := range zoneRegistry.Zones() {
+		for _, z := range zones.Zones() {
 			if a, w := z.Counts(); a != 0 || w != 0 {
-				busy = append(busy, fmt.Sprintf("zone %q: %d active, %d waiting", z.name, a, w))
+				busy = append(busy, fmt.Sprintf("zone %q: %d active, %d waiting", z.Name(), a, w))
 			}
 		}
 		if len(stuck) == 0 && len(busy) == 0 {

@@ -8,6 +8,9 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+
+	"github.com/l4-connlimit/connlimit/internal/engine"
+	"github.com/l4-connlimit/connlimit/store"
 )
 
 // The collectors live at package level, for the life of the process:
@@ -103,12 +106,12 @@ type zoneMetrics struct {
 	active, waiting prometheus.Gauge
 	max, overridden prometheus.Gauge
 	admitted        prometheus.Counter
-	rejected        [numReasons]prometheus.Counter
+	rejected        [len(store.Reasons) + 1]prometheus.Counter
 	abandoned       prometheus.Counter
 	wait            prometheus.Observer
 }
 
-func newZoneMetrics(zone string) Observer {
+func newZoneMetrics(zone string) engine.Observer {
 	m := &zoneMetrics{
 		zone:       zone,
 		max:        metricMax.WithLabelValues(zone),
@@ -119,22 +122,22 @@ func newZoneMetrics(zone string) Observer {
 		abandoned:  metricAbandoned.WithLabelValues(zone),
 		wait:       metricWait.WithLabelValues(zone),
 	}
-	for _, r := range Reasons {
+	for _, r := range store.Reasons {
 		m.rejected[r] = metricRejected.WithLabelValues(zone, r.String())
 	}
 	return m
 }
 
-func (m *zoneMetrics) ActiveDelta(d int)  { m.active.Add(float64(d)) }
-func (m *zoneMetrics) WaitingDelta(d int) { m.waiting.Add(float64(d)) }
-func (m *zoneMetrics) Abandoned()         { m.abandoned.Inc() }
-func (m *zoneMetrics) Rejected(r Reason)  { m.rejected[r].Inc() }
+func (m *zoneMetrics) ActiveDelta(d int)        { m.active.Add(float64(d)) }
+func (m *zoneMetrics) WaitingDelta(d int)       { m.waiting.Add(float64(d)) }
+func (m *zoneMetrics) Abandoned()               { m.abandoned.Inc() }
+func (m *zoneMetrics) Rejected(r engine.Reason) { m.rejected[r].Inc() }
 func (m *zoneMetrics) Admitted(waited time.Duration) {
 	m.admitted.Inc()
 	m.wait.Observe(waited.Seconds())
 }
 
-func (m *zoneMetrics) LimitsChanged(l Limits, overridden bool) {
+func (m *zoneMetrics) LimitsChanged(l engine.Limits, overridden bool) {
 	m.max.Set(float64(l.MaxConnections))
 	if overridden {
 		m.overridden.Set(1)
@@ -150,7 +153,7 @@ func (m *zoneMetrics) OverrideEnded() {
 		zap.String("zone", m.zone))
 }
 
-// StoreOp implements FleetObserver.
+// StoreOp implements engine.FleetObserver.
 func (m *zoneMetrics) StoreOp(op string, took time.Duration, err error) {
 	metricStoreSeconds.WithLabelValues(m.zone).Observe(took.Seconds())
 	if err != nil {
@@ -158,9 +161,9 @@ func (m *zoneMetrics) StoreOp(op string, took time.Duration, err error) {
 	}
 }
 
-// StoreReached implements FleetObserver, and says in the log when the
+// StoreReached implements engine.FleetObserver, and says in the log when the
 // store is lost and when it is back.
-func (m *zoneMetrics) StoreReached(st FleetState, err error) {
+func (m *zoneMetrics) StoreReached(st store.State, err error) {
 	log := caddy.Log().Named("layer4.handlers.connection_limit")
 	if err != nil {
 		metricStoreReachable.WithLabelValues(m.zone).Set(0)
@@ -179,4 +182,4 @@ func (m *zoneMetrics) StoreReached(st FleetState, err error) {
 }
 
 // Interface guard
-var _ FleetObserver = (*zoneMetrics)(nil)
+var _ engine.FleetObserver = (*zoneMetrics)(nil)

@@ -2,12 +2,12 @@
 // of a route through to the next handler at once and makes the rest wait,
 // unread, until a slot frees.
 //
-// The package is in three layers, each knowing only the ones below it:
-// the Caddy face (module.go, caddyfile.go, admin.go, metrics.go, and the
-// files a connection passes through: wait.go, udp.go, release.go,
-// warnings.go), the engine (zone.go, queue.go, registry.go: counts,
-// waiting lists, order, timeouts, zones; nothing of Caddy or sockets), and
-// the platform's socket watching (watch*.go).
+// This package is the Caddy face: the handler's module and Caddyfile, the
+// admin API, the command, the metrics, and the files a connection passes
+// through (wait.go, udp.go, release.go, warnings.go). The engine that
+// counts and orders is internal/engine; the socket watching is
+// internal/platform; a fleet zone's store is the contract of package store,
+// with Redis in store/redisstore.
 package connlimit
 
 import (
@@ -21,11 +21,17 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
+
+	"github.com/l4-connlimit/connlimit/internal/engine"
+	"github.com/l4-connlimit/connlimit/store"
 )
 
 func init() {
 	caddy.RegisterModule(&Handler{})
 }
+
+// zones holds every zone of the process, across config reloads.
+var zones = engine.NewRegistry(newZoneMetrics)
 
 // Handler limits how many connections are handled by the rest of its
 // route at once. Connections beyond the limit wait, unread (the kernel
@@ -114,7 +120,7 @@ type Handler struct {
 	// the slot is freed as with "return".
 	Release string `json:"release,omitempty"`
 
-	zone     *Zone
+	zone     *engine.Zone
 	leave    func() // leaves the zone's registry entry
 	release  releaseMode
 	overflow layer4.Handler
@@ -158,7 +164,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		h.overflow = chain.Compile()
 	}
-	var fleet *Fleet
+	var fleet *engine.Fleet
 	if h.StoreRaw != nil {
 		if h.Zone == "" {
 			return fmt.Errorf("store: needs a zone: the zone's name (with the store's key_prefix) names the fleet's shared state")
@@ -167,11 +173,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if err != nil {
 			return fmt.Errorf("loading store: %v", err)
 		}
-		fleet = storeFleet(mod.(StoreModule))
+		fleet = storeFleet(mod.(store.Module))
 	}
 	// The config's context identifies the config: handlers of one config
 	// that share a zone must agree on its settings.
-	h.zone, h.leave, err = zoneRegistry.Use(h.Zone, ctx.Context, limits, fleet)
+	h.zone, h.leave, err = zones.Use(h.Zone, ctx.Context, limits, fleet)
 	if err != nil {
 		return err
 	}
@@ -182,14 +188,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 }
 
 // limits checks the configuration and returns the zone settings it gives.
-func (h *Handler) limits() (Limits, error) {
-	l := Limits{
+func (h *Handler) limits() (engine.Limits, error) {
+	l := engine.Limits{
 		MaxConnections: h.MaxConnections,
 		MaxWaiting:     h.MaxWaiting,
 		WaitTimeout:    time.Duration(h.WaitTimeout),
 	}
 	var err error
-	if l.Order, err = ParseOrder(h.Order); err != nil {
+	if l.Order, err = store.ParseOrder(h.Order); err != nil {
 		return l, fmt.Errorf("order %v", err)
 	}
 	if h.release, err = parseRelease(h.Release); err != nil {
@@ -241,11 +247,11 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 
 	// Hand over, or reject.
 	switch out {
-	case Abandoned:
+	case engine.Abandoned:
 		h.logAbandoned(cx, w, waited)
 		defer a.done()
 		return a.end(cx)
-	case Rejected:
+	case engine.Rejected:
 		cx = a.handOn(cx) // a UDP flow's held packets go to overflow too
 		repl.Set(replReason, reason.String())
 		h.logRejected(cx, w, reason, waited)

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	_ "github.com/caddyserver/caddy/v2/modules/logging"
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // The backend never sees more than max_connections at once; the rest wait
@@ -225,7 +226,7 @@ func TestWarnsWhenNothingServesAfterIt(t *testing.T) {
 	c := dial(t, listen, "c")
 	c.hello("")
 	_, _ = c.readLine(time.Second)
-	waitFor(t, 5*time.Second, "the misplacement warning", func() bool {
+	testkit.WaitFor(t, 5*time.Second, "the misplacement warning", func() bool {
 		b, _ := os.ReadFile(logFile)
 		return strings.Contains(string(b), "returned without serving the connection") &&
 			strings.Contains(string(b), `"zone":"misplaced"`)

@@ -11,6 +11,9 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/mholt/caddy-l4/layer4"
+
+	"github.com/l4-connlimit/connlimit/internal/engine"
+	"github.com/l4-connlimit/connlimit/internal/platform"
 )
 
 // How a served connection gives its slot back. One heldSlot owns the slot
@@ -43,7 +46,7 @@ func parseRelease(s string) (releaseMode, error) {
 // later calls change nothing, and do not return before the first one is
 // done.
 type heldSlot struct {
-	zone  *Zone
+	zone  *engine.Zone
 	a     arrival
 	mu    sync.Mutex
 	freed bool
@@ -97,7 +100,7 @@ func (h *Handler) serveHTTP(cx *layer4.Connection, slot *heldSlot, next layer4.H
 	// for a log line after handing the connection over, and the copy's
 	// counts are the ones the HTTP server's reads and writes update.
 	err := next.Handle(cx.Wrap(rc))
-	if err != nil || probeConn(rc.Conn) == peerGone {
+	if err != nil || probeConn(rc.Conn) == platform.PeerGone {
 		slot.free()
 	}
 	return err

@@ -6,6 +6,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/engine"
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // A backend that answers and closes while its client keeps the connection
@@ -87,7 +90,7 @@ func TestReleaseAtCloseWriteChainedCounts(t *testing.T) {
 			_ = c.conn.Close()
 		}()
 	}
-	waitFor(t, 30*time.Second, "every client served while the earlier ones keep their side open", func() bool {
+	testkit.WaitFor(t, 30*time.Second, "every client served while the earlier ones keep their side open", func() bool {
 		_, _, total, _ := be.stats()
 		return total == n
 	})
@@ -115,12 +118,12 @@ func (o *blockingObserver) ActiveDelta(d int) {
 		})
 	}
 }
-func (*blockingObserver) WaitingDelta(int)           {}
-func (*blockingObserver) Admitted(time.Duration)     {}
-func (*blockingObserver) Rejected(Reason)            {}
-func (*blockingObserver) Abandoned()                 {}
-func (*blockingObserver) LimitsChanged(Limits, bool) {}
-func (*blockingObserver) OverrideEnded()             {}
+func (*blockingObserver) WaitingDelta(int)                  {}
+func (*blockingObserver) Admitted(time.Duration)            {}
+func (*blockingObserver) Rejected(engine.Reason)            {}
+func (*blockingObserver) Abandoned()                        {}
+func (*blockingObserver) LimitsChanged(engine.Limits, bool) {}
+func (*blockingObserver) OverrideEnded()                    {}
 
 // heldSlot.free, called twice at once (a CloseWrite in some goroutine and
 // the end of serve): the slot is freed once, and the second call does not
@@ -128,15 +131,15 @@ func (*blockingObserver) OverrideEnded()             {}
 // its pool.
 func TestHeldSlotSecondFreeWaitsForTheFirst(t *testing.T) {
 	obs := &blockingObserver{freeing: make(chan struct{}), letGo: make(chan struct{})}
-	z := NewZone("held", Limits{MaxConnections: 1}, obs)
+	z := engine.NewZone("held", engine.Limits{MaxConnections: 1}, obs)
 	a := &streamWait{}
-	if out, _ := z.Acquire(&a.Waiter, nil, time.Now()); out != Admitted {
+	if out, _ := z.Acquire(&a.Waiter, nil, time.Now()); out != engine.Admitted {
 		t.Fatal("not admitted")
 	}
 	s := &heldSlot{zone: z, a: a}
 	first := make(chan struct{})
 	go func() { s.free(); close(first) }()
-	<-obs.freeing // the first free is inside Zone.Free
+	<-obs.freeing // the first free is inside engine.Zone.Free
 	second := make(chan struct{})
 	go func() { s.free(); close(second) }()
 	select {

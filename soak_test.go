@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/l4-connlimit/connlimit/internal/platform"
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 	"github.com/mholt/caddy-l4/layer4"
 )
 
@@ -44,7 +46,7 @@ func TestChaosSoak(t *testing.T) {
 		conns = n
 	}
 	const workers = 44
-	migrate, migrateKnown := tcpMigrateReq()
+	migrate, migrateKnown := platform.TCPMigrateReq()
 
 	be := newSoakBackend(t)
 	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
@@ -271,7 +273,7 @@ func (b *soakBackend) addr() string { return b.ln.Addr().String() }
 
 // wait waits until every backend connection has ended.
 func (b *soakBackend) wait(t testing.TB) {
-	waitFor(t, 10*time.Second, "the backend's connections to end", func() bool {
+	testkit.WaitFor(t, 10*time.Second, "the backend's connections to end", func() bool {
 		b.mu.Lock()
 		defer b.mu.Unlock()
 		return len(b.open) == 0
@@ -310,7 +312,7 @@ func (b *soakBackend) handle(c net.Conn) {
 	for oc, at := range b.open {
 		// The proxy may have closed a connection whose goroutine here has
 		// not noticed yet (it sleeps): its slot may be free already.
-		if oc != c && probeConn(oc) == peerGone {
+		if oc != c && probeConn(oc) == platform.PeerGone {
 			continue
 		}
 		count++

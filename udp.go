@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/mholt/caddy-l4/layer4"
+
+	"github.com/l4-connlimit/connlimit/internal/engine"
 )
 
 // Everything UDP: a flow of caddy-l4 waits by reading its packets into a
@@ -40,7 +42,7 @@ func isPacketFlow(conn net.Conn) bool {
 // flowWait is a UDP flow's arrival. It is never pooled: its handler's
 // udpFlows may refer to it until the flow is done.
 type flowWait struct {
-	Waiter
+	engine.Waiter
 	conn      net.Conn // the flow; woken through its read deadline
 	flows     *udpFlows
 	held      [][]byte // packets read while waiting
@@ -49,9 +51,9 @@ type flowWait struct {
 	abandoned bool // it left while it waited: caddy-l4 ends it
 }
 
-func (f *flowWait) waiter() *Waiter { return &f.Waiter }
-func (f *flowWait) dropped() int    { return f.lost }
-func (f *flowWait) done()           { f.flows.remove(f) }
+func (f *flowWait) waiter() *engine.Waiter { return &f.Waiter }
+func (f *flowWait) dropped() int           { return f.lost }
+func (f *flowWait) done()                  { f.flows.remove(f) }
 
 // end leaves an abandoned flow to caddy-l4, which closes it (a close here
 // could end a newer flow of the same client), and drains any other.
@@ -62,10 +64,10 @@ func (f *flowWait) end(cx *layer4.Connection) error {
 	return nil
 }
 
-// Wake implements Waker.
+// Wake implements engine.Waker.
 func (f *flowWait) Wake() { _ = f.conn.SetReadDeadline(aLongTimeAgo) }
 
-// Arm implements Waker. caddy-l4's UDP flows keep read deadlines in whole
+// Arm implements engine.Waker. caddy-l4's UDP flows keep read deadlines in whole
 // seconds (rounded down): round up, so that they never fire early.
 func (f *flowWait) Arm(deadline time.Time) {
 	if !deadline.IsZero() {
@@ -76,14 +78,14 @@ func (f *flowWait) Arm(deadline time.Time) {
 
 // admit asks for a slot under the tracking lock (udpFlows.acquire); a flow
 // that arrives after its handler was cleaned up counts as abandoned.
-func (f *flowWait) admit(z *Zone) (Outcome, Reason) {
+func (f *flowWait) admit(z *engine.Zone) (engine.Outcome, engine.Reason) {
 	out, r, ok := f.flows.acquire(z, f)
 	switch {
 	case !ok:
-		return Abandoned, ReasonNone
-	case out == Queued:
+		return engine.Abandoned, engine.ReasonNone
+	case out == engine.Queued:
 		out, r = f.wait(z)
-		f.abandoned = out == Abandoned
+		f.abandoned = out == engine.Abandoned
 		_ = f.conn.SetReadDeadline(time.Time{}) // for the next handler
 	}
 	return out, r
@@ -91,7 +93,7 @@ func (f *flowWait) admit(z *Zone) (Outcome, Reason) {
 
 // wait reads and holds the flow's packets until it is admitted, rejected
 // (timed out) or abandoned (the flow went idle or closed).
-func (f *flowWait) wait(z *Zone) (Outcome, Reason) {
+func (f *flowWait) wait(z *engine.Zone) (engine.Outcome, engine.Reason) {
 	buf := make([]byte, udpReadBuffer)
 	for {
 		n, err := f.conn.Read(buf)
@@ -102,13 +104,13 @@ func (f *flowWait) wait(z *Zone) (Outcome, Reason) {
 		case err == nil:
 			continue
 		case errors.Is(err, os.ErrDeadlineExceeded):
-			if out, r, _ := z.Poll(&f.Waiter, time.Now()); out != Queued {
+			if out, r, _ := z.Poll(&f.Waiter, time.Now()); out != engine.Queued {
 				return out, r
 			}
 		default:
 			// caddy-l4's idle_timeout, or closed.
 			if z.Abandon(&f.Waiter) {
-				return Abandoned, ReasonNone
+				return engine.Abandoned, engine.ReasonNone
 			}
 			out, r, _ := z.Poll(&f.Waiter, time.Now())
 			return out, r
@@ -211,11 +213,11 @@ func (u *udpFlows) arrive(conn net.Conn) *flowWait {
 // moment, under the lock that close takes, so that close never misses a
 // flow that is just being admitted. ok is false, and nothing is asked,
 // once the handler was cleaned up.
-func (u *udpFlows) acquire(z *Zone, f *flowWait) (out Outcome, r Reason, ok bool) {
+func (u *udpFlows) acquire(z *engine.Zone, f *flowWait) (out engine.Outcome, r engine.Reason, ok bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.closed {
-		return Rejected, ReasonNone, false
+		return engine.Rejected, engine.ReasonNone, false
 	}
 	if u.flows == nil {
 		u.flows = make(map[*flowWait]struct{})
@@ -235,7 +237,7 @@ func (u *udpFlows) remove(f *flowWait) {
 // close frees the slots of the flows still tracked, abandons those still
 // waiting, and returns how many there were. A flow that ends later finds
 // its slot freed already: Free and Abandon change nothing twice.
-func (u *udpFlows) close(z *Zone) int {
+func (u *udpFlows) close(z *engine.Zone) int {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	u.closed = true
@@ -272,6 +274,6 @@ func drainFlow(conn net.Conn) {
 
 // Interface guards
 var (
-	_ arrival = (*flowWait)(nil)
-	_ Waker   = (*flowWait)(nil)
+	_ arrival      = (*flowWait)(nil)
+	_ engine.Waker = (*flowWait)(nil)
 )

@@ -7,6 +7,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/engine"
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // End-to-end tests of UDP flows: a waiting flow must not stall the other
@@ -243,8 +246,8 @@ func TestUDPRejectedFlowTakesItsPacketsToOverflow(t *testing.T) {
 	if _, payloads := echo.seen(); payloads["C-0"] {
 		t.Fatal("the rejected flow reached the limited backend")
 	}
-	if s := zoneSnapshot(t, zone); s.Counters.Rejected[ReasonWaitTimeout] != 1 {
-		t.Fatalf("wait_timeout rejections %d, want 1", s.Counters.Rejected[ReasonWaitTimeout])
+	if s := zoneSnapshot(t, zone); s.Counters.Rejected[engine.ReasonWaitTimeout] != 1 {
+		t.Fatalf("wait_timeout rejections %d, want 1", s.Counters.Rejected[engine.ReasonWaitTimeout])
 	}
 }
 
@@ -332,8 +335,8 @@ func TestUDPRejectedBurstDoesNotStallListener(t *testing.T) {
 	for i := range 50 {
 		c.send(fmt.Sprintf("C-%02d", i))
 	}
-	waitFor(t, 5*time.Second, "C rejected", func() bool {
-		return zoneSnapshot(t, zone).Counters.Rejected[ReasonNoWaiting] == 1
+	testkit.WaitFor(t, 5*time.Second, "C rejected", func() bool {
+		return zoneSnapshot(t, zone).Counters.Rejected[engine.ReasonNoWaiting] == 1
 	})
 	a.send("A-1")
 	a.expect("A-1", 2*time.Second)
@@ -417,8 +420,8 @@ func TestUDPRejectedClientIsAdmittedWhenItComesBack(t *testing.T) {
 	for i := range 10 {
 		c.send(fmt.Sprintf("C-%02d", i))
 	}
-	waitFor(t, 5*time.Second, "C rejected", func() bool {
-		return zoneSnapshot(t, zone).Counters.Rejected[ReasonNoWaiting] == 1
+	testkit.WaitFor(t, 5*time.Second, "C rejected", func() bool {
+		return zoneSnapshot(t, zone).Counters.Rejected[engine.ReasonNoWaiting] == 1
 	})
 	finish(be, holder)
 	waitCounts(t, zone, 0, 0)

@@ -9,6 +9,9 @@ import (
 	"time"
 
 	"github.com/mholt/caddy-l4/layer4"
+
+	"github.com/l4-connlimit/connlimit/internal/engine"
+	"github.com/l4-connlimit/connlimit/internal/platform"
 )
 
 // An arrival is one connection on its way through the limit. A stream
@@ -17,10 +20,10 @@ import (
 // abandoned ends; the handler's path (Handler.Handle) is the same for both.
 type arrival interface {
 	// waiter is the connection's place in the zone.
-	waiter() *Waiter
+	waiter() *engine.Waiter
 	// admit takes a slot, or waits for one; it returns Admitted,
 	// Rejected (with the reason) or Abandoned.
-	admit(z *Zone) (Outcome, Reason)
+	admit(z *engine.Zone) (engine.Outcome, engine.Reason)
 	// handOn is the connection to hand to the next (or overflow) handler.
 	handOn(cx *layer4.Connection) *layer4.Connection
 	// end ends a connection that is not handed on (abandoned, or rejected
@@ -49,10 +52,10 @@ var aLongTimeAgo = time.Unix(1, 0)
 //     watching) it waits on a channel and a timer; a client that left is
 //     noticed by the next handler.
 type streamWait struct {
-	Waiter
+	engine.Waiter
 	raw            syscall.RawConn // nil: waits on sig
 	sock           net.Conn        // the socket, whose deadlines wake it
-	sig            Signal
+	sig            engine.Signal
 	keepHalfClosed bool
 	sentBefore     bool // client bytes were read from the socket before us
 }
@@ -67,7 +70,7 @@ var streamWaitPool = sync.Pool{New: func() any { return new(streamWait) }}
 func newStreamWait(conn net.Conn, keepHalfClosed, sentBefore bool) *streamWait {
 	s := streamWaitPool.Get().(*streamWait)
 	s.keepHalfClosed, s.sentBefore = keepHalfClosed, sentBefore
-	if !canWatch {
+	if !platform.CanWatch {
 		return s.onChannel()
 	}
 	// A wrapper may hold bytes it already read from the socket (the
@@ -91,7 +94,7 @@ func newStreamWait(conn net.Conn, keepHalfClosed, sentBefore bool) *streamWait {
 
 func (s *streamWait) onChannel() *streamWait {
 	if s.sig == nil {
-		s.sig = NewSignal()
+		s.sig = engine.NewSignal()
 	}
 	return s
 }
@@ -126,19 +129,19 @@ func underlyingSocket(conn net.Conn) (net.Conn, bool) {
 
 // probeConn looks once at the socket under conn, with the same test as a
 // waiter without keep_half_closed: unknown where there is no socket.
-func probeConn(conn net.Conn) peer {
+func probeConn(conn net.Conn) platform.Peer {
 	sc, ok := underlyingSocket(conn)
-	if !ok || !canWatch {
-		return peerUnknown
+	if !ok || !platform.CanWatch {
+		return platform.PeerUnknown
 	}
 	raw, err := sc.(syscall.Conn).SyscallConn()
 	if err != nil {
-		return peerGone
+		return platform.PeerGone
 	}
-	return probe(raw, false, false)
+	return platform.Probe(raw, false, false)
 }
 
-func (s *streamWait) waiter() *Waiter                                 { return &s.Waiter }
+func (s *streamWait) waiter() *engine.Waiter                          { return &s.Waiter }
 func (s *streamWait) handOn(cx *layer4.Connection) *layer4.Connection { return cx }
 func (s *streamWait) end(cx *layer4.Connection) error                 { return cx.Close() }
 func (s *streamWait) dropped() int                                    { return 0 }
@@ -148,7 +151,7 @@ func (s *streamWait) done() {
 	streamWaitPool.Put(s)
 }
 
-// Wake implements Waker.
+// Wake implements engine.Waker.
 func (s *streamWait) Wake() {
 	if s.raw == nil {
 		s.sig.Wake()
@@ -157,16 +160,16 @@ func (s *streamWait) Wake() {
 	_ = s.sock.SetReadDeadline(aLongTimeAgo)
 }
 
-// Arm implements Waker.
+// Arm implements engine.Waker.
 func (s *streamWait) Arm(deadline time.Time) {
 	if s.raw != nil {
 		_ = s.sock.SetReadDeadline(deadline)
 	}
 }
 
-func (s *streamWait) admit(z *Zone) (Outcome, Reason) {
+func (s *streamWait) admit(z *engine.Zone) (engine.Outcome, engine.Reason) {
 	out, r := z.Acquire(&s.Waiter, s, time.Now())
-	if out == Queued {
+	if out == engine.Queued {
 		out, r = s.wait(z)
 	}
 	return out, r
@@ -174,7 +177,7 @@ func (s *streamWait) admit(z *Zone) (Outcome, Reason) {
 
 // wait blocks until the queued waiter is admitted, rejected (timed out) or
 // abandoned by its client. On return nothing of the zone refers to s.
-func (s *streamWait) wait(z *Zone) (Outcome, Reason) {
+func (s *streamWait) wait(z *engine.Zone) (engine.Outcome, engine.Reason) {
 	if s.raw == nil {
 		return z.Wait(&s.Waiter, s.sig, nil)
 	}
@@ -182,19 +185,19 @@ func (s *streamWait) wait(z *Zone) (Outcome, Reason) {
 	// left, for the next handler.
 	defer s.sock.SetReadDeadline(time.Time{})
 	for {
-		gone, err := watchSocket(s.raw, s.keepHalfClosed, s.sentBefore)
+		gone, err := platform.Watch(s.raw, s.keepHalfClosed, s.sentBefore)
 		if !gone && !errors.Is(err, os.ErrDeadlineExceeded) {
 			gone = true // the connection was closed under us
 		}
 		if !gone {
 			// Woken: look once more, so that a client that left
 			// just now is not handed on.
-			gone = probe(s.raw, s.keepHalfClosed, s.sentBefore) == peerGone
+			gone = platform.Probe(s.raw, s.keepHalfClosed, s.sentBefore) == platform.PeerGone
 		}
 		if gone && z.Abandon(&s.Waiter) {
-			return Abandoned, ReasonNone
+			return engine.Abandoned, engine.ReasonNone
 		}
-		if out, r, _ := z.Poll(&s.Waiter, time.Now()); out != Queued {
+		if out, r, _ := z.Poll(&s.Waiter, time.Now()); out != engine.Queued {
 			return out, r
 		}
 	}
@@ -202,6 +205,6 @@ func (s *streamWait) wait(z *Zone) (Outcome, Reason) {
 
 // Interface guards
 var (
-	_ arrival = (*streamWait)(nil)
-	_ Waker   = (*streamWait)(nil)
+	_ arrival      = (*streamWait)(nil)
+	_ engine.Waker = (*streamWait)(nil)
 )

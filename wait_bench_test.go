@@ -5,6 +5,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/engine"
 )
 
 // BenchmarkSocketWaitHandoff: the path of a waiting TCP connection
@@ -18,14 +20,14 @@ func BenchmarkSocketWaitHandoff(b *testing.B) {
 	const batch = 500
 	servers, cleanup := socketPairs(b, batch)
 	defer cleanup()
-	z := NewZone("bench", Limits{MaxConnections: 1}, nil)
+	z := engine.NewZone("bench", engine.Limits{MaxConnections: 1}, nil)
 	b.ReportAllocs()
 	b.ResetTimer()
 	for done := 0; done < b.N; {
 		n := min(batch, b.N-done)
 		b.StopTimer()
-		holder := &Waiter{}
-		if out, _ := z.Acquire(holder, nil, time.Now()); out != Admitted {
+		holder := &engine.Waiter{}
+		if out, _ := z.Acquire(holder, nil, time.Now()); out != engine.Admitted {
 			b.Fatal("holder not admitted")
 		}
 		var wg sync.WaitGroup
@@ -34,7 +36,7 @@ func BenchmarkSocketWaitHandoff(b *testing.B) {
 			go func() {
 				defer wg.Done()
 				s := newStreamWait(servers[i], false, false)
-				if out, _ := s.admit(z); out != Admitted {
+				if out, _ := s.admit(z); out != engine.Admitted {
 					panic("waiter not admitted")
 				}
 				z.Free(&s.Waiter)

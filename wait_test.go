@@ -5,13 +5,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/l4-connlimit/connlimit/internal/platform"
 	proxyproto "github.com/pires/go-proxyproto"
 )
 
 // How newStreamWait picks the way a waiter sleeps, for connections as the
 // handler may get them.
 func TestWaitModeOfWrappedStreams(t *testing.T) {
-	if !canWatch {
+	if !platform.CanWatch {
 		t.Skip("no socket watching on this platform: every stream waits on a channel")
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")

@@ -6,6 +6,9 @@ import (
 
 	"github.com/mholt/caddy-l4/layer4"
 	"go.uber.org/zap"
+
+	"github.com/l4-connlimit/connlimit/internal/engine"
+	"github.com/l4-connlimit/connlimit/internal/platform"
 )
 
 // What the handler tells the operator: a debug line per event, a warning
@@ -17,25 +20,25 @@ import (
 // fields they build do not sit in Handle's frame, which is on the stack of
 // every waiting connection (one more byte there can double it to 8 KiB).
 
-func (h *Handler) logAbandoned(cx *layer4.Connection, w *Waiter, waited time.Duration) {
+func (h *Handler) logAbandoned(cx *layer4.Connection, w *engine.Waiter, waited time.Duration) {
 	h.logEvent("abandoned while waiting", cx, w, zap.Duration("waited", waited))
 }
 
 // logRejected logs a rejection, and warns (rate-limited) that the zone
 // rejects connections.
-func (h *Handler) logRejected(cx *layer4.Connection, w *Waiter, r Reason, waited time.Duration) {
+func (h *Handler) logRejected(cx *layer4.Connection, w *engine.Waiter, r engine.Reason, waited time.Duration) {
 	h.logEvent("rejected", cx, w, zap.String("reason", r.String()),
 		zap.Duration("waited", waited), zap.Bool("overflow", h.overflow != nil))
 	h.warnRejecting(r)
 }
 
-func (h *Handler) logAdmitted(cx *layer4.Connection, w *Waiter, waited time.Duration, dropped int) {
+func (h *Handler) logAdmitted(cx *layer4.Connection, w *engine.Waiter, waited time.Duration, dropped int) {
 	h.logEvent("admitted", cx, w, zap.Duration("waited", waited), zap.Int("position", w.Position()),
 		zap.Int("udp_packets_dropped_while_waiting", dropped))
 }
 
 // logEvent logs one connection's event at debug level.
-func (h *Handler) logEvent(msg string, cx *layer4.Connection, w *Waiter, fields ...zap.Field) {
+func (h *Handler) logEvent(msg string, cx *layer4.Connection, w *engine.Waiter, fields ...zap.Field) {
 	if !h.logger.Core().Enabled(zap.DebugLevel) {
 		return
 	}
@@ -52,7 +55,7 @@ const rejectionWarnEvery = 10 * time.Second
 
 // warnRejecting warns that the zone rejects connections, at most once per
 // rejectionWarnEvery, with how many were rejected since the last warning.
-func (h *Handler) warnRejecting(r Reason) {
+func (h *Handler) warnRejecting(r engine.Reason) {
 	h.rejectedSince.Add(1)
 	now := time.Now().UnixNano()
 	last := h.lastRejectionWarn.Load()
@@ -90,7 +93,7 @@ func (h *Handler) checkPlacement(cx *layer4.Connection) {
 	if now-last < int64(placementCheckEvery) || !h.lastPlacement.CompareAndSwap(last, now) {
 		return
 	}
-	if probeConn(cx.Conn) != peerThere {
+	if probeConn(cx.Conn) != platform.PeerThere {
 		return
 	}
 	if h.warnedPlacement.CompareAndSwap(false, true) {
@@ -104,7 +107,7 @@ func (h *Handler) checkPlacement(cx *layer4.Connection) {
 var reloadLoss sync.Once
 
 // readMigrateReq reads net.ipv4.tcp_migrate_req; tests replace it.
-var readMigrateReq = tcpMigrateReq
+var readMigrateReq = platform.TCPMigrateReq
 
 // warnReloadLoss warns, once per process, that config loads can reset
 // connections: Caddy opens each new config's listener with SO_REUSEPORT

@@ -7,7 +7,8 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/l4-connlimit/connlimit"
+	"github.com/l4-connlimit/connlimit/store"
+	"github.com/l4-connlimit/connlimit/store/redisstore"
 )
 
 // capacityResult is how much one zone asks of Redis, two ways.
@@ -59,38 +60,38 @@ func capacity(e *env, r *report) error {
 	res.load.done()
 	res.storeLoad = c.waitLoad("capacity, straight at the store")
 	logf("capacity: %d goroutines, take + give straight at the store, for %s", c.storeWorkers, c.capWindow)
-	st, err := connlimit.NewRedisFleet(connlimit.RedisOptions{Address: e.redis.addr, Lease: c.lease}, "capacity", "bench-direct")
+	st, err := redisstore.New(redisstore.Options{Address: e.redis.addr, Lease: c.lease}, "capacity", "bench-direct")
 	if err != nil {
 		return err
 	}
 	defer st.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), c.capWindow+time.Minute)
 	defer cancel()
-	if _, err := st.Register(ctx, connlimit.NodeState{Limits: connlimit.Limits{MaxConnections: 1 << 30}}); err != nil {
+	if _, err := st.Register(ctx, store.NodeState{Limits: store.Limits{MaxConnections: 1 << 30}}); err != nil {
 		return err
 	}
 	stopRenew := make(chan struct{})
 	renewDone := make(chan struct{})
 	go func() {
 		defer close(renewDone)
-		t := time.NewTicker(connlimit.RenewEvery(st.Lease()))
+		t := time.NewTicker(store.RenewEvery(st.Lease()))
 		defer t.Stop()
 		for {
 			select {
 			case <-stopRenew:
 				return
 			case <-t.C:
-				_, _ = st.Renew(ctx, connlimit.NodeState{})
+				_, _ = st.Renew(ctx, store.NodeState{})
 			}
 		}
 	}()
 	var ids atomic.Uint64
 	pair := func() error {
-		out, _, err := st.Take(ctx, connlimit.Ticket{ID: ids.Add(1)})
+		out, _, err := st.Take(ctx, store.Ticket{ID: ids.Add(1)})
 		if err != nil {
 			return err
 		}
-		if out != connlimit.Admitted {
+		if out != store.Admitted {
 			return fmt.Errorf("take: %v", out)
 		}
 		return st.Give(ctx, "")

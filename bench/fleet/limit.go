@@ -193,10 +193,10 @@ type profPart struct {
 var profParts = []struct{ name, fn string }{
 	{"a connection's whole handler (caddy-l4 server)", "github.com/mholt/caddy-l4/layer4.(*Server).handle"},
 	{"  of which proxy (dial, copy)", "github.com/mholt/caddy-l4/modules/l4proxy.(*Handler).Handle"},
-	{"  of which take, give, leave (the store's scripts)", "github.com/l4-connlimit/connlimit.(*redisFleet).run"},
-	{"grants: the BLPOP loop", "github.com/l4-connlimit/connlimit.(*redisFleet).pump"},
-	{"grants: handing them to waiters", "github.com/l4-connlimit/connlimit.(*fleetNode).grants"},
-	{"renewals", "github.com/l4-connlimit/connlimit.(*fleetNode).renewals"},
+	{"  of which take, give, leave (the store's scripts)", "github.com/l4-connlimit/connlimit/store/redisstore.(*redisFleet).run"},
+	{"grants: the BLPOP loop", "github.com/l4-connlimit/connlimit/store/redisstore.(*redisFleet).pump"},
+	{"grants: handing them to waiters", "github.com/l4-connlimit/connlimit/internal/engine.(*fleetNode).grants"},
+	{"renewals", "github.com/l4-connlimit/connlimit/internal/engine.(*fleetNode).renewals"},
 	{"Go scheduler looking for work (idle, wake-ups)", "runtime.findRunnable"},
 	{"Go GC (background marking)", "runtime.gcBgMarkWorker"},
 }

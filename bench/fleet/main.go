@@ -75,7 +75,7 @@ func main() {
 	flag.BoolVar(&c.quick, "quick", false, "short run (< 2 min): fewer samples, 1 round of 2 s, no load wait")
 	flag.StringVar(&c.caddyBin, "caddy", "", "Caddy binary with connection_limit (default: build ./cmd/caddy into the work directory)")
 	flag.StringVar(&c.redisBin, "redis-server", "redis-server", "redis-server binary")
-	flag.StringVar(&c.repo, "repo", ".", "the repository's root (for ./cmd/caddy and fleet_redis/*.lua)")
+	flag.StringVar(&c.repo, "repo", ".", "the repository's root (for ./cmd/caddy and store/redisstore/lua/*.lua)")
 	flag.StringVar(&c.workDir, "workdir", "", "directory for configs, logs and profiles (default: a new temporary one)")
 	flag.BoolVar(&c.keep, "keep", false, "keep the work directory")
 	flag.StringVar(&c.report, "report", "", "also write the report to this file")

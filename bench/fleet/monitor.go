@@ -20,13 +20,13 @@ import (
 // grant) from the nodes' own traffic (renewals, BLPOPs re-armed after a
 // timeout), the round-trip measurements also watch Redis' MONITOR feed,
 // which names each EVALSHA's script (by its SHA1, computed here from
-// fleet_redis/*.lua exactly as the store does) and its zone (KEYS[1]).
+// store/redisstore/lua/*.lua exactly as the store does) and its zone (KEYS[1]).
 // MONITOR costs Redis time, so it runs only in those measurements, never
 // in a timed one.
 
 // scriptNames maps the SHA1 of each of the store's scripts to its name.
 func scriptNames(repo string) (map[string]string, error) {
-	dir := filepath.Join(repo, "fleet_redis")
+	dir := filepath.Join(repo, "store", "redisstore", "lua")
 	lib, err := os.ReadFile(filepath.Join(dir, "lib.lua"))
 	if err != nil {
 		return nil, err

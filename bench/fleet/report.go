@@ -216,7 +216,7 @@ func (r *report) roundTrips(p printer) {
 	p("Method: a window of connections of one kind, with `INFO commandstats` read before and after "+
 		"(EVALSHA, EVAL and BLPOP are the commands nodes send; the commands scripts run are counted there too) "+
 		"and Redis' `MONITOR` feed over the same window, which names each EVALSHA's script (SHA1 of "+
-		"`fleet_redis/lib.lua` + the script, as the store loads them) and its zone (KEYS[1]). A connection's "+
+		"`store/redisstore/lua/lib.lua` + the script, as the store loads them) and its zone (KEYS[1]). A connection's "+
 		"round trips are its zone's take, give and leave scripts plus the BLPOPs that delivered a grant "+
 		"(= RPUSHes to the grant lists in the window, from commandstats). The nodes' own traffic (renewals "+
 		"of every zone, BLPOPs re-armed after their lease-long timeout) is shown apart, not counted. "+

@@ -1,6 +1,6 @@
 //go:build linux
 
-package connlimit
+package platform
 
 import (
 	"syscall"
@@ -9,29 +9,29 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// canWatch reports whether this platform can watch a waiting socket for
+// CanWatch reports whether this platform can watch a waiting socket for
 // its client leaving without reading from it.
-const canWatch = true
+const CanWatch = true
 
-// watchSocket parks the calling goroutine in Go's network poller until the
+// Watch parks the calling goroutine in Go's network poller until the
 // client of rc has gone (it returns true) or the connection's read deadline
 // passes (it returns false and the deadline error). It never consumes a
 // byte: the poller wakes it on every new segment, FIN or RST, and each time
 // it asks the socket's state with one non-blocking ppoll for POLLRDHUP.
-func watchSocket(rc syscall.RawConn, keepHalfClosed, sentBefore bool) (gone bool, err error) {
+func Watch(rc syscall.RawConn, keepHalfClosed, sentBefore bool) (gone bool, err error) {
 	err = rc.Read(func(fd uintptr) bool {
-		gone = peerState(fd, keepHalfClosed, sentBefore) == peerGone
+		gone = peerState(fd, keepHalfClosed, sentBefore) == PeerGone
 		return gone
 	})
 	return gone, err
 }
 
-// probe looks at the socket once, without waiting. A socket that can no
+// Probe looks at the socket once, without waiting. A socket that can no
 // longer be looked at (closed under us) is gone.
-func probe(rc syscall.RawConn, keepHalfClosed, sentBefore bool) peer {
-	p := peerUnknown
+func Probe(rc syscall.RawConn, keepHalfClosed, sentBefore bool) Peer {
+	p := PeerUnknown
 	if err := rc.Control(func(fd uintptr) { p = peerState(fd, keepHalfClosed, sentBefore) }); err != nil {
-		return peerGone
+		return PeerGone
 	}
 	return p
 }
@@ -42,19 +42,19 @@ func probe(rc syscall.RawConn, keepHalfClosed, sentBefore bool) peer {
 //   - closed its sending side (FIN): gone, unless keepHalfClosed and the
 //     client sent bytes first (read by caddy-l4's matchers, sentBefore, or
 //     still pending in the socket): then it half-closed after its request.
-func peerState(fd uintptr, keepHalfClosed, sentBefore bool) peer {
+func peerState(fd uintptr, keepHalfClosed, sentBefore bool) Peer {
 	ev, ok := pollState(fd)
 	switch {
 	case !ok:
-		return peerUnknown // interrupted: looked at again on the next wake-up
+		return PeerUnknown // interrupted: looked at again on the next wake-up
 	case ev&(unix.POLLHUP|unix.POLLERR|unix.POLLNVAL) != 0:
-		return peerGone
+		return PeerGone
 	case ev&unix.POLLRDHUP == 0:
-		return peerThere
+		return PeerThere
 	case !keepHalfClosed || (!sentBefore && !peek(fd)):
-		return peerGone
+		return PeerGone
 	}
-	return peerThere
+	return PeerThere
 }
 
 // pollState returns the socket's poll events without waiting: POLLRDHUP

@@ -1,15 +1,12 @@
-package connlimit
+package redisstore
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"embed"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,14 +14,16 @@ import (
 
 	"github.com/redis/go-redis/v9"
 	"github.com/redis/go-redis/v9/maintnotifications"
+
+	"github.com/l4-connlimit/connlimit/store"
 )
 
-// This file is the FleetStore of fleet.go in Redis (or any server that
-// speaks its protocol and runs its Lua scripts: Valkey, KeyDB). Every
+// This file is store.Store in Redis (or any server that speaks its
+// protocol and runs its Lua scripts: Valkey, KeyDB). Every
 // operation is one Lua script, run with EVALSHA (EVAL once after the server
 // lost its script cache), so each is atomic and one round trip. Times
 // (leases, when limits were set) are Redis' own clock (TIME), never a
-// node's. The key layout and what each script does are in fleet_redis/.
+// node's. The key layout and what each script does are in lua/.
 //
 // Redis Cluster: every key of a zone is "<prefix>:{<zone>}:<what>", so they
 // share the hash tag {<zone>} and one zone lives in one slot. A script is
@@ -32,19 +31,19 @@ import (
 // routes it by that key's slot) and derives the others from it, per node
 // and per key value, which it cannot know beforehand; they are in the same
 // slot by their hash tag. Zone names and the prefix may not contain '{' or
-// '}', which would move the tag. With RedisOptions.Cluster the client is a
+// '}', which would move the tag. With Options.Cluster the client is a
 // Cluster client that routes each script (and the BLPOP of a node's
 // grants) to the shard of the zone's slot.
 
-//go:embed fleet_redis/*.lua
+//go:embed lua/*.lua
 var fleetRedisLua embed.FS
 
 func fleetRedisScript(name string) *redis.Script {
-	lib, err := fleetRedisLua.ReadFile("fleet_redis/lib.lua")
+	lib, err := fleetRedisLua.ReadFile("lua/lib.lua")
 	if err != nil {
 		panic(err)
 	}
-	op, err := fleetRedisLua.ReadFile("fleet_redis/" + name + ".lua")
+	op, err := fleetRedisLua.ReadFile("lua/" + name + ".lua")
 	if err != nil {
 		panic(err)
 	}
@@ -62,8 +61,8 @@ var (
 	fleetStatus    = fleetRedisScript("status")
 )
 
-// RedisOptions say how to reach Redis and how to keep a fleet zone there.
-type RedisOptions struct {
+// Options say how to reach Redis and how to keep a fleet zone there.
+type Options struct {
 	// Address is host:port.
 	Address string
 	// Username and Password authenticate (AUTH); both optional.
@@ -93,26 +92,9 @@ type RedisOptions struct {
 const (
 	// DefaultKeyPrefix starts every key of a fleet zone in Redis.
 	DefaultKeyPrefix = "connlimit"
-	// DefaultLease is a fleet node's lease in the store.
-	DefaultLease = 5 * time.Second
-	// MinLease is the shortest lease allowed.
-	MinLease = time.Second
 
 	fleetReapLimit = 16 // expired nodes reaped by one renewal at most
 )
-
-// CheckFleetName reports whether s can name a zone or be a key prefix in
-// the store: not empty, and no '{' or '}' (they would move the Cluster hash
-// tag).
-func CheckFleetName(what, s string) error {
-	if s == "" {
-		return fmt.Errorf("%s must not be empty", what)
-	}
-	if strings.ContainsAny(s, "{}") {
-		return fmt.Errorf("%s must not contain '{' or '}' (Redis Cluster hash tags), got %q", what, s)
-	}
-	return nil
-}
 
 type redisFleet struct {
 	zone, node string
@@ -132,32 +114,32 @@ type redisFleet struct {
 }
 
 type grantResult struct {
-	t   Ticket
+	t   store.Ticket
 	err error
 }
 
-// NewRedisFleet returns zone's shared state in the Redis at opts.Address,
+// New returns zone's shared state in the Redis at opts.Address,
 // as seen by the node nodeID (a random id if empty; it must be unique in
 // the fleet and should stay the same across config reloads). It does not
 // connect: Redis need not be up.
-func NewRedisFleet(opts RedisOptions, zone, nodeID string) (FleetStore, error) {
+func New(opts Options, zone, nodeID string) (store.Store, error) {
 	if opts.Address == "" {
 		return nil, errors.New("connlimit: fleet store: no Redis address")
 	}
 	if opts.KeyPrefix == "" {
 		opts.KeyPrefix = DefaultKeyPrefix
 	}
-	if err := CheckFleetName("key_prefix", opts.KeyPrefix); err != nil {
+	if err := store.CheckName("key_prefix", opts.KeyPrefix); err != nil {
 		return nil, fmt.Errorf("connlimit: fleet store: %v", err)
 	}
-	if err := CheckFleetName("zone", zone); err != nil {
+	if err := store.CheckName("zone", zone); err != nil {
 		return nil, fmt.Errorf("connlimit: fleet store: %v", err)
 	}
 	if opts.Lease == 0 {
-		opts.Lease = DefaultLease
+		opts.Lease = store.DefaultLease
 	}
-	if opts.Lease < MinLease {
-		return nil, fmt.Errorf("connlimit: fleet store: lease must be at least %s, got %s", MinLease, opts.Lease)
+	if opts.Lease < store.MinLease {
+		return nil, fmt.Errorf("connlimit: fleet store: lease must be at least %s, got %s", store.MinLease, opts.Lease)
 	}
 	if opts.DB < 0 || (opts.Cluster && opts.DB != 0) {
 		return nil, fmt.Errorf("connlimit: fleet store: db must be 0 with a Cluster, and never negative, got %d", opts.DB)
@@ -169,7 +151,7 @@ func NewRedisFleet(opts RedisOptions, zone, nodeID string) (FleetStore, error) {
 		opts.retryPause = 50 * time.Millisecond
 	}
 	if nodeID == "" {
-		nodeID = DefaultNodeID()
+		nodeID = store.DefaultNodeID()
 	}
 	base := opts.KeyPrefix + ":{" + zone + "}"
 	// RESP2, no CLIENT SETINFO, no maintenance notifications: a
@@ -235,25 +217,13 @@ func NewRedisFleet(opts RedisOptions, zone, nodeID string) (FleetStore, error) {
 	}, nil
 }
 
-// DefaultNodeID is a node id unique to this process: host name, process
-// id and a random part.
-func DefaultNodeID() string {
-	host, err := os.Hostname()
-	if err != nil || host == "" {
-		host = "node"
-	}
-	var b [4]byte
-	_, _ = rand.Read(b[:])
-	return fmt.Sprintf("%s-%d-%s", host, os.Getpid(), hex.EncodeToString(b[:]))
-}
-
 func (s *redisFleet) NodeID() string       { return s.node }
 func (s *redisFleet) Lease() time.Duration { return s.lease }
 
 // fail wraps an error that is certain: the store answered (an error reply,
 // a refusal, a reply that makes no sense) or was not asked.
 func (s *redisFleet) fail(op string, err error) error {
-	return &FleetError{Zone: s.zone, Op: op, Err: err}
+	return &store.Error{Zone: s.zone, Op: op, Err: err}
 }
 
 // failCall wraps an error of the client: uncertain unless it is an error
@@ -261,7 +231,7 @@ func (s *redisFleet) fail(op string, err error) error {
 func (s *redisFleet) failCall(op string, err error) error {
 	var rerr redis.Error
 	uncertain := !errors.As(err, &rerr) && !errors.Is(err, redis.ErrClosed)
-	return &FleetError{Zone: s.zone, Op: op, Err: err, Uncertain: uncertain}
+	return &store.Error{Zone: s.zone, Op: op, Err: err, Uncertain: uncertain}
 }
 
 func (s *redisFleet) isClosed() bool {
@@ -278,7 +248,7 @@ func (s *redisFleet) isClosed() bool {
 // connection error.
 func (s *redisFleet) run(ctx context.Context, op string, sc *redis.Script, idempotent bool, args ...any) (any, error) {
 	if s.isClosed() {
-		return nil, s.fail(op, ErrStoreClosed)
+		return nil, s.fail(op, store.ErrClosed)
 	}
 	v, err := sc.Run(ctx, s.c, s.keys, args...).Result()
 	if err != nil && (notRun(err) || idempotent && retryable(err)) && ctx.Err() == nil {
@@ -321,36 +291,36 @@ func retryable(err error) bool {
 		!(errors.As(err, &nerr) && nerr.Timeout())
 }
 
-func (s *redisFleet) Take(ctx context.Context, t Ticket) (Outcome, Reason, error) {
+func (s *redisFleet) Take(ctx context.Context, t store.Ticket) (store.Outcome, store.Reason, error) {
 	v, err := s.run(ctx, "take", fleetTake, false,
 		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key)
 	if err != nil {
-		return Rejected, ReasonNone, err
+		return store.Rejected, store.ReasonNone, err
 	}
 	r, ok := v.([]any)
 	if !ok || len(r) == 0 {
-		return Rejected, ReasonNone, s.fail("take", fmt.Errorf("unexpected reply %v", v))
+		return store.Rejected, store.ReasonNone, s.fail("take", fmt.Errorf("unexpected reply %v", v))
 	}
 	switch r[0] {
 	case "admitted":
-		return Admitted, ReasonNone, nil
+		return store.Admitted, store.ReasonNone, nil
 	case "queued":
-		return Queued, ReasonNone, nil
+		return store.Queued, store.ReasonNone, nil
 	case "lapsed":
-		return Rejected, ReasonNone, s.fail("take", ErrLapsed)
+		return store.Rejected, store.ReasonNone, s.fail("take", store.ErrLapsed)
 	case "nolimits":
-		return Rejected, ReasonNone, s.fail("take", ErrNoLimits)
+		return store.Rejected, store.ReasonNone, s.fail("take", store.ErrNoLimits)
 	case "rejected":
 		if len(r) == 2 {
 			switch r[1] {
 			case "queue_full":
-				return Rejected, ReasonQueueFull, nil
+				return store.Rejected, store.ReasonQueueFull, nil
 			case "no_waiting":
-				return Rejected, ReasonNoWaiting, nil
+				return store.Rejected, store.ReasonNoWaiting, nil
 			}
 		}
 	}
-	return Rejected, ReasonNone, s.fail("take", fmt.Errorf("unexpected reply %v", v))
+	return store.Rejected, store.ReasonNone, s.fail("take", fmt.Errorf("unexpected reply %v", v))
 }
 
 func (s *redisFleet) Give(ctx context.Context, key string) error {
@@ -358,7 +328,7 @@ func (s *redisFleet) Give(ctx context.Context, key string) error {
 	return err
 }
 
-func (s *redisFleet) Leave(ctx context.Context, t Ticket) (bool, error) {
+func (s *redisFleet) Leave(ctx context.Context, t store.Ticket) (bool, error) {
 	v, err := s.run(ctx, "leave", fleetLeave, false,
 		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key)
 	if err != nil {
@@ -367,25 +337,25 @@ func (s *redisFleet) Leave(ctx context.Context, t Ticket) (bool, error) {
 	return v == int64(1), nil
 }
 
-func (s *redisFleet) Renew(ctx context.Context, counts NodeState) (FleetState, error) {
+func (s *redisFleet) Renew(ctx context.Context, counts store.NodeState) (store.State, error) {
 	v, err := s.run(ctx, "renew", fleetRenew, true,
 		s.node, s.lease.Milliseconds(), counts.Active, counts.Waiters, fleetReapLimit)
 	if err != nil {
-		return FleetState{}, err
+		return store.State{}, err
 	}
 	st, err := parseFleetState(v)
 	if err != nil {
-		return FleetState{}, s.fail("renew", err)
+		return store.State{}, s.fail("renew", err)
 	}
 	return st, nil
 }
 
-func (s *redisFleet) Register(ctx context.Context, st NodeState) (FleetState, error) {
+func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.State, error) {
 	args := make([]any, 0, 11+2*len(st.Held)+3*len(st.Waiting))
 	args = append(args, s.node, s.lease.Milliseconds(), st.Active, st.Waiters, fleetReapLimit)
 	if st.Limits.MaxConnections != 0 {
 		if err := st.Limits.Validate(); err != nil {
-			return FleetState{}, s.fail("register", err)
+			return store.State{}, s.fail("register", err)
 		}
 		l := st.Limits
 		args = append(args, 1, l.MaxConnections, l.MaxWaiting, l.WaitTimeout.Milliseconds(), l.Order.String())
@@ -409,11 +379,11 @@ func (s *redisFleet) Register(ctx context.Context, st NodeState) (FleetState, er
 	}
 	v, err := s.run(ctx, "register", fleetRegister, true, args...)
 	if err != nil {
-		return FleetState{}, err
+		return store.State{}, err
 	}
 	fs, err := parseFleetState(v)
 	if err != nil {
-		return FleetState{}, s.fail("register", err)
+		return store.State{}, s.fail("register", err)
 	}
 	select { // the store answers again: read the grants at once
 	case s.rearm <- struct{}{}:
@@ -422,7 +392,7 @@ func (s *redisFleet) Register(ctx context.Context, st NodeState) (FleetState, er
 	return fs, nil
 }
 
-func (s *redisFleet) SetLimits(ctx context.Context, l Limits) error {
+func (s *redisFleet) SetLimits(ctx context.Context, l store.Limits) error {
 	if err := l.Validate(); err != nil {
 		return s.fail("set_limits", err)
 	}
@@ -440,30 +410,30 @@ func (s *redisFleet) SetPaused(ctx context.Context, paused bool) error {
 	return err
 }
 
-func (s *redisFleet) Status(ctx context.Context) (FleetStatus, error) {
+func (s *redisFleet) Status(ctx context.Context) (store.Status, error) {
 	v, err := s.run(ctx, "status", fleetStatus, true, s.node)
 	if err != nil {
-		return FleetStatus{}, err
+		return store.Status{}, err
 	}
 	st, err := parseFleetStatus(v)
 	if err != nil {
-		return FleetStatus{}, s.fail("status", err)
+		return store.Status{}, s.fail("status", err)
 	}
 	return st, nil
 }
 
-func (s *redisFleet) NextGrant(ctx context.Context) (Ticket, error) {
+func (s *redisFleet) NextGrant(ctx context.Context) (store.Ticket, error) {
 	if s.isClosed() {
-		return Ticket{}, s.fail("grant", ErrStoreClosed)
+		return store.Ticket{}, s.fail("grant", store.ErrClosed)
 	}
 	s.pumpOnce.Do(func() { go s.pump() })
 	select {
 	case r := <-s.grants:
 		return r.t, r.err
 	case <-ctx.Done():
-		return Ticket{}, ctx.Err()
+		return store.Ticket{}, ctx.Err()
 	case <-s.closed:
-		return Ticket{}, s.fail("grant", ErrStoreClosed)
+		return store.Ticket{}, s.fail("grant", store.ErrClosed)
 	}
 }
 
@@ -534,17 +504,17 @@ func (s *redisFleet) Close() error {
 }
 
 // parseGrant reads "<epoch>\n<ticket id>\n<priority>\n<key value>".
-func parseGrant(g string) (Ticket, error) {
+func parseGrant(g string) (store.Ticket, error) {
 	f := strings.SplitN(g, "\n", 4)
 	if len(f) == 4 {
 		ep, err1 := strconv.ParseUint(f[0], 10, 64)
 		id, err2 := strconv.ParseUint(f[1], 10, 64)
 		prio, err3 := strconv.Atoi(f[2])
 		if err1 == nil && err2 == nil && err3 == nil {
-			return Ticket{ID: id, Key: f[3], Priority: prio, Epoch: ep}, nil
+			return store.Ticket{ID: id, Key: f[3], Priority: prio, Epoch: ep}, nil
 		}
 	}
-	return Ticket{}, fmt.Errorf("garbled grant %q", truncate(g, 60))
+	return store.Ticket{}, fmt.Errorf("garbled grant %q", truncate(g, 60))
 }
 
 func truncate(s string, n int) string {
@@ -563,10 +533,10 @@ func replyInt(v any) (int64, bool) {
 // parseFleetState reads the reply of state() in lib.lua:
 // {lapsed, max, maxw, wait_ms, order, set_at, paused, active, waiting,
 // nodes, epoch, now}.
-func parseFleetState(v any) (FleetState, error) {
+func parseFleetState(v any) (store.State, error) {
 	r, ok := v.([]any)
 	if !ok || len(r) != 12 {
-		return FleetState{}, fmt.Errorf("unexpected reply %v", v)
+		return store.State{}, fmt.Errorf("unexpected reply %v", v)
 	}
 	var n [12]int64
 	for i, e := range r {
@@ -574,10 +544,10 @@ func parseFleetState(v any) (FleetState, error) {
 			continue
 		}
 		if n[i], ok = replyInt(e); !ok {
-			return FleetState{}, fmt.Errorf("unexpected reply %v", v)
+			return store.State{}, fmt.Errorf("unexpected reply %v", v)
 		}
 	}
-	st := FleetState{
+	st := store.State{
 		Lapsed:    n[0] == 1,
 		Paused:    n[6] == 1,
 		Active:    int(n[7]),
@@ -586,13 +556,13 @@ func parseFleetState(v any) (FleetState, error) {
 		Epoch:     uint64(n[10]),
 	}
 	if n[1] > 0 {
-		st.Limits = Limits{
+		st.Limits = store.Limits{
 			MaxConnections: int(n[1]),
 			MaxWaiting:     int(n[2]),
 			WaitTimeout:    time.Duration(n[3]) * time.Millisecond,
 		}
 		if r[4] == "lifo" {
-			st.Limits.Order = LIFO
+			st.Limits.Order = store.LIFO
 		}
 		if n[5] > 0 {
 			st.LimitsSet = time.UnixMilli(n[5])
@@ -603,41 +573,41 @@ func parseFleetState(v any) (FleetState, error) {
 
 // parseFleetStatus reads the reply of status.lua: {state, {id, expiry,
 // info, ...}}.
-func parseFleetStatus(v any) (FleetStatus, error) {
+func parseFleetStatus(v any) (store.Status, error) {
 	r, ok := v.([]any)
 	if !ok || len(r) != 2 {
-		return FleetStatus{}, fmt.Errorf("unexpected reply %v", v)
+		return store.Status{}, fmt.Errorf("unexpected reply %v", v)
 	}
 	st, err := parseFleetState(r[0])
 	if err != nil {
-		return FleetStatus{}, err
+		return store.Status{}, err
 	}
 	now, _ := replyInt(r[0].([]any)[11])
 	ns, ok := r[1].([]any)
 	if !ok || len(ns)%3 != 0 {
-		return FleetStatus{}, fmt.Errorf("unexpected reply %v", v)
+		return store.Status{}, fmt.Errorf("unexpected reply %v", v)
 	}
-	fs := FleetStatus{FleetState: st}
+	fs := store.Status{State: st}
 	for i := 0; i < len(ns); i += 3 {
 		id, _ := ns[i].(string)
 		exps, _ := ns[i+1].(string)
 		info, _ := ns[i+2].(string)
 		exp, err := strconv.ParseFloat(exps, 64)
 		if err != nil {
-			return FleetStatus{}, fmt.Errorf("garbled lease of node %q: %q", id, truncate(exps, 60))
+			return store.Status{}, fmt.Errorf("garbled lease of node %q: %q", id, truncate(exps, 60))
 		}
-		ni := NodeInfo{ID: id, Expires: time.Duration(int64(exp)-now) * time.Millisecond}
+		ni := store.NodeInfo{ID: id, Expires: time.Duration(int64(exp)-now) * time.Millisecond}
 		if f := strings.Fields(info); len(f) == 3 {
 			a, err1 := strconv.Atoi(f[0])
 			w, err2 := strconv.Atoi(f[1])
 			at, err3 := strconv.ParseInt(f[2], 10, 64)
 			if err1 != nil || err2 != nil || err3 != nil {
-				return FleetStatus{}, fmt.Errorf("garbled info of node %q: %q", id, truncate(info, 60))
+				return store.Status{}, fmt.Errorf("garbled info of node %q: %q", id, truncate(info, 60))
 			}
 			ni.Active, ni.Waiting = a, w
 			ni.Renewed = time.Duration(now-at) * time.Millisecond
 		} else if info != "" {
-			return FleetStatus{}, fmt.Errorf("garbled info of node %q: %q", id, truncate(info, 60))
+			return store.Status{}, fmt.Errorf("garbled info of node %q: %q", id, truncate(info, 60))
 		}
 		fs.Nodes = append(fs.Nodes, ni)
 	}

@@ -1,4 +1,4 @@
-package connlimit
+package engine
 
 import (
 	"context"
@@ -6,20 +6,23 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/testkit"
+	"github.com/l4-connlimit/connlimit/store"
 )
 
 // The node side of a fleet zone against a store of the test's own, for
 // the paths a whole process cannot be made to take on cue.
 
-// fakeStore is a FleetStore whose answers the test gives, recording what
+// fakeStore is a store.Store whose answers the test gives, recording what
 // the node asks.
 type fakeStore struct {
 	mu       sync.Mutex
-	take     func(Ticket) (Outcome, Reason, error)
+	take     func(store.Ticket) (Outcome, Reason, error)
 	gives    []string
 	leaves   []uint64
-	regs     []NodeState
-	grants   chan Ticket
+	regs     []store.NodeState
+	grants   chan store.Ticket
 	closed   chan struct{}
 	once     sync.Once
 	epoch    uint64
@@ -27,7 +30,7 @@ type fakeStore struct {
 }
 
 func newFakeStore() *fakeStore {
-	return &fakeStore{grants: make(chan Ticket, 16), closed: make(chan struct{}), epoch: 7}
+	return &fakeStore{grants: make(chan store.Ticket, 16), closed: make(chan struct{}), epoch: 7}
 }
 
 func (s *fakeStore) NodeID() string                          { return "fake" }
@@ -35,11 +38,11 @@ func (s *fakeStore) Lease() time.Duration                    { return 3 * time.S
 func (s *fakeStore) Close() error                            { s.once.Do(func() { close(s.closed) }); return nil }
 func (s *fakeStore) SetLimits(context.Context, Limits) error { return nil }
 func (s *fakeStore) SetPaused(context.Context, bool) error   { return nil }
-func (s *fakeStore) Status(context.Context) (FleetStatus, error) {
-	return FleetStatus{}, nil
+func (s *fakeStore) Status(context.Context) (store.Status, error) {
+	return store.Status{}, nil
 }
 
-func (s *fakeStore) Take(_ context.Context, t Ticket) (Outcome, Reason, error) {
+func (s *fakeStore) Take(_ context.Context, t store.Ticket) (Outcome, Reason, error) {
 	s.mu.Lock()
 	f := s.take
 	s.mu.Unlock()
@@ -53,38 +56,38 @@ func (s *fakeStore) Give(_ context.Context, key string) error {
 	return nil
 }
 
-func (s *fakeStore) Leave(_ context.Context, t Ticket) (bool, error) {
+func (s *fakeStore) Leave(_ context.Context, t store.Ticket) (bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.leaves = append(s.leaves, t.ID)
 	return true, nil
 }
 
-func (s *fakeStore) NextGrant(ctx context.Context) (Ticket, error) {
+func (s *fakeStore) NextGrant(ctx context.Context) (store.Ticket, error) {
 	select {
 	case t := <-s.grants:
 		return t, nil
 	case <-ctx.Done():
-		return Ticket{}, ctx.Err()
+		return store.Ticket{}, ctx.Err()
 	case <-s.closed:
-		return Ticket{}, ErrStoreClosed
+		return store.Ticket{}, store.ErrClosed
 	}
 }
 
-func (s *fakeStore) Renew(context.Context, NodeState) (FleetState, error) {
+func (s *fakeStore) Renew(context.Context, store.NodeState) (store.State, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return FleetState{Epoch: s.epoch, Limits: Limits{MaxConnections: 1}, NodeCount: 1}, s.renewErr
+	return store.State{Epoch: s.epoch, Limits: Limits{MaxConnections: 1}, NodeCount: 1}, s.renewErr
 }
 
-func (s *fakeStore) Register(_ context.Context, st NodeState) (FleetState, error) {
+func (s *fakeStore) Register(_ context.Context, st store.NodeState) (store.State, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.renewErr != nil {
-		return FleetState{}, s.renewErr
+		return store.State{}, s.renewErr
 	}
 	s.regs = append(s.regs, st)
-	return FleetState{Epoch: s.epoch, Limits: Limits{MaxConnections: 1}, NodeCount: 1}, nil
+	return store.State{Epoch: s.epoch, Limits: Limits{MaxConnections: 1}, NodeCount: 1}, nil
 }
 
 func (s *fakeStore) counts() (gives, leaves, regs int) {
@@ -94,11 +97,11 @@ func (s *fakeStore) counts() (gives, leaves, regs int) {
 }
 
 // fakeFleetZone is a zone joined to store s, registered.
-func fakeFleetZone(t *testing.T, s *fakeStore, policy UnreachablePolicy) *Zone {
+func fakeFleetZone(t *testing.T, s *fakeStore, policy store.UnreachablePolicy) *Zone {
 	t.Helper()
 	z := NewZone("fake", Limits{MaxConnections: 1}, nil)
 	err := z.setFleet(&Fleet{
-		Open:        func(string) (FleetStore, error) { return s, nil },
+		Open:        func(string) (store.Store, error) { return s, nil },
 		Unreachable: policy,
 		Differs:     func(*Fleet) string { return "" },
 	})
@@ -106,7 +109,7 @@ func fakeFleetZone(t *testing.T, s *fakeStore, policy UnreachablePolicy) *Zone {
 		t.Fatal(err)
 	}
 	t.Cleanup(z.leaveFleet)
-	waitFor(t, 5*time.Second, "the node to register", func() bool {
+	testkit.WaitFor(t, 5*time.Second, "the node to register", func() bool {
 		z.mu.Lock()
 		defer z.mu.Unlock()
 		return z.fleet.joined()
@@ -118,13 +121,13 @@ func fakeFleetZone(t *testing.T, s *fakeStore, policy UnreachablePolicy) *Zone {
 // waiter claimed it, goes back to the fleet: once.
 func TestFleetNodeAbandonedGrantGoesBack(t *testing.T) {
 	s := newFakeStore()
-	s.take = func(Ticket) (Outcome, Reason, error) { return Queued, ReasonNone, nil }
-	z := fakeFleetZone(t, s, UnreachablePolicy{})
+	s.take = func(store.Ticket) (Outcome, Reason, error) { return Queued, ReasonNone, nil }
+	z := fakeFleetZone(t, s, store.UnreachablePolicy{})
 	w, sig := &Waiter{Key: "k"}, NewSignal()
 	if out, _ := z.Acquire(w, sig, time.Now()); out != Queued {
 		t.Fatalf("Acquire = %v, want queued", out)
 	}
-	s.grants <- Ticket{ID: w.ticket, Key: "k", Epoch: s.epoch}
+	s.grants <- store.Ticket{ID: w.ticket, Key: "k", Epoch: s.epoch}
 	<-sig // granted, not claimed
 	if !z.Abandon(w) {
 		t.Fatal("Abandon(granted) = false")
@@ -142,10 +145,10 @@ func TestFleetNodeAbandonedGrantGoesBack(t *testing.T) {
 // first goes back, the second is dropped (the registration counted anew).
 func TestFleetNodeGrantsWithoutAWaiter(t *testing.T) {
 	s := newFakeStore()
-	z := fakeFleetZone(t, s, UnreachablePolicy{})
-	s.grants <- Ticket{ID: 999, Key: "gone", Epoch: s.epoch}
-	s.grants <- Ticket{ID: 998, Key: "old", Epoch: s.epoch - 1}
-	waitFor(t, 5*time.Second, "the unknown grant to go back", func() bool { g, _, _ := s.counts(); return g == 1 })
+	z := fakeFleetZone(t, s, store.UnreachablePolicy{})
+	s.grants <- store.Ticket{ID: 999, Key: "gone", Epoch: s.epoch}
+	s.grants <- store.Ticket{ID: 998, Key: "old", Epoch: s.epoch - 1}
+	testkit.WaitFor(t, 5*time.Second, "the unknown grant to go back", func() bool { g, _, _ := s.counts(); return g == 1 })
 	time.Sleep(50 * time.Millisecond)
 	s.mu.Lock()
 	gives := append([]string(nil), s.gives...)
@@ -162,9 +165,9 @@ func TestFleetNodeGrantsWithoutAWaiter(t *testing.T) {
 // waiter the Take then queues.
 func TestFleetNodeGrantBeforeTakeAnswers(t *testing.T) {
 	s := newFakeStore()
-	z := fakeFleetZone(t, s, UnreachablePolicy{})
-	s.take = func(t Ticket) (Outcome, Reason, error) {
-		s.grants <- Ticket{ID: t.ID, Key: t.Key, Epoch: s.epoch}
+	z := fakeFleetZone(t, s, store.UnreachablePolicy{})
+	s.take = func(t store.Ticket) (Outcome, Reason, error) {
+		s.grants <- store.Ticket{ID: t.ID, Key: t.Key, Epoch: s.epoch}
 		time.Sleep(100 * time.Millisecond) // the grant is handled meanwhile
 		return Queued, ReasonNone, nil
 	}
@@ -188,10 +191,10 @@ func TestFleetNodeGrantBeforeTakeAnswers(t *testing.T) {
 // and registers what it serves once the store answers again.
 func TestFleetNodeUnreachableShareThenRegister(t *testing.T) {
 	s := newFakeStore()
-	z := fakeFleetZone(t, s, UnreachablePolicy{Share: 2})
+	z := fakeFleetZone(t, s, store.UnreachablePolicy{Share: 2})
 	down := errors.New("store down")
 	s.mu.Lock()
-	s.take = func(Ticket) (Outcome, Reason, error) { return Rejected, ReasonNone, down }
+	s.take = func(store.Ticket) (Outcome, Reason, error) { return Rejected, ReasonNone, down }
 	s.renewErr = down
 	s.mu.Unlock()
 	var held []*Waiter
@@ -216,9 +219,9 @@ func TestFleetNodeUnreachableShareThenRegister(t *testing.T) {
 	}
 	s.mu.Lock()
 	s.renewErr = nil
-	s.take = func(Ticket) (Outcome, Reason, error) { return Queued, ReasonNone, nil }
+	s.take = func(store.Ticket) (Outcome, Reason, error) { return Queued, ReasonNone, nil }
 	s.mu.Unlock()
-	waitFor(t, 5*time.Second, "a registration after the store came back", func() bool { _, _, r := s.counts(); return r > regs })
+	testkit.WaitFor(t, 5*time.Second, "a registration after the store came back", func() bool { _, _, r := s.counts(); return r > regs })
 	s.mu.Lock()
 	st := s.regs[len(s.regs)-1]
 	s.mu.Unlock()

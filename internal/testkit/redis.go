@@ -1,8 +1,7 @@
-package connlimit
+package testkit
 
 import (
 	"bufio"
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -21,17 +20,16 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/redis/go-redis/v9"
 )
 
-// The fleet store's tests run against a real redis-server that each test
-// starts on a free loopback port (never a system-wide one), with no
-// persistence, and stops at cleanup. It can be killed (SIGKILL) and
-// started again, empty, on the same port.
+// The fleet's tests run against a real redis-server that each test starts
+// on a free loopback port (never a system-wide one), with no persistence,
+// and stops at cleanup. It can be killed (SIGKILL) and started again,
+// empty, on the same port. The tests' own reads and writes go through Do,
+// a RESP client of a few lines: only the Redis store imports go-redis.
 
-// redisConfig says how to start a test's redis-server.
-type redisConfig struct {
+// RedisConfig says how to start a test's redis-server.
+type RedisConfig struct {
 	// Password sets requirepass; User and UserPassword add an ACL user.
 	Password, User, UserPassword string
 	// TLS: the server listens with TLS only, with a certificate for
@@ -42,20 +40,23 @@ type redisConfig struct {
 	Cluster bool
 }
 
-type redisServer struct {
+// Redis is one test's redis-server.
+type Redis struct {
 	t    testing.TB
-	cfg  redisConfig
+	Cfg  RedisConfig
 	port int
 	dir  string
 
-	// with TLS: the CA's certificate file and a client config trusting it
-	caFile    string
-	clientTLS *tls.Config
+	// With TLS: the CA's certificate file, and a client config trusting it.
+	CAFile    string
+	ClientTLS *tls.Config
 
-	mu    sync.Mutex
-	cmd   *exec.Cmd
-	done  chan struct{}
-	admin *redis.Client
+	mu   sync.Mutex
+	cmd  *exec.Cmd
+	done chan struct{}
+
+	amu   sync.Mutex // the admin connection of Do
+	admin *respConn
 }
 
 // redisServerPath finds redis-server; a test without it is skipped, except
@@ -72,18 +73,18 @@ func redisServerPath(t testing.TB) string {
 	return p
 }
 
-// startRedis starts a redis-server for t, stopped at t's cleanup.
-func startRedis(t testing.TB, cfg redisConfig) *redisServer {
+// StartRedis starts a redis-server for t, stopped at t's cleanup.
+func StartRedis(t testing.TB, cfg RedisConfig) *Redis {
 	t.Helper()
 	redisServerPath(t)
-	r := &redisServer{t: t, cfg: cfg, dir: t.TempDir()}
+	r := &Redis{t: t, Cfg: cfg, dir: t.TempDir()}
 	if cfg.TLS {
 		r.makeCerts()
 	}
 	t.Cleanup(r.stop)
 	var err error
 	for range 5 { // another process may take the free port first
-		r.port = redisFreePort(t)
+		r.port = FreePort(t)
 		if err = r.start(); err == nil {
 			return r
 		}
@@ -92,7 +93,8 @@ func startRedis(t testing.TB, cfg redisConfig) *redisServer {
 	return nil
 }
 
-func redisFreePort(t testing.TB) int {
+// FreePort is a TCP port on 127.0.0.1 that was free a moment ago.
+func FreePort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -103,35 +105,35 @@ func redisFreePort(t testing.TB) int {
 }
 
 // Addr is the server's host:port.
-func (r *redisServer) Addr() string { return fmt.Sprintf("127.0.0.1:%d", r.port) }
+func (r *Redis) Addr() string { return fmt.Sprintf("127.0.0.1:%d", r.port) }
 
-func (r *redisServer) args() []string {
+func (r *Redis) args() []string {
 	a := []string{"--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
 		"--dir", r.dir, "--logfile", filepath.Join(r.dir, "redis.log")}
-	if r.cfg.TLS {
+	if r.Cfg.TLS {
 		a = append(a, "--port", "0", "--tls-port", strconv.Itoa(r.port),
 			"--tls-cert-file", filepath.Join(r.dir, "server.crt"),
 			"--tls-key-file", filepath.Join(r.dir, "server.key"),
-			"--tls-ca-cert-file", r.caFile,
+			"--tls-ca-cert-file", r.CAFile,
 			"--tls-auth-clients", "no")
 	} else {
 		a = append(a, "--port", strconv.Itoa(r.port))
 	}
-	if r.cfg.Password != "" {
-		a = append(a, "--requirepass", r.cfg.Password)
+	if r.Cfg.Password != "" {
+		a = append(a, "--requirepass", r.Cfg.Password)
 	}
-	if r.cfg.Cluster {
+	if r.Cfg.Cluster {
 		a = append(a, "--cluster-enabled", "yes",
 			"--cluster-config-file", filepath.Join(r.dir, fmt.Sprintf("nodes-%d.conf", r.port)))
 	}
-	if r.cfg.User != "" {
-		a = append(a, "--user", r.cfg.User, "on", ">"+r.cfg.UserPassword, "~*", "&*", "+@all")
+	if r.Cfg.User != "" {
+		a = append(a, "--user", r.Cfg.User, "on", ">"+r.Cfg.UserPassword, "~*", "&*", "+@all")
 	}
 	return a
 }
 
 // start starts the server on r.port and waits until it answers.
-func (r *redisServer) start() error {
+func (r *Redis) start() error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	cmd := exec.Command(redisServerPath(r.t), r.args()...)
@@ -142,29 +144,18 @@ func (r *redisServer) start() error {
 	done := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(done) }()
 	r.cmd, r.done = cmd, done
-	if r.admin == nil {
-		o := &redis.Options{Addr: r.Addr(), Password: r.cfg.Password, TLSConfig: r.clientTLS,
-			Protocol: 2, DisableIdentity: true, MaxRetries: 2, DialerRetries: 1,
-			DialTimeout: time.Second, ReadTimeout: 2 * time.Second}
-		if r.cfg.Password == "" && r.cfg.User != "" {
-			o.Username, o.Password = r.cfg.User, r.cfg.UserPassword
-		}
-		r.admin = redis.NewClient(o)
-	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		select {
 		case <-done:
 			log, _ := os.ReadFile(filepath.Join(r.dir, "redis.log"))
-			return fmt.Errorf("redis-server exited: %s", tail(string(log), 400))
+			return fmt.Errorf("redis-server exited: %s", Tail(string(log), 400))
 		default:
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		err := r.admin.Ping(ctx).Err()
-		if err == nil && r.cfg.Cluster {
-			err = r.clusterUp(ctx)
+		_, err := r.Do("PING")
+		if err == nil && r.Cfg.Cluster {
+			err = r.clusterUp()
 		}
-		cancel()
 		if err == nil {
 			return nil
 		}
@@ -179,13 +170,13 @@ func (r *redisServer) start() error {
 
 // clusterUp gives the one node every slot (unless it has them) and says
 // whether the cluster is up.
-func (r *redisServer) clusterUp(ctx context.Context) error {
-	info, err := r.admin.ClusterInfo(ctx).Result()
+func (r *Redis) clusterUp() error {
+	info, err := r.Str("CLUSTER", "INFO")
 	if err != nil {
 		return err
 	}
 	if strings.Contains(info, "cluster_slots_assigned:0") {
-		if err := r.admin.Do(ctx, "CLUSTER", "ADDSLOTSRANGE", 0, 16383).Err(); err != nil {
+		if _, err := r.Do("CLUSTER", "ADDSLOTSRANGE", 0, 16383); err != nil {
 			return err
 		}
 	}
@@ -195,7 +186,8 @@ func (r *redisServer) clusterUp(ctx context.Context) error {
 	return nil
 }
 
-func tail(s string, n int) string {
+// Tail is the last n bytes of s.
+func Tail(s string, n int) string {
 	if len(s) > n {
 		return s[len(s)-n:]
 	}
@@ -203,7 +195,7 @@ func tail(s string, n int) string {
 }
 
 // Kill kills the server with SIGKILL and waits until it is gone.
-func (r *redisServer) Kill() {
+func (r *Redis) Kill() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.cmd == nil {
@@ -214,8 +206,18 @@ func (r *redisServer) Kill() {
 	r.cmd = nil
 }
 
+// Signal sends sig to the running server (SIGSTOP, SIGCONT).
+func (r *Redis) Signal(sig os.Signal) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.cmd == nil {
+		return fmt.Errorf("redis-server is not running")
+	}
+	return r.cmd.Process.Signal(sig)
+}
+
 // Restart starts the (killed) server again on the same port, empty.
-func (r *redisServer) Restart() {
+func (r *Redis) Restart() {
 	r.t.Helper()
 	var err error
 	for range 20 { // the port is free at once after a kill; bounded anyway
@@ -227,23 +229,17 @@ func (r *redisServer) Restart() {
 	r.t.Fatalf("restarting redis-server: %v", err)
 }
 
-func (r *redisServer) stop() {
+func (r *Redis) stop() {
 	r.Kill()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if r.admin != nil {
-		_ = r.admin.Close()
-		r.admin = nil
-	}
+	r.dropAdmin()
 }
 
-// Admin is a client of the server for the test's own reads and writes.
-func (r *redisServer) Admin() *redis.Client { return r.admin }
-
 // ResetStats resets INFO commandstats.
-func (r *redisServer) ResetStats() {
+func (r *Redis) ResetStats() {
 	r.t.Helper()
-	if err := r.admin.ConfigResetStat(context.Background()).Err(); err != nil {
+	if _, err := r.Do("CONFIG", "RESETSTAT"); err != nil {
 		r.t.Fatal(err)
 	}
 }
@@ -251,9 +247,9 @@ func (r *redisServer) ResetStats() {
 // CommandStats returns the calls of each command since the last
 // ResetStats (lower case names, "evalsha", "blpop", ...), not counting
 // the INFO and CONFIG commands of the harness itself.
-func (r *redisServer) CommandStats() map[string]int64 {
+func (r *Redis) CommandStats() map[string]int64 {
 	r.t.Helper()
-	s, err := r.admin.Info(context.Background(), "commandstats").Result()
+	s, err := r.Str("INFO", "commandstats")
 	if err != nil {
 		r.t.Fatal(err)
 	}
@@ -280,8 +276,8 @@ func (r *redisServer) CommandStats() map[string]int64 {
 }
 
 // makeCerts writes a CA and a server certificate (127.0.0.1, localhost)
-// signed by it into r.dir, and sets r.clientTLS to trust the CA.
-func (r *redisServer) makeCerts() {
+// signed by it into r.dir, and sets r.ClientTLS to trust the CA.
+func (r *Redis) makeCerts() {
 	t := r.t
 	t.Helper()
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -337,8 +333,8 @@ func (r *redisServer) makeCerts() {
 	write("ca.crt", "CERTIFICATE", caDER)
 	write("server.crt", "CERTIFICATE", srvDER)
 	write("server.key", "EC PRIVATE KEY", srvKeyDER)
-	r.caFile = filepath.Join(r.dir, "ca.crt")
+	r.CAFile = filepath.Join(r.dir, "ca.crt")
 	pool := x509.NewCertPool()
 	pool.AddCert(caCert)
-	r.clientTLS = &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12}
+	r.ClientTLS = &tls.Config{RootCAs: pool, ServerName: "localhost", MinVersion: tls.VersionTLS12}
 }

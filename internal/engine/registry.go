@@ -1,13 +1,12 @@
-package connlimit
+package engine
 
 import (
 	"fmt"
 	"sort"
 	"sync"
-)
 
-// zoneRegistry holds every zone of the process, across config reloads.
-var zoneRegistry = NewRegistry(newZoneMetrics)
+	"github.com/l4-connlimit/connlimit/store"
+)
 
 // Registry holds every zone of the process: the named ones, shared by all
 // handlers that name them across routes, servers and config reloads, and
@@ -187,7 +186,7 @@ func (r *Registry) leave(e *zoneEntry, u *zoneUser) {
 		// Its store was provisioned with its config, and opens without
 		// I/O: should it fail, the zone counts here alone, and says why.
 		if fo, ok := e.zone.obs.(FleetObserver); ok {
-			fo.StoreReached(FleetState{}, err)
+			fo.StoreReached(store.State{}, err)
 		}
 	}
 	e.zone.SetLimits(newest.limits)

@@ -1,63 +1,33 @@
-package connlimit
+package engine
 
 import (
 	"context"
 	"errors"
 	"sync"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/store"
 )
 
 // This process's side of a fleet zone: the zone's connections wait here,
 // in the zone's own lists, unread and watched as in any zone, while the
-// store (fleet.go) counts the fleet's slots and orders its waiting lists.
+// store (package store) counts the fleet's slots and orders its waiting lists.
 // A connection asks the store once (Take); a waiter's grant comes pushed
 // through the store (NextGrant); a freed slot goes back in one call
 // (Give). A loop renews the node's lease, learns the fleet's limits and
 // pause, and registers the node anew whenever the store lost it.
 //
 // While the store cannot be reached the zone admits on its own, up to the
-// policy's share (UnreachablePolicy); while the node is registered nowhere
+// policy's share (store.UnreachablePolicy); while the node is registered nowhere
 // (its lease lapsed) it admits nobody new until it has registered what it
 // serves and who waits here.
-
-// UnreachablePolicy is what a node does with new arrivals while its
-// zone's store cannot be reached. Connections admitted before go on
-// either way.
-type UnreachablePolicy struct {
-	// Refuse: nobody new is admitted; arrivals wait (up to wait_timeout
-	// and max_waiting, on this node) until the store is back, or are
-	// rejected as when the zone is full.
-	Refuse bool
-	// Share, when not Refuse: this node admits up to Share connections
-	// (per key value) on its own, counting those it holds; 0 means the
-	// automatic share (see Admits).
-	Share int
-}
-
-// Admits is how many connections (per key value) a node admits on its
-// own while the store is unreachable, counting those it holds: 0 with
-// Refuse; Share if set; else the automatic share, max_connections divided
-// by the number of nodes the store had at the node's last successful
-// renewal (rounded down, at least 1), or 1 if the node never reached the
-// store since it started.
-func (p UnreachablePolicy) Admits(maxConnections, nodesSeen int) int {
-	switch {
-	case p.Refuse:
-		return 0
-	case p.Share > 0:
-		return p.Share
-	case nodesSeen <= 0:
-		return 1
-	}
-	return max(maxConnections/nodesSeen, 1)
-}
 
 // Fleet is how a zone joins a fleet.
 type Fleet struct {
 	// Open opens the zone's shared state in the store, without I/O.
-	Open func(zone string) (FleetStore, error)
+	Open func(zone string) (store.Store, error)
 	// Unreachable is what to do while the store cannot be reached.
-	Unreachable UnreachablePolicy
+	Unreachable store.UnreachablePolicy
 	// Differs names the first store setting in which other differs from
 	// this one ("" if none), without its value: handlers of one config
 	// must give the same store, and a config that gives another moves the
@@ -74,7 +44,7 @@ type FleetObserver interface {
 	StoreOp(op string, took time.Duration, err error)
 	// StoreReached: the node's view of the store after each renewal or
 	// registration; err is why it failed (nil: reachable, st is fresh).
-	StoreReached(st FleetState, err error)
+	StoreReached(st store.State, err error)
 }
 
 type fleetMode uint8
@@ -111,7 +81,7 @@ const storeTimeout = 2 * time.Second
 // the zone's lock.
 type fleetNode struct {
 	z      *Zone
-	store  FleetStore
+	store  store.Store
 	spec   Fleet
 	gate   sync.RWMutex
 	kick   chan struct{} // renew (and register) now
@@ -128,7 +98,7 @@ type fleetNode struct {
 	early     map[uint64]struct{} // grants that came while their Take was in flight
 	repair    bool                // the store may count wrongly for this node: Register
 	rejoin    time.Time           // when it last found it must register again
-	state     FleetState          // as last learned
+	state     store.State         // as last learned
 	learned   time.Time           // when
 	lastErr   error
 	limits    *Limits // to write to the store: newest wins
@@ -140,13 +110,13 @@ type fleetNode struct {
 // is not reached here: the loop registers at once, and until then nobody
 // new is admitted.
 func (z *Zone) joinFleet(spec Fleet) error {
-	store, err := spec.Open(z.name)
+	st, err := spec.Open(z.name)
 	if err != nil {
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	n := &fleetNode{
-		z: z, store: store, spec: spec,
+		z: z, store: st, spec: spec,
 		kick: make(chan struct{}, 1), ctx: ctx, cancel: cancel,
 		waiting: map[uint64]*Waiter{}, asking: map[uint64]struct{}{}, early: map[uint64]struct{}{},
 	}
@@ -255,7 +225,7 @@ func (n *fleetNode) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reas
 	ks.asking++
 	n.asking[w.ticket] = struct{}{}
 	z.mu.Unlock()
-	out, r, err := n.take(Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
+	out, r, err := n.take(store.Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
 	z.mu.Lock()
 	ks.asking--
 	delete(n.asking, w.ticket)
@@ -354,7 +324,7 @@ func (n *fleetNode) leave(w *Waiter) {
 // is on its way, and grant gives it back.
 func (n *fleetNode) leaveLocked(w *Waiter) {
 	err := n.call("leave", func(ctx context.Context) error {
-		_, err := n.store.Leave(ctx, Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
+		_, err := n.store.Leave(ctx, store.Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
 		return err
 	})
 	if err != nil {
@@ -364,7 +334,7 @@ func (n *fleetNode) leaveLocked(w *Waiter) {
 	}
 }
 
-func (n *fleetNode) take(t Ticket) (out Outcome, r Reason, err error) {
+func (n *fleetNode) take(t store.Ticket) (out Outcome, r Reason, err error) {
 	err = n.call("take", func(ctx context.Context) (err error) {
 		out, r, err = n.store.Take(ctx, t)
 		return err
@@ -388,7 +358,7 @@ func (n *fleetNode) give(key string) {
 func (n *fleetNode) failed(err error) {
 	n.lastErr = err
 	n.repair = true
-	if errors.Is(err, ErrLapsed) || errors.Is(err, ErrNoLimits) || n.outlived() {
+	if errors.Is(err, store.ErrLapsed) || errors.Is(err, store.ErrNoLimits) || n.outlived() {
 		n.mode, n.rejoin = fleetJoining, time.Now()
 	} else if n.mode == fleetJoined {
 		n.mode = fleetUnreachable
@@ -453,7 +423,7 @@ func (n *fleetNode) grants() {
 	defer n.loops.Done()
 	for {
 		t, err := n.store.NextGrant(n.ctx)
-		if n.ctx.Err() != nil || errors.Is(err, ErrStoreClosed) {
+		if n.ctx.Err() != nil || errors.Is(err, store.ErrClosed) {
 			return
 		}
 		if err != nil {
@@ -465,7 +435,7 @@ func (n *fleetNode) grants() {
 
 // grant gives the slot of one grant to its waiter, or back to the fleet
 // when nobody here takes it (the waiter left, or was admitted on its own).
-func (n *fleetNode) grant(t Ticket) {
+func (n *fleetNode) grant(t store.Ticket) {
 	z := n.z
 	n.gate.RLock()
 	defer n.gate.RUnlock()
@@ -494,7 +464,7 @@ func (n *fleetNode) grant(t Ticket) {
 // limits, pause and totals.
 func (n *fleetNode) renewals() {
 	defer n.loops.Done()
-	every := RenewEvery(n.store.Lease())
+	every := store.RenewEvery(n.store.Lease())
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
@@ -516,13 +486,13 @@ func (n *fleetNode) sync() {
 	z.mu.Lock()
 	limits, paused := n.limits, n.paused
 	register := n.mode != fleetJoined || n.repair
-	counts := NodeState{Active: z.active, Waiters: z.waiting}
+	counts := store.NodeState{Active: z.active, Waiters: z.waiting}
 	z.mu.Unlock()
 
 	// Renew first, even to register: Register holds the gate, which
 	// holds up every arrival, so it is sent only once the store answers.
 	err := n.write(limits, paused)
-	var st FleetState
+	var st store.State
 	if err == nil {
 		err = n.call("renew", func(ctx context.Context) (err error) {
 			st, err = n.store.Renew(ctx, counts)
@@ -549,7 +519,7 @@ func (n *fleetNode) sync() {
 			n.kickNow()
 			z.mu.Unlock()
 			return
-		case n.mode == fleetJoined || !errors.Is(err, ErrLapsed):
+		case n.mode == fleetJoined || !errors.Is(err, store.ErrLapsed):
 			n.mode = fleetUnreachable
 		}
 		n.z.grantAll()
@@ -562,7 +532,7 @@ func (n *fleetNode) sync() {
 	n.reached(st, nil)
 }
 
-func (n *fleetNode) reached(st FleetState, err error) {
+func (n *fleetNode) reached(st store.State, err error) {
 	if fo, ok := n.z.obs.(FleetObserver); ok {
 		fo.StoreReached(st, err)
 	}
@@ -601,15 +571,15 @@ func (n *fleetNode) write(limits *Limits, paused *bool) error {
 // join the end of the fleet's line. No Take, Give or Leave is in flight
 // meanwhile (gate), and grants wait for it; those made before it are
 // dropped by their epoch.
-func (n *fleetNode) register() (FleetState, error) {
+func (n *fleetNode) register() (store.State, error) {
 	z := n.z
 	n.gate.Lock()
 	defer n.gate.Unlock()
 	z.mu.Lock()
-	st := NodeState{Held: map[string]int{}, Active: z.active, Waiters: z.waiting, Limits: z.limits}
+	st := store.NodeState{Held: map[string]int{}, Active: z.active, Waiters: z.waiting, Limits: z.limits}
 	var tickets []*Waiter
 	visit := func(w *Waiter) bool {
-		st.Waiting = append(st.Waiting, Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
+		st.Waiting = append(st.Waiting, store.Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
 		tickets = append(tickets, w)
 		return true
 	}
@@ -625,7 +595,7 @@ func (n *fleetNode) register() (FleetState, error) {
 	}
 	z.mu.Unlock()
 
-	var fs FleetState
+	var fs store.State
 	err := n.call("register", func(ctx context.Context) (err error) {
 		fs, err = n.store.Register(ctx, st)
 		return err
@@ -648,7 +618,7 @@ func (n *fleetNode) register() (FleetState, error) {
 }
 
 // learn takes in what the store says of the fleet. Zone lock held.
-func (n *fleetNode) learn(st FleetState) {
+func (n *fleetNode) learn(st store.State) {
 	n.state, n.learned, n.lastErr = st, time.Now(), nil
 	n.nodesSeen = st.NodeCount
 	if n.limits == nil && st.Limits.MaxConnections > 0 && st.Limits != n.z.limits {
@@ -665,9 +635,9 @@ type FleetView struct {
 	State string // registered, registering or unreachable
 	// Error is the store's last error since it was last reached.
 	Error       string
-	Unreachable UnreachablePolicy
+	Unreachable store.UnreachablePolicy
 	// Fleet is the fleet as last learned, and when (zero: never).
-	Fleet   FleetState
+	Fleet   store.State
 	Learned time.Time
 }
 
@@ -693,7 +663,7 @@ func (n *fleetNode) describe() *FleetView {
 
 // FleetStatus asks the store for the fleet and every node it knows; ok is
 // false for a zone of its own.
-func (z *Zone) FleetStatus(ctx context.Context) (st FleetStatus, ok bool, err error) {
+func (z *Zone) FleetStatus(ctx context.Context) (st store.Status, ok bool, err error) {
 	n := z.node()
 	if n == nil {
 		return st, false, nil

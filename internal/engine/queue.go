@@ -1,8 +1,7 @@
-package connlimit
+package engine
 
 import (
 	"fmt"
-	"strings"
 	"time"
 )
 
@@ -10,35 +9,6 @@ import (
 // admission: within one key value, a list per priority, highest first;
 // within a priority, oldest first (FIFO) or newest first (LIFO). The zone
 // (zone.go) owns them and its lock guards them.
-
-// Order is the order in which waiters of equal priority are admitted.
-type Order uint8
-
-const (
-	// FIFO admits the waiter that has waited longest first.
-	FIFO Order = iota
-	// LIFO admits the newest waiter first.
-	LIFO
-)
-
-func (o Order) String() string {
-	if o == LIFO {
-		return "lifo"
-	}
-	return "fifo"
-}
-
-// ParseOrder reads an order as a config gives it: "fifo" or "lifo" in any
-// case; "" is the default, FIFO.
-func ParseOrder(s string) (Order, error) {
-	switch strings.ToLower(s) {
-	case "", "fifo":
-		return FIFO, nil
-	case "lifo":
-		return LIFO, nil
-	}
-	return FIFO, fmt.Errorf("must be fifo or lifo, got '%s'", s)
-}
 
 // Waker wakes the goroutine of one waiting connection. A zone calls its
 // methods with the zone's lock held, so they must not block or call into

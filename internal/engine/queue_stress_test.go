@@ -1,4 +1,4 @@
-package connlimit
+package engine
 
 import (
 	"fmt"
@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/store"
 )
 
 // The stress tests: many goroutines on one zone at once, under -race.
@@ -46,7 +48,7 @@ func runStress(t *testing.T, cfg stressConfig) {
 
 	held := make([]atomic.Int32, len(cfg.keys))
 	var attempts, admitted, abandoned, failures atomic.Int64
-	var rejected [numReasons]atomic.Int64
+	var rejected [len(store.Reasons) + 1]atomic.Int64
 	var peak atomic.Int32
 
 	fail := func(format string, args ...any) {
@@ -183,7 +185,7 @@ func runStress(t *testing.T, cfg stressConfig) {
 	if c.Admitted != uint64(admitted.Load()) || c.Abandoned != uint64(abandoned.Load()) {
 		t.Errorf("zone counted admitted %d abandoned %d, goroutines saw %d and %d", c.Admitted, c.Abandoned, admitted.Load(), abandoned.Load())
 	}
-	for _, r := range Reasons {
+	for _, r := range store.Reasons {
 		if c.Rejected[r] != uint64(rejected[r].Load()) {
 			t.Errorf("zone counted %d %v, goroutines saw %d", c.Rejected[r], r, rejected[r].Load())
 		}

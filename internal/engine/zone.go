@@ -1,81 +1,20 @@
-package connlimit
+package engine
 
 import (
-	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/store"
 )
 
 // A zone is one count and one set of waiting lists, shared by every handler
-// that names it. This file and queue.go are the engine: they know nothing of
-// Caddy or of sockets. The handler (module.go) drives a zone, and every
+// that names it. The handler (the root package) drives a zone, and every
 // method of Zone is safe for concurrent use.
-
-// Reason says why a connection was rejected.
-type Reason uint8
-
-const (
-	// ReasonNone: not rejected.
-	ReasonNone Reason = iota
-	// ReasonQueueFull: the waiting list was at max_waiting.
-	ReasonQueueFull
-	// ReasonWaitTimeout: the connection waited wait_timeout without a slot.
-	ReasonWaitTimeout
-	// ReasonNoWaiting: max_waiting is -1 and every slot was taken.
-	ReasonNoWaiting
-
-	numReasons
-)
-
-// Reasons lists the rejection reasons, in the order of their values.
-var Reasons = [...]Reason{ReasonQueueFull, ReasonWaitTimeout, ReasonNoWaiting}
-
-func (r Reason) String() string {
-	switch r {
-	case ReasonQueueFull:
-		return "queue_full"
-	case ReasonWaitTimeout:
-		return "wait_timeout"
-	case ReasonNoWaiting:
-		return "no_waiting"
-	}
-	return "none"
-}
-
-// Limits are the settings of a zone that every connection of it shares.
-type Limits struct {
-	// MaxConnections is the number of slots (per key value); at least 1.
-	MaxConnections int
-	// MaxWaiting bounds the waiting list (per key value): 0 means no bound,
-	// -1 means nobody waits.
-	MaxWaiting int
-	// WaitTimeout rejects a waiter after this long; 0 means no timeout.
-	WaitTimeout time.Duration
-	// Order among waiters of equal priority.
-	Order Order
-}
-
-// Validate reports the first field of l that is out of range.
-func (l Limits) Validate() error {
-	if l.MaxConnections < 1 {
-		return fmt.Errorf("max_connections must be at least 1, got %d", l.MaxConnections)
-	}
-	if l.MaxWaiting < -1 {
-		return fmt.Errorf("max_waiting must be -1 (nobody waits), 0 (no bound) or positive, got %d", l.MaxWaiting)
-	}
-	if l.WaitTimeout < 0 {
-		return fmt.Errorf("wait_timeout must not be negative, got %s", l.WaitTimeout)
-	}
-	if l.Order != FIFO && l.Order != LIFO {
-		return fmt.Errorf("order must be fifo or lifo, got %d", l.Order)
-	}
-	return nil
-}
 
 // Observer receives every change of a zone's counts. It is called with the
 // zone's lock held, so it must be quick and must not call into the zone.
-// The metrics in metrics.go are an Observer.
+// The handler's metrics are an Observer.
 type Observer interface {
 	// ActiveDelta is +1 when a slot is taken and -1 when it is freed.
 	ActiveDelta(d int)
@@ -100,7 +39,7 @@ type Observer interface {
 // Counters are the cumulative counts of a zone.
 type Counters struct {
 	Admitted  uint64
-	Rejected  [numReasons]uint64
+	Rejected  [len(store.Reasons) + 1]uint64
 	Abandoned uint64
 }
 
@@ -218,22 +157,6 @@ func (z *Zone) tidy(ks *keyState) {
 		z.spare = append(z.spare, ks)
 	}
 }
-
-// Outcome is the result of Acquire.
-type Outcome uint8
-
-const (
-	// Admitted: the waiter holds a slot; call Free when done.
-	Admitted Outcome = iota
-	// Queued: the waiter is in the waiting list; wait for its Waker, then
-	// call Poll.
-	Queued
-	// Rejected: the waiter holds nothing; the Reason says why.
-	Rejected
-	// Abandoned: the client left while it waited (Abandon); the waiter
-	// holds nothing.
-	Abandoned
-)
 
 // Acquire takes a slot for w if one is free, or else puts w in its key's
 // waiting list (wake is called when that changes), or rejects it.
@@ -681,6 +604,9 @@ type Snapshot struct {
 	Waiting    int
 	OldestWait time.Duration
 	Counters   Counters
+	// Keys is how many key values other than the empty one the zone
+	// keeps state for: those that hold a slot or wait.
+	Keys int
 	// Waiters holds up to the number asked for, in admission order within
 	// each key value (keys in no particular order).
 	Waiters []WaiterInfo
@@ -699,6 +625,7 @@ func (z *Zone) Snapshot(now time.Time, maxWaiters int) Snapshot {
 		Active:   z.active,
 		Waiting:  z.waiting,
 		Counters: z.stats,
+		Keys:     len(z.keys),
 	}
 	visit := func(w *Waiter) bool {
 		if d := now.Sub(w.enqueued); d > s.OldestWait {
@@ -719,6 +646,9 @@ func (z *Zone) Snapshot(now time.Time, maxWaiters int) Snapshot {
 	}
 	return s
 }
+
+// Name is the zone's name; "" for a handler's private zone.
+func (z *Zone) Name() string { return z.name }
 
 // Counts returns the number of active and waiting connections.
 func (z *Zone) Counts() (active, waiting int) {

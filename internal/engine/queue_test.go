@@ -1,4 +1,4 @@
-package connlimit
+package engine
 
 import (
 	"fmt"
@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/store"
 )
 
 // Tests of the engine (queue.go). Times are explicit wherever possible, so
@@ -27,7 +29,7 @@ type testObserver struct {
 	waiting   int
 	admitted  uint64
 	waits     []time.Duration
-	rejected  [numReasons]uint64
+	rejected  [len(store.Reasons) + 1]uint64
 	abandoned uint64
 	problems  []string
 	// the limits it was told of
@@ -81,7 +83,7 @@ func (o *testObserver) Admitted(waited time.Duration) {
 func (o *testObserver) Rejected(r Reason) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	if r == ReasonNone || r >= numReasons {
+	if r == ReasonNone || int(r) > len(store.Reasons) {
 		o.problem("Rejected(%d)", r)
 		return
 	}
@@ -359,10 +361,10 @@ func TestEngineLimitsValidate(t *testing.T) {
 			t.Errorf("Reason(%d).String() = %q, want %q", r, r.String(), s)
 		}
 	}
-	if len(Reasons) != int(numReasons)-1 {
-		t.Errorf("Reasons lists %d reasons, want %d", len(Reasons), numReasons-1)
+	if len(store.Reasons) != int(len(store.Reasons)+1)-1 {
+		t.Errorf("Reasons lists %d reasons, want %d", len(store.Reasons), len(store.Reasons)+1-1)
 	}
-	for i, r := range Reasons {
+	for i, r := range store.Reasons {
 		if int(r) != i+1 {
 			t.Errorf("Reasons[%d] = %d", i, r)
 		}

@@ -1,4 +1,4 @@
-package connlimit
+package redisstore
 
 import (
 	"context"
@@ -12,22 +12,24 @@ import (
 	"testing"
 	"time"
 
+	"github.com/l4-connlimit/connlimit/internal/testkit"
+	"github.com/l4-connlimit/connlimit/store"
 	"github.com/redis/go-redis/v9"
 )
 
-// Tests of the fleet store (fleet.go, fleet_redis.go) against a real
-// redis-server (redis_harness_test.go).
+// Tests of the Redis store (fleet.go) against a real
+// redis-server (internal/testkit).
 
 const testZone = "db"
 
 // newFleet opens zone's store at r for node; closed at cleanup.
-func newFleet(t testing.TB, r *redisServer, zone, node string, mod ...func(*RedisOptions)) FleetStore {
+func newFleet(t testing.TB, r *testkit.Redis, zone, node string, mod ...func(*Options)) store.Store {
 	t.Helper()
-	o := RedisOptions{Address: r.Addr(), Password: r.cfg.Password, TLS: r.clientTLS, Lease: 2 * time.Second}
+	o := Options{Address: r.Addr(), Password: r.Cfg.Password, TLS: r.ClientTLS, Lease: 2 * time.Second}
 	for _, m := range mod {
 		m(&o)
 	}
-	s, err := NewRedisFleet(o, zone, node)
+	s, err := New(o, zone, node)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,8 +37,8 @@ func newFleet(t testing.TB, r *redisServer, zone, node string, mod ...func(*Redi
 	return s
 }
 
-func withLease(d time.Duration) func(*RedisOptions) {
-	return func(o *RedisOptions) { o.Lease = d }
+func withLease(d time.Duration) func(*Options) {
+	return func(o *Options) { o.Lease = d }
 }
 
 func tctx(t testing.TB) context.Context {
@@ -45,7 +47,7 @@ func tctx(t testing.TB) context.Context {
 	return ctx
 }
 
-func mustRegister(t testing.TB, s FleetStore, st NodeState) FleetState {
+func mustRegister(t testing.TB, s store.Store, st store.NodeState) store.State {
 	t.Helper()
 	fs, err := s.Register(tctx(t), st)
 	if err != nil {
@@ -57,14 +59,14 @@ func mustRegister(t testing.TB, s FleetStore, st NodeState) FleetState {
 	return fs
 }
 
-func mustSetLimits(t testing.TB, s FleetStore, l Limits) {
+func mustSetLimits(t testing.TB, s store.Store, l store.Limits) {
 	t.Helper()
 	if err := s.SetLimits(tctx(t), l); err != nil {
 		t.Fatal(err)
 	}
 }
 
-func take(t testing.TB, s FleetStore, tk Ticket, want Outcome) {
+func take(t testing.TB, s store.Store, tk store.Ticket, want store.Outcome) {
 	t.Helper()
 	out, r, err := s.Take(tctx(t), tk)
 	if err != nil {
@@ -75,14 +77,14 @@ func take(t testing.TB, s FleetStore, tk Ticket, want Outcome) {
 	}
 }
 
-func give(t testing.TB, s FleetStore, key string) {
+func give(t testing.TB, s store.Store, key string) {
 	t.Helper()
 	if err := s.Give(tctx(t), key); err != nil {
 		t.Fatalf("give %s %q: %v", s.NodeID(), key, err)
 	}
 }
 
-func status(t testing.TB, s FleetStore) FleetStatus {
+func status(t testing.TB, s store.Store) store.Status {
 	t.Helper()
 	st, err := s.Status(tctx(t))
 	if err != nil {
@@ -91,7 +93,7 @@ func status(t testing.TB, s FleetStore) FleetStatus {
 	return st
 }
 
-func wantCounts(t testing.TB, s FleetStore, active, waiting int) {
+func wantCounts(t testing.TB, s store.Store, active, waiting int) {
 	t.Helper()
 	st := status(t, s)
 	if st.Active != active || st.Waiting != waiting {
@@ -100,7 +102,7 @@ func wantCounts(t testing.TB, s FleetStore, active, waiting int) {
 }
 
 // nextGrant waits up to within for a grant of s.
-func nextGrant(t testing.TB, s FleetStore, within time.Duration) Ticket {
+func nextGrant(t testing.TB, s store.Store, within time.Duration) store.Ticket {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), within)
 	defer cancel()
@@ -112,7 +114,7 @@ func nextGrant(t testing.TB, s FleetStore, within time.Duration) Ticket {
 }
 
 // noGrant checks that s gets no grant within d.
-func noGrant(t testing.TB, s FleetStore, d time.Duration) {
+func noGrant(t testing.TB, s store.Store, d time.Duration) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	defer cancel()
@@ -125,10 +127,10 @@ func noGrant(t testing.TB, s FleetStore, d time.Duration) {
 // the fleet's active count is the sum of the nodes' held slots and the
 // waiting count the length of its lists; the totals are their sums; every
 // ticket is in a list and every list member has its ticket.
-func checkStore(t testing.TB, r *redisServer, zone string) {
+func checkStore(t testing.TB, r *testkit.Redis, zone string) {
 	t.Helper()
 	ctx := tctx(t)
-	c := r.Admin()
+	c := admin(t, r)
 	base := DefaultKeyPrefix + ":{" + zone + "}"
 	keys, err := c.Keys(ctx, DefaultKeyPrefix+":*").Result()
 	if err != nil {
@@ -220,29 +222,29 @@ func checkStore(t testing.TB, r *redisServer, zone string) {
 	}
 }
 
-func fifo(max, maxWaiting int) Limits {
-	return Limits{MaxConnections: max, MaxWaiting: maxWaiting}
+func fifo(max, maxWaiting int) store.Limits {
+	return store.Limits{MaxConnections: max, MaxWaiting: maxWaiting}
 }
 
 // Take admits up to max per key across nodes, queues the rest, Give hands
 // a freed slot to the next waiter's node, Leave takes a waiter out.
 func TestRedisFleetTakeGiveLeave(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	a := newFleet(t, r, testZone, "A")
 	b := newFleet(t, r, testZone, "B")
 	c := newFleet(t, r, testZone, "C")
-	fs := mustRegister(t, a, NodeState{Limits: fifo(2, 0)})
+	fs := mustRegister(t, a, store.NodeState{Limits: fifo(2, 0)})
 	if fs.Limits.MaxConnections != 2 || fs.LimitsSet.IsZero() {
 		t.Fatalf("register with limits: %+v", fs)
 	}
-	mustRegister(t, b, NodeState{Limits: fifo(5, 0)}) // limits in force are kept
-	mustRegister(t, c, NodeState{})
+	mustRegister(t, b, store.NodeState{Limits: fifo(5, 0)}) // limits in force are kept
+	mustRegister(t, c, store.NodeState{})
 
-	take(t, a, Ticket{ID: 1}, Admitted)
-	take(t, b, Ticket{ID: 1}, Admitted)
-	take(t, c, Ticket{ID: 1}, Queued)
-	take(t, a, Ticket{ID: 2}, Queued)
-	take(t, b, Ticket{ID: 2, Key: "other"}, Admitted) // keys count apart
+	take(t, a, store.Ticket{ID: 1}, store.Admitted)
+	take(t, b, store.Ticket{ID: 1}, store.Admitted)
+	take(t, c, store.Ticket{ID: 1}, store.Queued)
+	take(t, a, store.Ticket{ID: 2}, store.Queued)
+	take(t, b, store.Ticket{ID: 2, Key: "other"}, store.Admitted) // keys count apart
 	wantCounts(t, a, 3, 2)
 	checkStore(t, r, testZone)
 
@@ -254,11 +256,11 @@ func TestRedisFleetTakeGiveLeave(t *testing.T) {
 	noGrant(t, a, 100*time.Millisecond)
 	wantCounts(t, a, 3, 1)
 
-	left, err := a.Leave(tctx(t), Ticket{ID: 2})
+	left, err := a.Leave(tctx(t), store.Ticket{ID: 2})
 	if err != nil || !left {
 		t.Fatalf("leave: %v %v", left, err)
 	}
-	left, err = a.Leave(tctx(t), Ticket{ID: 2})
+	left, err = a.Leave(tctx(t), store.Ticket{ID: 2})
 	if err != nil || left {
 		t.Fatalf("second leave: %v %v", left, err)
 	}
@@ -279,10 +281,10 @@ func TestRedisFleetTakeGiveLeave(t *testing.T) {
 // the test ends.
 type nodeGrant struct {
 	node string
-	t    Ticket
+	t    store.Ticket
 }
 
-func grantsOf(t testing.TB, stores ...FleetStore) <-chan nodeGrant {
+func grantsOf(t testing.TB, stores ...store.Store) <-chan nodeGrant {
 	ctx, cancel := context.WithCancel(context.Background())
 	ch := make(chan nodeGrant, 64)
 	var wg sync.WaitGroup
@@ -295,7 +297,7 @@ func grantsOf(t testing.TB, stores ...FleetStore) <-chan nodeGrant {
 				if ctx.Err() != nil {
 					return
 				}
-				if errors.Is(err, ErrStoreClosed) {
+				if errors.Is(err, store.ErrClosed) {
 					return
 				}
 				if err != nil {
@@ -322,36 +324,36 @@ func recvGrant(t testing.TB, ch <-chan nodeGrant, within time.Duration) nodeGran
 }
 
 // With max 1, waiters that arrive alternately at A, B, C, A, B, C are
-// admitted fleet-wide in arrival order (FIFO), in the reverse (LIFO), or
+// admitted fleet-wide in arrival order (store.FIFO), in the reverse (store.LIFO), or
 // by priority, then in order.
 func TestRedisFleetOrder(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	for _, tc := range []struct {
 		name  string
-		order Order
+		order store.Order
 		prios []int
 		want  string
 	}{
-		{"fifo", FIFO, []int{0, 0, 0, 0, 0, 0}, "A/1 B/2 C/3 A/4 B/5 C/6"},
-		{"lifo", LIFO, []int{0, 0, 0, 0, 0, 0}, "C/6 B/5 A/4 C/3 B/2 A/1"},
-		{"priority fifo", FIFO, []int{0, 5, -3, 5, 0, 1000000}, "C/6 B/2 A/4 A/1 B/5 C/3"},
-		{"priority lifo", LIFO, []int{0, 5, -3, 5, 0, 1000000}, "C/6 A/4 B/2 B/5 A/1 C/3"},
+		{"fifo", store.FIFO, []int{0, 0, 0, 0, 0, 0}, "A/1 B/2 C/3 A/4 B/5 C/6"},
+		{"lifo", store.LIFO, []int{0, 0, 0, 0, 0, 0}, "C/6 B/5 A/4 C/3 B/2 A/1"},
+		{"priority fifo", store.FIFO, []int{0, 5, -3, 5, 0, 1000000}, "C/6 B/2 A/4 A/1 B/5 C/3"},
+		{"priority lifo", store.LIFO, []int{0, 5, -3, 5, 0, 1000000}, "C/6 A/4 B/2 B/5 A/1 C/3"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			zone := "order-" + strings.ReplaceAll(tc.name, " ", "-")
 			a := newFleet(t, r, zone, "A")
 			b := newFleet(t, r, zone, "B")
 			c := newFleet(t, r, zone, "C")
-			nodes := []FleetStore{a, b, c}
+			nodes := []store.Store{a, b, c}
 			l := fifo(1, 0)
 			l.Order = tc.order
 			for _, s := range nodes {
-				mustRegister(t, s, NodeState{Limits: l})
+				mustRegister(t, s, store.NodeState{Limits: l})
 			}
 			grants := grantsOf(t, a, b, c)
-			take(t, a, Ticket{ID: 100}, Admitted)
+			take(t, a, store.Ticket{ID: 100}, store.Admitted)
 			for i, p := range tc.prios {
-				take(t, nodes[i%3], Ticket{ID: uint64(i + 1), Priority: p}, Queued)
+				take(t, nodes[i%3], store.Ticket{ID: uint64(i + 1), Priority: p}, store.Queued)
 			}
 			checkStore(t, r, zone)
 			holder := a
@@ -378,16 +380,16 @@ func TestRedisFleetOrder(t *testing.T) {
 // A waiter that leaves just as it is granted: Leave says false, the grant
 // arrives, and the node gives it back to the next waiter.
 func TestRedisFleetLeaveAfterGrant(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	a := newFleet(t, r, testZone, "A")
 	b := newFleet(t, r, testZone, "B")
-	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
-	mustRegister(t, b, NodeState{})
-	take(t, a, Ticket{ID: 1, Key: "k"}, Admitted)
-	take(t, b, Ticket{ID: 7, Key: "k"}, Queued)
-	take(t, a, Ticket{ID: 2, Key: "k"}, Queued)
+	mustRegister(t, a, store.NodeState{Limits: fifo(1, 0)})
+	mustRegister(t, b, store.NodeState{})
+	take(t, a, store.Ticket{ID: 1, Key: "k"}, store.Admitted)
+	take(t, b, store.Ticket{ID: 7, Key: "k"}, store.Queued)
+	take(t, a, store.Ticket{ID: 2, Key: "k"}, store.Queued)
 	give(t, a, "k") // granted to B's ticket 7
-	left, err := b.Leave(tctx(t), Ticket{ID: 7, Key: "k"})
+	left, err := b.Leave(tctx(t), store.Ticket{ID: 7, Key: "k"})
 	if err != nil || left {
 		t.Fatalf("leave of a granted ticket: left %v, %v", left, err)
 	}
@@ -406,20 +408,20 @@ func TestRedisFleetLeaveAfterGrant(t *testing.T) {
 	checkStore(t, r, testZone)
 }
 
-// renewLoop renews s every RenewEvery(lease) until the test ends.
-func renewLoop(t testing.TB, s FleetStore) {
+// renewLoop renews s every store.RenewEvery(lease) until the test ends.
+func renewLoop(t testing.TB, s store.Store) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		tick := time.NewTicker(RenewEvery(s.Lease()))
+		tick := time.NewTicker(store.RenewEvery(s.Lease()))
 		defer tick.Stop()
 		for {
 			select {
 			case <-ctx.Done():
 				return
 			case <-tick.C:
-				if _, err := s.Renew(ctx, NodeState{}); err != nil && ctx.Err() == nil {
+				if _, err := s.Renew(ctx, store.NodeState{}); err != nil && ctx.Err() == nil {
 					t.Errorf("renew %s: %v", s.NodeID(), err)
 				}
 			}
@@ -433,18 +435,18 @@ func renewLoop(t testing.TB, s FleetStore) {
 // slots go to the other nodes' waiters. It then finds itself lapsed, and
 // repairs by registering what it still holds.
 func TestRedisFleetReapsANodeThatStoppedRenewing(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	const lease = time.Second
 	a := newFleet(t, r, testZone, "A", withLease(lease))
 	b := newFleet(t, r, testZone, "B", withLease(lease))
-	mustRegister(t, a, NodeState{Limits: fifo(2, 0)})
-	mustRegister(t, b, NodeState{})
-	take(t, a, Ticket{ID: 1}, Admitted)
-	take(t, a, Ticket{ID: 2}, Admitted)
-	take(t, a, Ticket{ID: 3}, Queued)
-	take(t, b, Ticket{ID: 1}, Queued)
-	take(t, b, Ticket{ID: 2}, Queued)
-	if _, err := a.Renew(tctx(t), NodeState{Active: 2, Waiters: 1}); err != nil {
+	mustRegister(t, a, store.NodeState{Limits: fifo(2, 0)})
+	mustRegister(t, b, store.NodeState{})
+	take(t, a, store.Ticket{ID: 1}, store.Admitted)
+	take(t, a, store.Ticket{ID: 2}, store.Admitted)
+	take(t, a, store.Ticket{ID: 3}, store.Queued)
+	take(t, b, store.Ticket{ID: 1}, store.Queued)
+	take(t, b, store.Ticket{ID: 2}, store.Queued)
+	if _, err := a.Renew(tctx(t), store.NodeState{Active: 2, Waiters: 1}); err != nil {
 		t.Fatal(err)
 	}
 	lastRenewal := time.Now() // A renews no more from here
@@ -465,29 +467,29 @@ func TestRedisFleetReapsANodeThatStoppedRenewing(t *testing.T) {
 	}
 	checkStore(t, r, testZone)
 	for _, k := range []string{"held:A", "tickets:A", "grants:A"} {
-		if n := r.Admin().Exists(tctx(t), "connlimit:{db}:"+k).Val(); n != 0 {
+		if n := admin(t, r).Exists(tctx(t), "connlimit:{db}:"+k).Val(); n != 0 {
 			t.Errorf("%s left behind", k)
 		}
 	}
 	for _, h := range []string{"info", "epochs"} {
-		if r.Admin().HExists(tctx(t), "connlimit:{db}:"+h, "A").Val() {
+		if admin(t, r).HExists(tctx(t), "connlimit:{db}:"+h, "A").Val() {
 			t.Errorf("A left behind in %s", h)
 		}
 	}
 
 	// A comes back: lapsed; it admits nobody new until it registers.
-	fs, err := a.Renew(tctx(t), NodeState{})
+	fs, err := a.Renew(tctx(t), store.NodeState{})
 	if err != nil || !fs.Lapsed || fs.Epoch != 0 {
 		t.Fatalf("renew after reaping: %+v, %v", fs, err)
 	}
-	_, _, err = a.Take(tctx(t), Ticket{ID: 4})
-	var fe *FleetError
-	if !errors.Is(err, ErrLapsed) || !errors.As(err, &fe) || fe.Uncertain || fe.Op != "take" {
+	_, _, err = a.Take(tctx(t), store.Ticket{ID: 4})
+	var fe *store.Error
+	if !errors.Is(err, store.ErrLapsed) || !errors.As(err, &fe) || fe.Uncertain || fe.Op != "take" {
 		t.Fatalf("take while lapsed: %v", err)
 	}
 	// It still serves its 2 connections: the fleet's count becomes the
 	// truth (4 > max 2) and nobody is admitted until it is below max.
-	mustRegister(t, a, NodeState{Held: map[string]int{"": 2}, Waiting: []Ticket{{ID: 3}}})
+	mustRegister(t, a, store.NodeState{Held: map[string]int{"": 2}, Waiting: []store.Ticket{{ID: 3}}})
 	wantCounts(t, a, 4, 1)
 	give(t, b, "")
 	give(t, b, "")
@@ -508,17 +510,17 @@ func TestRedisFleetReapsANodeThatStoppedRenewing(t *testing.T) {
 // grants are dropped (their tickets are re-queued) and grants carry the
 // epoch of the registration they were made under.
 func TestRedisFleetRegisterRepairs(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	a := newFleet(t, r, testZone, "A")
 	b := newFleet(t, r, testZone, "B")
-	fa := mustRegister(t, a, NodeState{Limits: fifo(3, 0)})
-	mustRegister(t, b, NodeState{})
-	take(t, a, Ticket{ID: 1}, Admitted)
-	take(t, b, Ticket{ID: 1}, Admitted)
-	take(t, b, Ticket{ID: 2}, Admitted)
-	take(t, a, Ticket{ID: 2}, Queued)
-	take(t, b, Ticket{ID: 3}, Queued)
-	take(t, a, Ticket{ID: 3}, Queued)
+	fa := mustRegister(t, a, store.NodeState{Limits: fifo(3, 0)})
+	mustRegister(t, b, store.NodeState{})
+	take(t, a, store.Ticket{ID: 1}, store.Admitted)
+	take(t, b, store.Ticket{ID: 1}, store.Admitted)
+	take(t, b, store.Ticket{ID: 2}, store.Admitted)
+	take(t, a, store.Ticket{ID: 2}, store.Queued)
+	take(t, b, store.Ticket{ID: 3}, store.Queued)
+	take(t, a, store.Ticket{ID: 3}, store.Queued)
 	give(t, b, "") // granted to A's ticket 2, not yet delivered
 	wantCounts(t, a, 3, 2)
 
@@ -526,7 +528,7 @@ func TestRedisFleetRegisterRepairs(t *testing.T) {
 	// holds 1 (its grant was not delivered: ticket 2 still waits there),
 	// and tickets 2 and 3 wait. Its old grant is dropped, its tickets go
 	// to the end of the line, behind B's ticket 3.
-	fa2 := mustRegister(t, a, NodeState{Held: map[string]int{"": 1}, Waiting: []Ticket{{ID: 2}, {ID: 3}}})
+	fa2 := mustRegister(t, a, store.NodeState{Held: map[string]int{"": 1}, Waiting: []store.Ticket{{ID: 2}, {ID: 3}}})
 	if fa2.Epoch <= fa.Epoch {
 		t.Fatalf("epoch %d after %d", fa2.Epoch, fa.Epoch)
 	}
@@ -549,7 +551,7 @@ func TestRedisFleetRegisterRepairs(t *testing.T) {
 	// old one, so the node drops it (its ticket was in Waiting).
 	give(t, b, "") // to A's ticket 3 (epoch fa2)
 	old := nextGrant(t, a, time.Second)
-	fa3 := mustRegister(t, a, NodeState{Held: map[string]int{"": 2}, Waiting: []Ticket{{ID: 3}}})
+	fa3 := mustRegister(t, a, store.NodeState{Held: map[string]int{"": 2}, Waiting: []store.Ticket{{ID: 3}}})
 	if old.Epoch == fa3.Epoch {
 		t.Fatalf("grant epoch %d is the new registration's", old.Epoch)
 	}
@@ -560,7 +562,7 @@ func TestRedisFleetRegisterRepairs(t *testing.T) {
 	}
 	wantCounts(t, a, 3, 0)
 	// Register with nothing: everything of A is gone
-	mustRegister(t, a, NodeState{})
+	mustRegister(t, a, store.NodeState{})
 	wantCounts(t, a, 0, 0)
 	checkStore(t, r, testZone)
 }
@@ -568,39 +570,39 @@ func TestRedisFleetRegisterRepairs(t *testing.T) {
 // SetLimits (newest wins, by the store's clock) grants what a raise frees;
 // pause stops every admission and grant of the fleet, resume grants.
 func TestRedisFleetLimitsAndPause(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	a := newFleet(t, r, testZone, "A")
 	b := newFleet(t, r, testZone, "B")
-	_, _, err := a.Take(tctx(t), Ticket{ID: 1})
-	if !errors.Is(err, ErrLapsed) {
+	_, _, err := a.Take(tctx(t), store.Ticket{ID: 1})
+	if !errors.Is(err, store.ErrLapsed) {
 		t.Fatalf("take before register: %v", err)
 	}
-	fs := mustRegister(t, a, NodeState{})
+	fs := mustRegister(t, a, store.NodeState{})
 	if !fs.LimitsSet.IsZero() || fs.Limits.MaxConnections != 0 {
 		t.Fatalf("no limits yet: %+v", fs)
 	}
-	if _, _, err := a.Take(tctx(t), Ticket{ID: 1}); !errors.Is(err, ErrNoLimits) {
+	if _, _, err := a.Take(tctx(t), store.Ticket{ID: 1}); !errors.Is(err, store.ErrNoLimits) {
 		t.Fatalf("take without limits: %v", err)
 	}
-	mustRegister(t, b, NodeState{})
-	mustSetLimits(t, a, Limits{MaxConnections: 1, MaxWaiting: 2, WaitTimeout: 1500 * time.Millisecond, Order: LIFO})
-	fs, err = b.Renew(tctx(t), NodeState{})
+	mustRegister(t, b, store.NodeState{})
+	mustSetLimits(t, a, store.Limits{MaxConnections: 1, MaxWaiting: 2, WaitTimeout: 1500 * time.Millisecond, Order: store.LIFO})
+	fs, err = b.Renew(tctx(t), store.NodeState{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Limits{MaxConnections: 1, MaxWaiting: 2, WaitTimeout: 1500 * time.Millisecond, Order: LIFO}
+	want := store.Limits{MaxConnections: 1, MaxWaiting: 2, WaitTimeout: 1500 * time.Millisecond, Order: store.LIFO}
 	if fs.Limits != want || fs.LimitsSet.IsZero() || time.Since(fs.LimitsSet).Abs() > time.Minute {
 		t.Fatalf("limits seen by B: %+v", fs)
 	}
 	set1 := fs.LimitsSet
 
-	take(t, a, Ticket{ID: 1}, Admitted)
-	take(t, b, Ticket{ID: 1}, Queued)
-	take(t, b, Ticket{ID: 2}, Queued)
-	if out, why, err := a.Take(tctx(t), Ticket{ID: 2}); err != nil || out != Rejected || why != ReasonQueueFull {
+	take(t, a, store.Ticket{ID: 1}, store.Admitted)
+	take(t, b, store.Ticket{ID: 1}, store.Queued)
+	take(t, b, store.Ticket{ID: 2}, store.Queued)
+	if out, why, err := a.Take(tctx(t), store.Ticket{ID: 2}); err != nil || out != store.Rejected || why != store.ReasonQueueFull {
 		t.Fatalf("take with the line full: %v %v %v", out, why, err)
 	}
-	take(t, a, Ticket{ID: 3, Key: "x"}, Admitted)
+	take(t, a, store.Ticket{ID: 3, Key: "x"}, store.Admitted)
 
 	// a raise grants at once
 	time.Sleep(2 * time.Millisecond)
@@ -609,10 +611,10 @@ func TestRedisFleetLimitsAndPause(t *testing.T) {
 	if g1.ID != 1 || g2.ID != 2 {
 		t.Fatalf("grants after raise: %+v %+v", g1, g2)
 	}
-	if out, why, err := a.Take(tctx(t), Ticket{ID: 4}); err != nil || out != Rejected || why != ReasonNoWaiting {
+	if out, why, err := a.Take(tctx(t), store.Ticket{ID: 4}); err != nil || out != store.Rejected || why != store.ReasonNoWaiting {
 		t.Fatalf("take with max_waiting -1: %v %v %v", out, why, err)
 	}
-	fs, _ = a.Renew(tctx(t), NodeState{})
+	fs, _ = a.Renew(tctx(t), store.NodeState{})
 	if !fs.LimitsSet.After(set1) || fs.Limits.MaxConnections != 3 {
 		t.Fatalf("limits after the second set: %+v (first set %s)", fs, set1)
 	}
@@ -622,10 +624,10 @@ func TestRedisFleetLimitsAndPause(t *testing.T) {
 	if err := b.SetPaused(tctx(t), true); err != nil {
 		t.Fatal(err)
 	}
-	take(t, a, Ticket{ID: 5}, Queued)
+	take(t, a, store.Ticket{ID: 5}, store.Queued)
 	give(t, a, "")
 	noGrant(t, a, 100*time.Millisecond)
-	fs, _ = a.Renew(tctx(t), NodeState{})
+	fs, _ = a.Renew(tctx(t), store.NodeState{})
 	if !fs.Paused {
 		t.Fatal("not paused")
 	}
@@ -643,22 +645,22 @@ func TestRedisFleetLimitsAndPause(t *testing.T) {
 // it holds and who waits there (the first one with its limits), and the
 // fleet goes on from the truth.
 func TestRedisFleetStoreRestartsEmpty(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	a := newFleet(t, r, testZone, "A")
 	b := newFleet(t, r, testZone, "B")
 	l := fifo(1, 0)
-	mustRegister(t, a, NodeState{Limits: l})
-	mustRegister(t, b, NodeState{})
+	mustRegister(t, a, store.NodeState{Limits: l})
+	mustRegister(t, b, store.NodeState{})
 	grants := grantsOf(t, b)
-	take(t, a, Ticket{ID: 1}, Admitted)
-	take(t, b, Ticket{ID: 1}, Queued)
+	take(t, a, store.Ticket{ID: 1}, store.Admitted)
+	take(t, b, store.Ticket{ID: 1}, store.Queued)
 
 	r.Kill()
 	r.Restart()
-	var fs FleetState
+	var fs store.State
 	var err error
 	for range 40 { // the client may need a moment to dial again
-		if fs, err = a.Renew(tctx(t), NodeState{}); err == nil {
+		if fs, err = a.Renew(tctx(t), store.NodeState{}); err == nil {
 			break
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -666,11 +668,11 @@ func TestRedisFleetStoreRestartsEmpty(t *testing.T) {
 	if err != nil || !fs.Lapsed {
 		t.Fatalf("renew after restart: %+v, %v", fs, err)
 	}
-	if _, _, err := a.Take(tctx(t), Ticket{ID: 2}); !errors.Is(err, ErrLapsed) {
+	if _, _, err := a.Take(tctx(t), store.Ticket{ID: 2}); !errors.Is(err, store.ErrLapsed) {
 		t.Fatalf("take after restart: %v", err)
 	}
-	mustRegister(t, b, NodeState{Waiting: []Ticket{{ID: 1}}})
-	fs = mustRegister(t, a, NodeState{Held: map[string]int{"": 1}, Limits: l})
+	mustRegister(t, b, store.NodeState{Waiting: []store.Ticket{{ID: 1}}})
+	fs = mustRegister(t, a, store.NodeState{Held: map[string]int{"": 1}, Limits: l})
 	if fs.Limits != l || fs.Active != 1 || fs.Waiting != 1 {
 		t.Fatalf("after re-registering: %+v", fs)
 	}
@@ -687,45 +689,45 @@ func TestRedisFleetStoreRestartsEmpty(t *testing.T) {
 // clear error, naming the zone and the operation, and no panic; a garbled
 // list member or grant is dropped.
 func TestRedisFleetBadData(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	ctx := tctx(t)
-	adm := r.Admin()
+	adm := admin(t, r)
 	base := "connlimit:{db}"
 	a := newFleet(t, r, testZone, "A")
-	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
-	take(t, a, Ticket{ID: 1}, Admitted)
+	mustRegister(t, a, store.NodeState{Limits: fifo(1, 0)})
+	take(t, a, store.Ticket{ID: 1}, store.Admitted)
 
 	check := func(what string, err error, want string) {
 		t.Helper()
-		var fe *FleetError
+		var fe *store.Error
 		if err == nil || !errors.As(err, &fe) || fe.Uncertain || fe.Zone != testZone ||
 			!strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), `zone "db"`) {
-			t.Errorf("%s: got %v, want a FleetError with %q", what, err, want)
+			t.Errorf("%s: got %v, want a store.Error with %q", what, err, want)
 		}
 	}
 	// wrong types
 	adm.Set(ctx, base+":active", "x", 0)
-	_, _, err := a.Take(ctx, Ticket{ID: 2})
+	_, _, err := a.Take(ctx, store.Ticket{ID: 2})
 	check("take, active a string", err, "WRONGTYPE")
 	check("give, active a string", a.Give(ctx, ""), "WRONGTYPE")
 	adm.Del(ctx, base+":active")
 	adm.HSet(ctx, base+":active", "", 1)
 	adm.Set(ctx, base+":cfg", "x", 0)
-	_, err = a.Renew(ctx, NodeState{})
+	_, err = a.Renew(ctx, store.NodeState{})
 	check("renew, cfg a string", err, "WRONGTYPE")
 	_, err = a.Status(ctx)
 	check("status, cfg a string", err, "WRONGTYPE")
 	adm.Del(ctx, base+":cfg")
 	adm.Del(ctx, base+":nodes")
 	adm.LPush(ctx, base+":nodes", "A")
-	_, _, err = a.Take(ctx, Ticket{ID: 2})
+	_, _, err = a.Take(ctx, store.Ticket{ID: 2})
 	check("take, nodes a list", err, "WRONGTYPE")
-	_, err = a.Register(ctx, NodeState{})
+	_, err = a.Register(ctx, store.NodeState{})
 	check("register, nodes a list", err, "WRONGTYPE")
 	adm.Del(ctx, base+":nodes")
 
 	// garbled values
-	mustRegister(t, a, NodeState{Held: map[string]int{"": 1}, Limits: fifo(1, 0)})
+	mustRegister(t, a, store.NodeState{Held: map[string]int{"": 1}, Limits: fifo(1, 0)})
 	for _, tc := range []struct{ field, value, want string }{
 		{"max", "many", "garbled value in cfg.max"},
 		{"max", "0", "garbled value in cfg.max"},
@@ -735,9 +737,9 @@ func TestRedisFleetBadData(t *testing.T) {
 	} {
 		old := adm.HGet(ctx, base+":cfg", tc.field).Val()
 		adm.HSet(ctx, base+":cfg", tc.field, tc.value)
-		_, _, err := a.Take(ctx, Ticket{ID: 2})
+		_, _, err := a.Take(ctx, store.Ticket{ID: 2})
 		check("take, cfg."+tc.field+" "+tc.value, err, tc.want)
-		_, err = a.Renew(ctx, NodeState{})
+		_, err = a.Renew(ctx, store.NodeState{})
 		check("renew, cfg."+tc.field+" "+tc.value, err, tc.want)
 		if old == "" {
 			adm.HDel(ctx, base+":cfg", tc.field)
@@ -749,15 +751,15 @@ func TestRedisFleetBadData(t *testing.T) {
 	check("give, held garbled", a.Give(ctx, ""), "garbled value in held:A")
 	adm.HSet(ctx, base+":held:A", "", 1)
 	adm.HSet(ctx, base+":waiting", "", "\x00\xff")
-	_, _, err = a.Take(ctx, Ticket{ID: 2})
+	_, _, err = a.Take(ctx, store.Ticket{ID: 2})
 	check("take, waiting garbled", err, "garbled value in waiting")
 	// Register repairs a garbled count of its own keys
-	mustRegister(t, a, NodeState{Held: map[string]int{"": 1}})
+	mustRegister(t, a, store.NodeState{Held: map[string]int{"": 1}})
 	adm.HDel(ctx, base+":waiting", "")
 	adm.HDel(ctx, base+":tot", "w")
 
 	// a garbled member of a waiting list is dropped at its turn
-	take(t, a, Ticket{ID: 3}, Queued)
+	take(t, a, store.Ticket{ID: 3}, store.Queued)
 	adm.ZAdd(ctx, base+":q:0:", redis.Z{Score: 0, Member: "not a ticket"})
 	adm.HIncrBy(ctx, base+":waiting", "", 1)
 	adm.HIncrBy(ctx, base+":tot", "w", 1)
@@ -779,52 +781,52 @@ func TestRedisFleetNames(t *testing.T) {
 	for _, tc := range []struct{ prefix, zone string }{
 		{"", ""}, {"", "a{b"}, {"", "a}"}, {"x{}", "db"}, {"{", "db"},
 	} {
-		if _, err := NewRedisFleet(RedisOptions{Address: "127.0.0.1:1", KeyPrefix: tc.prefix}, tc.zone, "n"); err == nil {
+		if _, err := New(Options{Address: "127.0.0.1:1", KeyPrefix: tc.prefix}, tc.zone, "n"); err == nil {
 			t.Errorf("prefix %q zone %q: no error", tc.prefix, tc.zone)
 		}
 	}
-	if _, err := NewRedisFleet(RedisOptions{Address: "127.0.0.1:1", Lease: 999 * time.Millisecond}, "db", "n"); err == nil {
+	if _, err := New(Options{Address: "127.0.0.1:1", Lease: 999 * time.Millisecond}, "db", "n"); err == nil {
 		t.Error("lease below 1s: no error")
 	}
-	s, err := NewRedisFleet(RedisOptions{Address: "127.0.0.1:1"}, "db", "")
+	s, err := New(Options{Address: "127.0.0.1:1"}, "db", "")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if s.NodeID() == "" || s.Lease() != DefaultLease {
+	if s.NodeID() == "" || s.Lease() != store.DefaultLease {
 		t.Errorf("defaults: node %q lease %s", s.NodeID(), s.Lease())
 	}
 }
 
 // Password (requirepass, and an ACL user) and TLS.
 func TestRedisFleetAuthAndTLS(t *testing.T) {
-	roundTrip := func(t *testing.T, s FleetStore) {
+	roundTrip := func(t *testing.T, s store.Store) {
 		t.Helper()
-		mustRegister(t, s, NodeState{Limits: fifo(1, 0)})
-		take(t, s, Ticket{ID: 1}, Admitted)
+		mustRegister(t, s, store.NodeState{Limits: fifo(1, 0)})
+		take(t, s, store.Ticket{ID: 1}, store.Admitted)
 		give(t, s, "")
 	}
 	t.Run("password", func(t *testing.T) {
-		r := startRedis(t, redisConfig{Password: "pa ss{word}", User: "alice", UserPassword: "secret"})
+		r := testkit.StartRedis(t, testkit.RedisConfig{Password: "pa ss{word}", User: "alice", UserPassword: "secret"})
 		roundTrip(t, newFleet(t, r, testZone, "A"))
-		roundTrip(t, newFleet(t, r, testZone, "B", func(o *RedisOptions) { o.Username, o.Password = "alice", "secret" }))
-		bad := newFleet(t, r, testZone, "C", func(o *RedisOptions) { o.Password = "wrong" })
-		_, err := bad.Register(tctx(t), NodeState{})
-		var fe *FleetError
+		roundTrip(t, newFleet(t, r, testZone, "B", func(o *Options) { o.Username, o.Password = "alice", "secret" }))
+		bad := newFleet(t, r, testZone, "C", func(o *Options) { o.Password = "wrong" })
+		_, err := bad.Register(tctx(t), store.NodeState{})
+		var fe *store.Error
 		if !errors.As(err, &fe) || !strings.Contains(err.Error(), "WRONGPASS") {
 			t.Fatalf("wrong password: %v", err)
 		}
-		none := newFleet(t, r, testZone, "D", func(o *RedisOptions) { o.Password = "" })
-		if _, err := none.Renew(tctx(t), NodeState{}); err == nil || !strings.Contains(err.Error(), "NOAUTH") {
+		none := newFleet(t, r, testZone, "D", func(o *Options) { o.Password = "" })
+		if _, err := none.Renew(tctx(t), store.NodeState{}); err == nil || !strings.Contains(err.Error(), "NOAUTH") {
 			t.Fatalf("no password: %v", err)
 		}
 	})
 	t.Run("tls", func(t *testing.T) {
-		r := startRedis(t, redisConfig{TLS: true})
+		r := testkit.StartRedis(t, testkit.RedisConfig{TLS: true})
 		roundTrip(t, newFleet(t, r, testZone, "A"))
 		start := time.Now()
-		plain := newFleet(t, r, testZone, "B", func(o *RedisOptions) { o.TLS = nil })
-		if _, err := plain.Renew(tctx(t), NodeState{}); err == nil {
+		plain := newFleet(t, r, testZone, "B", func(o *Options) { o.TLS = nil })
+		if _, err := plain.Renew(tctx(t), store.NodeState{}); err == nil {
 			t.Fatal("plain text to a TLS port: no error")
 		}
 		if d := time.Since(start); d > 3*time.Second {
@@ -837,10 +839,10 @@ func TestRedisFleetAuthAndTLS(t *testing.T) {
 // timeout (never hangs), NextGrant too; the store can be made while Redis
 // is down; once it is back, the node finds itself lapsed and registers.
 func TestRedisFleetStoreDown(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	a := newFleet(t, r, testZone, "A")
-	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
-	take(t, a, Ticket{ID: 1}, Admitted)
+	mustRegister(t, a, store.NodeState{Limits: fifo(1, 0)})
+	take(t, a, store.Ticket{ID: 1}, store.Admitted)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	grantErr := make(chan error, 1)
@@ -851,22 +853,22 @@ func TestRedisFleetStoreDown(t *testing.T) {
 	time.Sleep(50 * time.Millisecond) // its BLPOP is armed
 	r.Kill()
 
-	calls := map[string]func(s FleetStore) error{
-		"take":     func(s FleetStore) error { _, _, err := s.Take(tctx(t), Ticket{ID: 9}); return err },
-		"give":     func(s FleetStore) error { return s.Give(tctx(t), "") },
-		"leave":    func(s FleetStore) error { _, err := s.Leave(tctx(t), Ticket{ID: 9}); return err },
-		"renew":    func(s FleetStore) error { _, err := s.Renew(tctx(t), NodeState{}); return err },
-		"register": func(s FleetStore) error { _, err := s.Register(tctx(t), NodeState{}); return err },
-		"limits":   func(s FleetStore) error { return s.SetLimits(tctx(t), fifo(2, 0)) },
-		"pause":    func(s FleetStore) error { return s.SetPaused(tctx(t), true) },
-		"status":   func(s FleetStore) error { _, err := s.Status(tctx(t)); return err },
+	calls := map[string]func(s store.Store) error{
+		"take":     func(s store.Store) error { _, _, err := s.Take(tctx(t), store.Ticket{ID: 9}); return err },
+		"give":     func(s store.Store) error { return s.Give(tctx(t), "") },
+		"leave":    func(s store.Store) error { _, err := s.Leave(tctx(t), store.Ticket{ID: 9}); return err },
+		"renew":    func(s store.Store) error { _, err := s.Renew(tctx(t), store.NodeState{}); return err },
+		"register": func(s store.Store) error { _, err := s.Register(tctx(t), store.NodeState{}); return err },
+		"limits":   func(s store.Store) error { return s.SetLimits(tctx(t), fifo(2, 0)) },
+		"pause":    func(s store.Store) error { return s.SetPaused(tctx(t), true) },
+		"status":   func(s store.Store) error { _, err := s.Status(tctx(t)); return err },
 	}
 	late := newFleet(t, r, testZone, "B") // made while Redis is down
-	for _, s := range []FleetStore{a, late} {
+	for _, s := range []store.Store{a, late} {
 		for name, call := range calls {
 			start := time.Now()
 			err := call(s)
-			var fe *FleetError
+			var fe *store.Error
 			if err == nil || !errors.As(err, &fe) || !fe.Uncertain {
 				t.Errorf("%s %s with Redis down: %v", s.NodeID(), name, err)
 			}
@@ -887,7 +889,7 @@ func TestRedisFleetStoreDown(t *testing.T) {
 	r.Restart()
 	deadline := time.Now().Add(3 * time.Second)
 	for {
-		fs, err := a.Renew(tctx(t), NodeState{})
+		fs, err := a.Renew(tctx(t), store.NodeState{})
 		if err == nil {
 			if !fs.Lapsed {
 				t.Fatalf("renew after an empty restart: %+v", fs)
@@ -899,7 +901,7 @@ func TestRedisFleetStoreDown(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	mustRegister(t, a, NodeState{Held: map[string]int{"": 1}, Limits: fifo(1, 0)})
+	mustRegister(t, a, store.NodeState{Held: map[string]int{"": 1}, Limits: fifo(1, 0)})
 	wantCounts(t, a, 1, 0)
 
 	t.Run("hanging", func(t *testing.T) {
@@ -932,7 +934,7 @@ func TestRedisFleetStoreDown(t *testing.T) {
 				c.Close()
 			}
 		}()
-		s, err := NewRedisFleet(RedisOptions{Address: l.Addr().String(), Lease: time.Second}, testZone, "H")
+		s, err := New(Options{Address: l.Addr().String(), Lease: time.Second}, testZone, "H")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -941,7 +943,7 @@ func TestRedisFleetStoreDown(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		_, err = s.NextGrant(ctx)
-		var fe *FleetError
+		var fe *store.Error
 		if d := time.Since(start); !errors.As(err, &fe) || d > 2500*time.Millisecond {
 			t.Errorf("NextGrant against a hanging server: %v after %s", err, d)
 		} else {
@@ -951,7 +953,7 @@ func TestRedisFleetStoreDown(t *testing.T) {
 			start := time.Now()
 			err := calls[name](s)
 			d := time.Since(start)
-			var fe *FleetError
+			var fe *store.Error
 			if !errors.As(err, &fe) || !fe.Uncertain || d > 1500*time.Millisecond {
 				t.Errorf("%s against a hanging server: %v after %s", name, err, d)
 			}
@@ -964,19 +966,19 @@ func TestRedisFleetStoreDown(t *testing.T) {
 // whatever the number of waiters: 20 queued tickets idle for 3 s cost no
 // more commands than none.
 func TestRedisFleetIdleCommandCost(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	idle := func(zone string, waiters int) map[string]int64 {
 		a := newFleet(t, r, zone, "A")
 		b := newFleet(t, r, zone, "B")
-		mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
-		mustRegister(t, b, NodeState{})
-		take(t, a, Ticket{ID: 1}, Admitted)
+		mustRegister(t, a, store.NodeState{Limits: fifo(1, 0)})
+		mustRegister(t, b, store.NodeState{})
+		take(t, a, store.Ticket{ID: 1}, store.Admitted)
 		for i := range waiters {
-			take(t, []FleetStore{a, b}[i%2], Ticket{ID: uint64(10 + i)}, Queued)
+			take(t, []store.Store{a, b}[i%2], store.Ticket{ID: uint64(10 + i)}, store.Queued)
 		}
 		ctx, cancel := context.WithCancel(context.Background())
 		var wg sync.WaitGroup
-		for _, s := range []FleetStore{a, b} {
+		for _, s := range []store.Store{a, b} {
 			wg.Add(2)
 			go func() { // the caller's grant loop
 				defer wg.Done()
@@ -986,21 +988,21 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 			}()
 			go func() { // the caller's renewal loop
 				defer wg.Done()
-				tick := time.NewTicker(RenewEvery(s.Lease()))
+				tick := time.NewTicker(store.RenewEvery(s.Lease()))
 				defer tick.Stop()
 				for {
 					select {
 					case <-ctx.Done():
 						return
 					case <-tick.C:
-						_, _ = s.Renew(ctx, NodeState{Active: 1, Waiters: waiters / 2})
+						_, _ = s.Renew(ctx, store.NodeState{Active: 1, Waiters: waiters / 2})
 					}
 				}
 			}()
 		}
 		// warm up: the BLPOPs armed, the renewals' connections made and
 		// their script loaded
-		time.Sleep(RenewEvery(a.Lease()) + 200*time.Millisecond)
+		time.Sleep(store.RenewEvery(a.Lease()) + 200*time.Millisecond)
 		r.ResetStats()
 		time.Sleep(3 * time.Second)
 		stats := r.CommandStats()
@@ -1025,13 +1027,13 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 		return n
 	}
 	t.Logf("2 nodes idle 3 s (lease 2 s, renewal every %s): no waiters %v; 20 waiters %v",
-		RenewEvery(2*time.Second), none, twenty)
-	// one renewal a node per RenewEvery, one BLPOP re-armed per lease; a
+		store.RenewEvery(2*time.Second), none, twenty)
+	// one renewal a node per store.RenewEvery, one BLPOP re-armed per lease; a
 	// tick more or less where the 3 s window cuts them
 	if total(twenty) > total(none)+2 {
 		t.Errorf("20 waiters cost %d commands in 3 s, none %d", total(twenty), total(none))
 	}
-	if max := int64(2*(3*time.Second/RenewEvery(2*time.Second)+1) + 2*2 + 2); total(twenty) > max {
+	if max := int64(2*(3*time.Second/store.RenewEvery(2*time.Second)+1) + 2*2 + 2); total(twenty) > max {
 		t.Errorf("20 waiters cost %d commands in 3 s, want at most %d", total(twenty), max)
 	}
 	for cmd, n := range twenty {
@@ -1044,12 +1046,12 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 // Many nodes' connections taking, waiting, leaving and giving at once:
 // the fleet never holds more than max, and everything is given back.
 func TestRedisFleetConcurrent(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	const max = 3
-	var nodes []FleetStore
+	var nodes []store.Store
 	for _, id := range []string{"A", "B", "C"} {
 		s := newFleet(t, r, testZone, id)
-		mustRegister(t, s, NodeState{Limits: fifo(max, 0)})
+		mustRegister(t, s, store.NodeState{Limits: fifo(max, 0)})
 		nodes = append(nodes, s)
 	}
 	var overMax atomic.Bool
@@ -1061,7 +1063,7 @@ func TestRedisFleetConcurrent(t *testing.T) {
 	var wg, all sync.WaitGroup
 	for n, s := range nodes {
 		var mu sync.Mutex
-		waiting := map[uint64]chan Ticket{}
+		waiting := map[uint64]chan store.Ticket{}
 		wg.Add(1)
 		go func() { // grant loop: hand each grant to its waiter, or give it back
 			defer wg.Done()
@@ -1090,21 +1092,21 @@ func TestRedisFleetConcurrent(t *testing.T) {
 					id := uint64(c*1000 + i + 1)
 					ki := (c + i) % 2
 					key := keys[ki]
-					ch := make(chan Ticket, 1)
+					ch := make(chan store.Ticket, 1)
 					mu.Lock()
 					waiting[id] = ch
 					mu.Unlock()
-					out, _, err := s.Take(context.Background(), Ticket{ID: id, Key: key, Priority: i % 3})
+					out, _, err := s.Take(context.Background(), store.Ticket{ID: id, Key: key, Priority: i % 3})
 					if err != nil {
 						t.Error(err)
 						return
 					}
-					if out == Queued {
+					if out == store.Queued {
 						queued.Add(1)
 						select {
 						case <-ch:
 						case <-time.After(time.Duration(n+1) * 5 * time.Millisecond):
-							ok, err := s.Leave(context.Background(), Ticket{ID: id, Key: key, Priority: i % 3})
+							ok, err := s.Leave(context.Background(), store.Ticket{ID: id, Key: key, Priority: i % 3})
 							if err != nil {
 								t.Error(err)
 								return
@@ -1161,16 +1163,16 @@ func TestRedisFleetConcurrent(t *testing.T) {
 // Take and give of a connection admitted at once: two round trips, one
 // after the other (serial), or from many connections at once (parallel).
 func BenchmarkRedisFleetTakeGive(b *testing.B) {
-	r := startRedis(b, redisConfig{})
+	r := testkit.StartRedis(b, testkit.RedisConfig{})
 	s := newFleet(b, r, testZone, "A")
-	mustRegister(b, s, NodeState{Limits: fifo(1<<30, 0)})
+	mustRegister(b, s, store.NodeState{Limits: fifo(1<<30, 0)})
 	renewLoop(b, s)
 	ctx := context.Background()
 	var ids atomic.Uint64
 	loop := func(b *testing.B, next func() bool) {
 		for next() {
-			out, _, err := s.Take(ctx, Ticket{ID: ids.Add(1)})
-			if err != nil || out != Admitted {
+			out, _, err := s.Take(ctx, store.Ticket{ID: ids.Add(1)})
+			if err != nil || out != store.Admitted {
 				b.Errorf("take: %v %v", out, err)
 				return
 			}
@@ -1190,24 +1192,24 @@ func BenchmarkRedisFleetTakeGive(b *testing.B) {
 // In a Redis Cluster (of one node serving every slot), through a Cluster
 // client: every key of a zone is in the slot of its base key.
 func TestRedisFleetCluster(t *testing.T) {
-	r := startRedis(t, redisConfig{Cluster: true})
-	cluster := func(o *RedisOptions) { o.Cluster = true }
+	r := testkit.StartRedis(t, testkit.RedisConfig{Cluster: true})
+	cluster := func(o *Options) { o.Cluster = true }
 	a := newFleet(t, r, testZone, "A", cluster)
 	b := newFleet(t, r, testZone, "B", cluster)
-	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
-	mustRegister(t, b, NodeState{})
-	take(t, a, Ticket{ID: 1, Key: "k{1}"}, Admitted)
-	take(t, b, Ticket{ID: 1, Key: "k{1}", Priority: 3}, Queued)
-	take(t, a, Ticket{ID: 2, Key: "k{1}"}, Queued)
+	mustRegister(t, a, store.NodeState{Limits: fifo(1, 0)})
+	mustRegister(t, b, store.NodeState{})
+	take(t, a, store.Ticket{ID: 1, Key: "k{1}"}, store.Admitted)
+	take(t, b, store.Ticket{ID: 1, Key: "k{1}", Priority: 3}, store.Queued)
+	take(t, a, store.Ticket{ID: 2, Key: "k{1}"}, store.Queued)
 	checkStore(t, r, testZone)
 	ctx := tctx(t)
-	keys, err := r.Admin().Keys(ctx, "connlimit:*").Result()
+	keys, err := admin(t, r).Keys(ctx, "connlimit:*").Result()
 	if err != nil {
 		t.Fatal(err)
 	}
-	slot := r.Admin().ClusterKeySlot(ctx, "connlimit:{db}").Val()
+	slot := admin(t, r).ClusterKeySlot(ctx, "connlimit:{db}").Val()
 	for _, k := range keys {
-		if s := r.Admin().ClusterKeySlot(ctx, k).Val(); s != slot {
+		if s := admin(t, r).ClusterKeySlot(ctx, k).Val(); s != slot {
 			t.Errorf("key %q in slot %d, the zone's is %d", k, s, slot)
 		}
 	}
@@ -1218,14 +1220,14 @@ func TestRedisFleetCluster(t *testing.T) {
 	if g := nextGrant(t, b, 2*time.Second); g.ID != 1 || g.Key != "k{1}" {
 		t.Fatalf("grant: %+v", g)
 	}
-	left, err := a.Leave(tctx(t), Ticket{ID: 2, Key: "k{1}"})
+	left, err := a.Leave(tctx(t), store.Ticket{ID: 2, Key: "k{1}"})
 	if err != nil || !left {
 		t.Fatalf("leave: %v %v", left, err)
 	}
 	give(t, b, "k{1}")
 	wantCounts(t, a, 0, 0)
 	checkStore(t, r, testZone)
-	if _, err := NewRedisFleet(RedisOptions{Address: r.Addr(), Cluster: true, DB: 1}, testZone, "C"); err == nil {
+	if _, err := New(Options{Address: r.Addr(), Cluster: true, DB: 1}, testZone, "C"); err == nil {
 		t.Error("db 1 with a Cluster: no error")
 	}
 }
@@ -1233,29 +1235,29 @@ func TestRedisFleetCluster(t *testing.T) {
 // Round trips per connection: 2 for one admitted at once (take, give), 3
 // for one that waited (take, its grant's BLPOP, give).
 func TestRedisFleetRoundTrips(t *testing.T) {
-	r := startRedis(t, redisConfig{})
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	a := newFleet(t, r, testZone, "A")
 	b := newFleet(t, r, testZone, "B")
-	mustRegister(t, a, NodeState{Limits: fifo(1, 0)})
-	mustRegister(t, b, NodeState{})
+	mustRegister(t, a, store.NodeState{Limits: fifo(1, 0)})
+	mustRegister(t, b, store.NodeState{})
 	// load the scripts
-	take(t, a, Ticket{ID: 1}, Admitted)
-	take(t, b, Ticket{ID: 1}, Queued)
-	_, _ = b.Leave(tctx(t), Ticket{ID: 1})
+	take(t, a, store.Ticket{ID: 1}, store.Admitted)
+	take(t, b, store.Ticket{ID: 1}, store.Queued)
+	_, _ = b.Leave(tctx(t), store.Ticket{ID: 1})
 	give(t, a, "")
 	grants := grantsOf(t, b)
 	time.Sleep(50 * time.Millisecond) // B's BLPOP is armed
 
 	r.ResetStats()
-	take(t, a, Ticket{ID: 2}, Admitted)
+	take(t, a, store.Ticket{ID: 2}, store.Admitted)
 	give(t, a, "")
 	if got := r.CommandStats()["evalsha"]; got != 2 {
 		t.Errorf("admitted at once: %d scripts, want 2", got)
 	}
 
-	take(t, a, Ticket{ID: 3}, Admitted) // the holder
+	take(t, a, store.Ticket{ID: 3}, store.Admitted) // the holder
 	r.ResetStats()
-	take(t, b, Ticket{ID: 2}, Queued)
+	take(t, b, store.Ticket{ID: 2}, store.Queued)
 	give(t, a, "") // the holder's own give
 	recvGrant(t, grants, time.Second)
 	give(t, b, "")
@@ -1274,21 +1276,21 @@ func TestRedisFleetRoundTrips(t *testing.T) {
 // grant; the roles then swap. handoff-p50/p99 are from the give's call
 // until NextGrant returned on the other node.
 func BenchmarkRedisFleetHandoff(b *testing.B) {
-	r := startRedis(b, redisConfig{})
+	r := testkit.StartRedis(b, testkit.RedisConfig{})
 	a := newFleet(b, r, testZone, "A")
 	c := newFleet(b, r, testZone, "B")
-	mustRegister(b, a, NodeState{Limits: fifo(1, 0)})
-	mustRegister(b, c, NodeState{})
+	mustRegister(b, a, store.NodeState{Limits: fifo(1, 0)})
+	mustRegister(b, c, store.NodeState{})
 	renewLoop(b, a)
 	renewLoop(b, c)
 	ctx := context.Background()
-	take(b, a, Ticket{ID: 1}, Admitted)
+	take(b, a, store.Ticket{ID: 1}, store.Admitted)
 	holder, waiter := a, c
 	var took []time.Duration
 	id := uint64(1)
 	for b.Loop() {
 		id++
-		if out, _, err := waiter.Take(ctx, Ticket{ID: id}); err != nil || out != Queued {
+		if out, _, err := waiter.Take(ctx, store.Ticket{ID: id}); err != nil || out != store.Queued {
 			b.Fatalf("take: %v %v", out, err)
 		}
 		start := time.Now()
@@ -1304,4 +1306,62 @@ func BenchmarkRedisFleetHandoff(b *testing.B) {
 	sort.Slice(took, func(i, j int) bool { return took[i] < took[j] })
 	b.ReportMetric(float64(took[len(took)/2].Microseconds()), "handoff-p50-µs")
 	b.ReportMetric(float64(took[len(took)*99/100].Microseconds()), "handoff-p99-µs")
+}
+
+// 7d. Once Redis is back, the grants that a node's Register makes reach
+// it at once, although its grants' pump was backing off (a second between
+// tries) while Redis was down: the Register ends the pause. Without it a
+// waiter the fleet had admitted stayed waiting up to a second longer.
+func TestFleetRedisGrantsAfterOutage(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	s := newFleet(t, r, testZone, "A", withLease(time.Second))
+	mustRegister(t, s, store.NodeState{Limits: fifo(1, 0)})
+	r.Kill()
+	// The pump's errors come through NextGrant; after the fifth its
+	// pause is a second (100, 200, 400, 800 ms, then 1 s).
+	for i := range 5 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		g, err := s.NextGrant(ctx)
+		cancel()
+		if err == nil {
+			t.Fatalf("a grant with Redis down: %+v", g)
+		}
+		if errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("no error %d from NextGrant within 5s with Redis down", i+1)
+		}
+	}
+	paused := time.Now()
+	r.Restart()
+	// Back, empty: the node registers with a waiter, which the Register
+	// grants at once (the fleet is empty).
+	mustRegister(t, s, store.NodeState{Waiting: []store.Ticket{{ID: 7}}, Limits: fifo(1, 0)})
+	registered := time.Now()
+	g := nextGrant(t, s, 5*time.Second)
+	took := time.Since(registered)
+	t.Logf("the pump paused; Redis back %s later; the Register's grant read %s after it", registered.Sub(paused).Round(time.Millisecond), took.Round(time.Millisecond))
+	if g.ID != 7 {
+		t.Errorf("grant %+v, want ticket 7", g)
+	}
+	if took > 300*time.Millisecond {
+		t.Errorf("the grant of a Register came %s after it: the pump waited out its pause", took)
+	}
+}
+
+var admins sync.Map // *testkit.Redis → *redis.Client
+
+// admin is a go-redis client of r for the test's own reads and writes.
+func admin(t testing.TB, r *testkit.Redis) *redis.Client {
+	if c, ok := admins.Load(r); ok {
+		return c.(*redis.Client)
+	}
+	o := &redis.Options{Addr: r.Addr(), Password: r.Cfg.Password, TLSConfig: r.ClientTLS,
+		Protocol: 2, DisableIdentity: true, MaxRetries: 2, DialerRetries: 1,
+		DialTimeout: time.Second, ReadTimeout: 2 * time.Second}
+	if r.Cfg.Password == "" && r.Cfg.User != "" {
+		o.Username, o.Password = r.Cfg.User, r.Cfg.UserPassword
+	}
+	c := redis.NewClient(o)
+	admins.Store(r, c)
+	t.Cleanup(func() { admins.Delete(r); _ = c.Close() })
+	return c
 }

@@ -1,4 +1,4 @@
-package connlimit
+package engine
 
 import (
 	"fmt"
