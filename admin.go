@@ -83,7 +83,10 @@ type zoneJSON struct {
 type fleetJSON struct {
 	Node string `json:"node"`
 	// Store is registered (the store decides), registering (admitting
-	// nobody new until it is), or unreachable (admitting on its own).
+	// nobody new until it is), holding (the store cannot be reached, the
+	// node's lease runs still: it hands the slots it holds to its own
+	// waiters, no more), or unreachable (its lease ran out: admitting on
+	// its own, on_unreachable).
 	Store         string `json:"store"`
 	StoreError    string `json:"store_error,omitempty"`
 	OnUnreachable string `json:"on_unreachable"`

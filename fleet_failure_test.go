@@ -547,10 +547,12 @@ func TestFleetRedisLocalShare(t *testing.T) {
 		}
 	}
 
-	// Redis is back, empty. The first node to register finds only its
-	// own 2 slots counted (the other has not registered yet) and admits
-	// one of its waiters: 5 active (max 3), 1 waiting, once both have.
-	views, took := ffBack(t, r, nodes, 2*share+1, 1)
+	// Redis is back, empty. It grants nobody for a lease (it lost the
+	// state the nodes knew), by when both nodes have registered what
+	// they hold: 4 active (max 3), A3 and B2 waiting. Before, the first
+	// node to register found only its own slots counted and admitted one
+	// of its waiters at once: 5 active.
+	views, took := ffBack(t, r, nodes, 2*share, 2)
 	t.Logf("Redis back empty: the fleet's count the truth again after %s:\n%s", took.Round(time.Millisecond), describeViews(nodes, views))
 	if took > ffOutageLease {
 		t.Errorf("the fleet's count took %s to be the truth after Redis came back: want within one lease (%s)", took, ffOutageLease)
@@ -566,13 +568,12 @@ func TestFleetRedisLocalShare(t *testing.T) {
 			t.Errorf("node %s does not say in its log that its store is back", n.name)
 		}
 	}
-	x := be.waitArrivals(1, 5*time.Second)[0]
-	// 5 active of 3: nobody is admitted until the count is below max.
+	// 4 active of 3: nobody is admitted until the count is below max.
 	be.noArrival(300 * time.Millisecond)
-	for _, id := range []string{"A1", "B0"} {
-		ffFinish(be, cl[id])
-		be.noArrival(400 * time.Millisecond)
-	}
+	ffFinish(be, cl["A1"])
+	be.noArrival(400 * time.Millisecond)
+	ffFinish(be, cl["B0"])
+	x := be.waitArrivals(1, 5*time.Second)[0]
 	ffFinish(be, cl["A2"])
 	y := be.waitArrivals(1, 5*time.Second)[0]
 	if got := ffSorted([]string{x, y}); !slices.Equal(got, []string{"A3", "B2"}) {
@@ -583,10 +584,9 @@ func TestFleetRedisLocalShare(t *testing.T) {
 	}
 	ffDrained(t, nodes)
 	// The backend saw max before the outage, each node's share during it
-	// (2 x 2), and one more while the store, back empty, did not yet count
-	// the second node to register.
-	if _, peak, total, _ := be.stats(); peak != 2*share+1 || total != 7 {
-		t.Errorf("backend peak %d, want 2 nodes x local_share %d + 1 = %d; %d connections, want 7", peak, share, 2*share+1, total)
+	// (2 x 2), and no more once Redis was back.
+	if _, peak, total, _ := be.stats(); peak != 2*share || total != 7 {
+		t.Errorf("backend peak %d, want 2 nodes x local_share %d = %d; %d connections, want 7", peak, share, 2*share, total)
 	}
 	ffAlive(t, nodes)
 }
@@ -595,10 +595,11 @@ func TestFleetRedisLocalShare(t *testing.T) {
 // on_unreachable refuse: nobody new is admitted while it is away (not
 // even where a node holds nothing), waiters wait or time out, admitted
 // connections keep running; once Redis is back every node registers what
-// it serves within one lease, and the waiters of the outage are admitted.
+// it serves within one lease, and the waiters of the outage are admitted
+// once the store, which lost its data, has learnt for a lease.
 func TestFleetRedisRefuse(t *testing.T) {
 	const max = 2
-	const waitTimeout = 4 * time.Second
+	const waitTimeout = 8 * time.Second
 	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	be := newBackend(t, true)
 	nodes := startFleet(t, 2, be.addr(), obj{"max_connections": max, "wait_timeout": waitTimeout.String()},
@@ -642,14 +643,20 @@ func TestFleetRedisRefuse(t *testing.T) {
 	cl["B2"] = ffWaiter(t, b.listen, "B2")
 	be.noArrival(300 * time.Millisecond)
 
-	// Back, empty: B0 active, one of A2 and B2 admitted at once (the
-	// fleet has room for one), the other waits.
-	views, took := ffBack(t, r, nodes, max, 1)
+	// Back, empty: every node registers within one lease (B0 active, A2
+	// and B2 waiting); the store grants nobody until a lease after it
+	// found itself empty, then one of A2 and B2 (the fleet has room for
+	// one), and the other waits.
+	back := time.Now()
+	views, took := ffBack(t, r, nodes, 1, 2)
 	t.Logf("Redis back empty: the fleet's count the truth again after %s:\n%s", took.Round(time.Millisecond), describeViews(nodes, views))
 	if took > ffOutageLease {
 		t.Errorf("the fleet's count took %s to be the truth after Redis came back: want within one lease (%s)", took, ffOutageLease)
 	}
 	x := be.waitArrivals(1, 5*time.Second)[0]
+	if d := time.Since(back); d < ffOutageLease-200*time.Millisecond {
+		t.Errorf("%s admitted %s after Redis came back empty: before the store can have learnt who holds what (one lease, %s)", x, d, ffOutageLease)
+	}
 	be.noArrival(200 * time.Millisecond)
 	ffFinish(be, cl["B0"])
 	y := be.waitArrivals(1, 5*time.Second)[0]

@@ -325,17 +325,17 @@ func TestFleetOrder(t *testing.T) {
 }
 
 // 3. When nothing changes the store sees only the nodes' lease renewals
-// (and each node's BLPOP on its grants list, armed again once a lease),
+// (and each node's BRPOPLPUSH on its grants list, armed again once a lease),
 // whatever the number of waiters: 20 waiters spread over three nodes,
 // idle for 3 s, cost no more Redis commands than none (INFO commandstats,
 // which counts the commands a script runs too, so a script whose cost
 // grew with the waiters would show).
 //
 // The slack: each node renews on its own timer, every lease/3 (333 ms)
-// plus the time a renewal takes, and re-arms its BLPOP every lease, so a
-// 3 s window holds one renewal and one BLPOP more or less of each node
+// plus the time a renewal takes, and re-arms its BRPOPLPUSH every lease, so a
+// 3 s window holds one renewal and one BRPOPLPUSH more or less of each node
 // depending on where it falls. Each command may be counted up to what one
-// renewal (or BLPOP) of every node costs above the idle baseline; a
+// renewal (or BRPOPLPUSH) of every node costs above the idle baseline; a
 // waiter that cost one command a second would cost 60 here.
 func TestFleetIdleCost(t *testing.T) {
 	r := testkit.StartRedis(t, testkit.RedisConfig{})

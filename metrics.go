@@ -168,7 +168,7 @@ func (m *zoneMetrics) StoreReached(st store.State, err error) {
 	if err != nil {
 		metricStoreReachable.WithLabelValues(m.zone).Set(0)
 		if !m.unreachable.Swap(true) {
-			log.Warn("the zone's store cannot be reached: this node admits on its own (on_unreachable) until it is back",
+			log.Warn("the zone's store cannot be reached: this node hands the slots it holds to its own waiters until its lease runs out, then admits on its own (on_unreachable) until the store is back",
 				zap.String("zone", m.zone), zap.Error(err))
 		}
 		return

@@ -76,7 +76,7 @@ func (f *flowWait) Arm(deadline time.Time) {
 	_ = f.conn.SetReadDeadline(deadline)
 }
 
-// admit asks for a slot under the tracking lock (udpFlows.acquire); a flow
+// admit asks for a slot, the flow tracked (udpFlows.acquire); a flow
 // that arrives after its handler was cleaned up counts as abandoned.
 func (f *flowWait) admit(z *engine.Zone) (engine.Outcome, engine.Reason) {
 	out, r, ok := f.flows.acquire(z, f)
@@ -209,21 +209,33 @@ func (u *udpFlows) arrive(conn net.Conn) *flowWait {
 	return &flowWait{conn: conn, flows: u}
 }
 
-// acquire asks z for a slot for f (Zone.Acquire) and tracks f from that
-// moment, under the lock that close takes, so that close never misses a
-// flow that is just being admitted. ok is false, and nothing is asked,
-// once the handler was cleaned up.
+// acquire asks z for a slot for f (Zone.Acquire) and tracks f from before
+// that moment, so that close never misses a flow that is being admitted.
+// The lock is not held while the zone decides (a fleet zone asks its
+// store): a close that comes meanwhile is seen after, and this flow gives
+// back what it got. ok is false, and nothing is held, once the handler
+// was cleaned up.
 func (u *udpFlows) acquire(z *engine.Zone, f *flowWait) (out engine.Outcome, r engine.Reason, ok bool) {
 	u.mu.Lock()
-	defer u.mu.Unlock()
 	if u.closed {
+		u.mu.Unlock()
 		return engine.Rejected, engine.ReasonNone, false
 	}
 	if u.flows == nil {
 		u.flows = make(map[*flowWait]struct{})
 	}
 	u.flows[f] = struct{}{}
+	u.mu.Unlock()
 	out, r = z.Acquire(&f.Waiter, f, time.Now())
+	u.mu.Lock()
+	closed := u.closed
+	u.mu.Unlock()
+	if closed { // close may have looked at f before it held anything
+		if !z.Abandon(&f.Waiter) {
+			z.Free(&f.Waiter)
+		}
+		return engine.Rejected, engine.ReasonNone, false
+	}
 	return out, r, true
 }
 

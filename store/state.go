@@ -25,11 +25,31 @@ type NodeState struct {
 	// connections, and every grant it has received from NextGrant and not
 	// given back, handed on or not.
 	Held map[string]int
-	// Waiting lists the node's waiters in the order they should keep
-	// among themselves (they go to the end of the fleet's line).
+	// Waiting lists the node's waiters in the fleet's line, in the order
+	// they arrived (oldest first, whatever the zone's order): those the
+	// store lost join the end of the line in this order.
 	Waiting []Ticket
 	// Active and Waiters are the node's own totals, shown in Status.
 	Active, Waiters int
+	// Epoch is the node's epoch as it knows it (Renew): a store whose
+	// epoch for the node differs lost or replayed a registration, and
+	// says Repair.
+	Epoch uint64
+	// Check (Renew): HeldTotal and Tickets are exact, taken while none of
+	// the node's Take, Give or Leave calls was in flight; the store
+	// compares them with its own count for the node and says Repair if
+	// they differ. HeldTotal counts the slots the node holds in the fleet
+	// (every key value); Tickets its waiters in the fleet's line.
+	Check              bool
+	HeldTotal, Tickets int
+	// Acks (Renew) are the grants the node took in from NextGrant since
+	// its last renewal that succeeded: the store forgets them.
+	Acks []Ticket
+	// Gen (Register) is the generation of the store's state the node
+	// knew ("" if none): a store that no longer has it lost its data, and
+	// grants nothing until every live node has registered again
+	// (State.Learning).
+	Gen string
 	// Limits, if MaxConnections is not 0, become the fleet's limits if the
 	// store has none (a new fleet, or a store that lost its data), in the
 	// same step, so the node can admit at once. Limits already in force
@@ -59,6 +79,16 @@ type State struct {
 	// Epoch is this node's registration epoch: it changes at every
 	// Register. 0 when Lapsed.
 	Epoch uint64
+	// Gen names the generation of the store's state: it changes when the
+	// store lost its data (restarted empty, flushed).
+	Gen string
+	// Learning: the store lost its data and is learning who holds what
+	// from the nodes' registrations; it admits and grants nobody until a
+	// lease has passed since.
+	Learning bool
+	// Repair (Renew): the store's count of this node's slots or tickets,
+	// or its epoch, differs from the node's: Register.
+	Repair bool
 }
 
 // NodeInfo is one node as the store sees it.

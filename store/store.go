@@ -70,9 +70,11 @@ type Store interface {
 	Leave(ctx context.Context, t Ticket) (left bool, err error)
 	// NextGrant blocks until a grant for this node arrives (or ctx is
 	// done): the returned Ticket was admitted fleet-wide and this node now
-	// holds a slot of its key. A grant is never lost when ctx ends first:
-	// the next call gets it. It returns an error when the store cannot be
-	// read (then at most about once a second) or after Close.
+	// holds a slot of its key. Each grant is delivered exactly once: not
+	// lost when ctx ends first (the next call gets it), nor when a reply
+	// of the store is lost on the way (it is read again). It returns an
+	// error when the store cannot be read (then at most about once a
+	// second) or after Close.
 	NextGrant(ctx context.Context) (Ticket, error)
 	// Renew extends this node's lease, reports its counts (only Active and
 	// Waiters of counts are used), reaps nodes whose lease ran out (their
@@ -80,10 +82,12 @@ type Store interface {
 	// Lapsed, nothing was renewed: Register.
 	Renew(ctx context.Context, counts NodeState) (State, error)
 	// Register (re-)registers this node with its full state: its held
-	// slots replace what the store had for it (the fleet's counts follow),
-	// its old tickets are dropped and st.Waiting queued anew at the end of
-	// the line, in their order; then free slots are granted (possibly to
-	// its own tickets). Use it first, after Lapsed, after the store lost
+	// slots replace what the store had for it (the fleet's counts follow);
+	// the tickets of st.Waiting that the store still has keep their places
+	// in line, those it lost join the end in their order (st.Waiting is in
+	// arrival order, oldest first), and its tickets that st.Waiting does
+	// not name leave; then free slots are granted (possibly to its own
+	// tickets). Use it first, after Lapsed or Repair, after the store lost
 	// its data, and to repair after an uncertain error.
 	//
 	// The caller must keep st consistent with the store's view: take st

@@ -43,7 +43,7 @@ type limitRun struct {
 	p50, p99 float64 // ms
 	load     float64
 	gaps     []int64 // backend close -> next accept, ns, sorted
-	// backlog: grants waiting in Redis for their node's BLPOP, summed
+	// backlog: grants waiting in Redis for their node's BRPOPLPUSH, summed
 	// over the nodes, sampled every 20 ms in the window (fleet kinds)
 	backlog []int64
 }
@@ -194,7 +194,7 @@ var profParts = []struct{ name, fn string }{
 	{"a connection's whole handler (caddy-l4 server)", "github.com/mholt/caddy-l4/layer4.(*Server).handle"},
 	{"  of which proxy (dial, copy)", "github.com/mholt/caddy-l4/modules/l4proxy.(*Handler).Handle"},
 	{"  of which take, give, leave (the store's scripts)", "github.com/l4-connlimit/connlimit/store/redisstore.(*redisFleet).run"},
-	{"grants: the BLPOP loop", "github.com/l4-connlimit/connlimit/store/redisstore.(*redisFleet).pump"},
+	{"grants: the BRPOPLPUSH loop", "github.com/l4-connlimit/connlimit/store/redisstore.(*redisFleet).pump"},
 	{"grants: handing them to waiters", "github.com/l4-connlimit/connlimit/internal/engine.(*fleetNode).grants"},
 	{"renewals", "github.com/l4-connlimit/connlimit/internal/engine.(*fleetNode).renewals"},
 	{"Go scheduler looking for work (idle, wake-ups)", "runtime.findRunnable"},
@@ -289,7 +289,7 @@ func (n *node) zoneCounts(zone string) (waiting int, admitted uint64, err error)
 }
 
 // grantBacklog samples, every 20 ms from start to end, how many grants of
-// zone wait in the nodes' grant lists for their BLPOP (LLEN, pipelined),
+// zone wait in the nodes' grant lists for their BRPOPLPUSH (LLEN, pipelined),
 // and returns the samples, sorted.
 func grantBacklog(e *env, zone string, start, end time.Time) []int64 {
 	var keys []string

@@ -9,7 +9,7 @@ import (
 )
 
 // idleInfo is what the fleet costs Redis with no connection at all: the
-// nodes' renewals and re-armed BLPOPs, for 3 fleet zones on 3 nodes.
+// nodes' renewals and re-armed BRPOPLPUSHes, for 3 fleet zones on 3 nodes.
 type idleInfo struct {
 	window   time.Duration
 	redisCPU time.Duration
@@ -116,9 +116,9 @@ func (u usage) nodeCPU() time.Duration {
 	return t
 }
 
-// scripts is the EVALSHA, EVAL and BLPOP calls of the window.
+// scripts is the EVALSHA, EVAL and BRPOPLPUSH calls of the window.
 func (u usage) roundTrips() int64 {
-	return u.cs["evalsha"] + u.cs["eval"] + u.cs["blpop"] + u.cs["blmpop"]
+	return u.cs["evalsha"] + u.cs["eval"] + u.cs["brpoplpush"] + u.cs["blmpop"]
 }
 
 // ---- added latency of a connection admitted at once ----

@@ -16,8 +16,8 @@ import (
 )
 
 // INFO commandstats counts every EVALSHA alike, whatever the script. To
-// tell a connection's round trips (take, give, leave, the BLPOP of its
-// grant) from the nodes' own traffic (renewals, BLPOPs re-armed after a
+// tell a connection's round trips (take, give, leave, the BRPOPLPUSH of its
+// grant) from the nodes' own traffic (renewals, BRPOPLPUSHes re-armed after a
 // timeout), the round-trip measurements also watch Redis' MONITOR feed,
 // which names each EVALSHA's script (by its SHA1, computed here from
 // store/redisstore/lua/*.lua exactly as the store does) and its zone (KEYS[1]).
@@ -52,7 +52,7 @@ func scriptNames(repo string) (map[string]string, error) {
 }
 
 // monitor counts the commands clients send (not those scripts run), per
-// zone: "take", "give", "renew"... for EVALSHA and EVAL, "blpop", and
+// zone: "take", "give", "renew"... for EVALSHA and EVAL, "brpoplpush", and
 // the command's name for anything else.
 type monitor struct {
 	conn    net.Conn
@@ -126,7 +126,7 @@ func (m *monitor) read(br *bufio.Reader) {
 			} else {
 				what = "eval(script body)"
 			}
-		case "blpop":
+		case "brpoplpush":
 			if len(f) > 1 {
 				zone = zoneOfKey(f[1])
 			}

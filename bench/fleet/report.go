@@ -156,7 +156,7 @@ func (r *report) markdown() string {
 func rates(cs cmdStats, w time.Duration) string {
 	keys := make([]string, 0, len(cs))
 	for k := range cs {
-		if k == "evalsha" || k == "eval" || k == "blpop" {
+		if k == "evalsha" || k == "eval" || k == "brpoplpush" {
 			keys = append(keys, k)
 		}
 	}
@@ -166,7 +166,7 @@ func rates(cs cmdStats, w time.Duration) string {
 		parts = append(parts, fmt.Sprintf("%s %.1f", strings.ToUpper(k), float64(cs[k])/w.Seconds()))
 	}
 	if len(parts) == 0 {
-		return "no EVALSHA or BLPOP"
+		return "no EVALSHA or BRPOPLPUSH"
 	}
 	return strings.Join(parts, ", ")
 }
@@ -214,18 +214,18 @@ func (r *report) roundTrips(p printer) {
 	rt := r.rt
 	p("### Store round trips per connection\n\n")
 	p("Method: a window of connections of one kind, with `INFO commandstats` read before and after "+
-		"(EVALSHA, EVAL and BLPOP are the commands nodes send; the commands scripts run are counted there too) "+
+		"(EVALSHA, EVAL and BRPOPLPUSH are the commands nodes send; the commands scripts run are counted there too) "+
 		"and Redis' `MONITOR` feed over the same window, which names each EVALSHA's script (SHA1 of "+
 		"`store/redisstore/lua/lib.lua` + the script, as the store loads them) and its zone (KEYS[1]). A connection's "+
-		"round trips are its zone's take, give and leave scripts plus the BLPOPs that delivered a grant "+
-		"(= RPUSHes to the grant lists in the window, from commandstats). The nodes' own traffic (renewals "+
-		"of every zone, BLPOPs re-armed after their lease-long timeout) is shown apart, not counted. "+
+		"round trips are its zone's take, give and leave scripts plus the BRPOPLPUSHes that delivered a grant "+
+		"(= LPUSHes to the grant lists in the window, from commandstats). The nodes' own traffic (renewals "+
+		"of every zone, BRPOPLPUSHes re-armed after their lease-long timeout) is shown apart, not counted. "+
 		"Admitted at once: %d connections over 6 clients spread over A, B, C (zone `%s`). Waited: %d "+
 		"connections each queued on the node that does not hold the zone's one slot (zone `%s`, "+
 		"max 1), then handed the slot when the holder's backend connection closes; the first holder was "+
 		"admitted before the window, and its give (in the window) is subtracted. %s.\n\n",
 		rt.open.conns, zOpen, rt.waited.conns, zHandoff, rt.load)
-	p("| connection | n | take | give | leave | BLPOP with a grant | round trips per connection | target | renewals (apart) | BLPOPs with no grant (apart) | commandstats EVALSHA+EVAL | MONITOR scripts | commands scripts ran per connection |\n")
+	p("| connection | n | take | give | leave | BRPOPLPUSH with a grant | round trips per connection | target | renewals (apart) | BRPOPLPUSHes with no grant (apart) | commandstats EVALSHA+EVAL | MONITOR scripts | commands scripts ran per connection |\n")
 	p("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, row := range []struct {
 		name   string
@@ -237,7 +237,7 @@ func (r *report) roundTrips(p printer) {
 		inner := int64(0)
 		for k, v := range row.x.cs {
 			switch k {
-			case "evalsha", "eval", "blpop", "echo", "ping", "monitor", "config|resetstat":
+			case "evalsha", "eval", "brpoplpush", "echo", "ping", "monitor", "config|resetstat":
 			default:
 				inner += v
 			}
@@ -389,17 +389,17 @@ func (r *report) limitBound(p printer) {
 		"answered inside the window; latency is dial → EOF of those. Redis CPU per connection is the "+
 		"`utime+stime` delta of redis-server (`/proc/<pid>/stat`) over the window, minus the idle fleet's "+
 		"rate, divided by the connections the backend served in the window; round trips per connection are "+
-		"the window's EVALSHA+EVAL+BLPOP calls (commandstats, renewals included) over the same count; Caddy "+
+		"the window's EVALSHA+EVAL+BRPOPLPUSH calls (commandstats, renewals included) over the same count; Caddy "+
 		"CPU per connection sums the three nodes' `utime+stime` likewise. The hand-off gap pairs the "+
 		"backend's k-th close with its (k+max)-th accept (the slot that close freed, refilled), for closes "+
 		"in the window. Store op: every store operation of the zone on the three nodes (take, give, "+
 		"renew...), from their `store_seconds` histograms over the window (the upper bound of the bucket). "+
-		"Grants queued: the zone's grants pushed to a node's list and not yet popped by its BLPOP (each "+
+		"Grants queued: the zone's grants pushed to a node's list and not yet popped by its BRPOPLPUSH (each "+
 		"node pops one grant per round trip), `LLEN` of every node's list summed, every 20 ms. "+
 		"Machine busy: all cores, from `/proc/stat`; other processes: that busy time less this program's, "+
 		"its nodes' and its Redis' (other engineers' work on the shared machine). The backend's peak concurrency is checked against max. "+
 		"%s.\n\n", c.rounds, c.loadMax, l.load)
-	p("| round | zone | conn/s | p50 | p99 | backend peak | failed | hand-off gap p50 / p99 | store op p50 / p99 (≤ bucket) | grants queued for their node's BLPOP, mean / max | Redis CPU/conn | store round trips/conn | Caddy CPU/conn (3 nodes) | machine busy | other processes | load |\n")
+	p("| round | zone | conn/s | p50 | p99 | backend peak | failed | hand-off gap p50 / p99 | store op p50 / p99 (≤ bucket) | grants queued for their node's BRPOPLPUSH, mean / max | Redis CPU/conn | store round trips/conn | Caddy CPU/conn (3 nodes) | machine busy | other processes | load |\n")
 	p("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	idle := r.idle.cpuPerSec()
 	for _, run := range l.runs {
@@ -572,6 +572,6 @@ func (r *report) capacityText(p printer) {
 		"be split. Separate zones are independent: with Z zones spread over S shards (CRC16 of the zone "+
 		"name picks the slot; name zones so that they land on different shards, or move slots), the fleet's "+
 		"total is about min(Z, S) × that ceiling, less only what a shard spends on the nodes' renewals "+
-		"(one script per node per zone per %s) and idle BLPOPs (one per node per zone per lease). Redis' I/O "+
+		"(one script per node per zone per %s) and idle BRPOPLPUSHes (one per node per zone per lease). Redis' I/O "+
 		"threads do not help: the scripts run on the command thread.\n\n", min(r.cfg.lease/3, time.Second))
 }

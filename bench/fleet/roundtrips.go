@@ -23,12 +23,12 @@ type rtResult struct {
 	monErr  error
 	window  time.Duration
 	zone    string
-	blpopOK int64 // BLPOPs that delivered a grant: RPUSHes in the window
+	blpopOK int64 // BRPOPLPUSHes that delivered a grant: LPUSHes in the window
 }
 
 // perConn is the zone's round trips per measured connection: its scripts
 // take, give and leave (and EVAL, should a script have left the cache),
-// and the BLPOPs that delivered a grant; renewals and re-armed BLPOPs are
+// and the BRPOPLPUSHes that delivered a grant; renewals and re-armed BRPOPLPUSHes are
 // the nodes' own, shown apart.
 func (r *rtResult) perConn() float64 {
 	z := r.mon[r.zone]
@@ -37,13 +37,13 @@ func (r *rtResult) perConn() float64 {
 }
 
 // own is what the nodes sent of their own in the window, every zone:
-// renewals, registrations, status, and BLPOPs that delivered nothing.
+// renewals, registrations, status, and BRPOPLPUSHes that delivered nothing.
 func (r *rtResult) own() (renew, other, blpopIdle int64) {
 	for _, z := range r.mon {
 		renew += z["renew"]
 		other += z["register"] + z["status"] + z["set_limits"] + z["set_paused"]
 	}
-	blpopIdle = r.cs["blpop"] - r.blpopOK
+	blpopIdle = r.cs["brpoplpush"] - r.blpopOK
 	return
 }
 
@@ -52,7 +52,7 @@ func (r *rtResult) monScripts() int64 {
 	var n int64
 	for _, z := range r.mon {
 		for what, v := range z {
-			if what != "blpop" && what != "echo" && what != "ping" {
+			if what != "brpoplpush" && what != "echo" && what != "ping" {
 				n += v
 			}
 		}
@@ -91,7 +91,7 @@ func window(e *env, zone string, f func() error) (*rtResult, error) {
 	res.cs = cs1.sub(cs0)
 	delete(res.cs, "info")
 	delete(res.cs, "monitor")
-	res.blpopOK = res.cs["rpush"]
+	res.blpopOK = res.cs["lpush"]
 	return res, nil
 }
 

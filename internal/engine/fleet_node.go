@@ -1,8 +1,10 @@
 package engine
 
 import (
+	"cmp"
 	"context"
 	"errors"
+	"slices"
 	"sync"
 	"time"
 
@@ -55,8 +57,14 @@ const (
 	fleetJoining fleetMode = iota
 	// fleetJoined: the store decides every admission.
 	fleetJoined
-	// fleetUnreachable: the store did not answer; the node admits up to
-	// its share on its own, and registers anew once it answers.
+	// fleetHolding: the renewals fail, but the node's lease surely runs
+	// still: it keeps the slots the store counts for it (keyState.held)
+	// and hands them to its own waiters, and registers anew once the
+	// store answers.
+	fleetHolding
+	// fleetUnreachable: the renewals fail and the node's lease has run
+	// out: it admits up to its share on its own, and registers anew once
+	// the store answers.
 	fleetUnreachable
 )
 
@@ -64,6 +72,8 @@ func (m fleetMode) String() string {
 	switch m {
 	case fleetJoined:
 		return "registered"
+	case fleetHolding:
+		return "holding"
 	case fleetUnreachable:
 		return "unreachable"
 	}
@@ -101,6 +111,14 @@ type fleetNode struct {
 	state     store.State         // as last learned
 	learned   time.Time           // when
 	lastErr   error
+	// leaseUntil: until then the store surely keeps this node registered:
+	// the send time of its last renewal (or registration) that succeeded,
+	// plus the lease, by this process's monotonic clock.
+	leaseUntil time.Time
+	gen        string         // the store's generation, as last learned
+	acks       []store.Ticket // grants taken in since the last renewal
+	inFlight   int            // Take, Give and Leave calls under way
+	opGen      uint64         // counts those calls: a renewal's check is exact only if none ran
 	limits    *Limits // to write to the store: newest wins
 	paused    *bool   // likewise
 	nodesSeen int
@@ -192,15 +210,23 @@ func (n *fleetNode) forget(w *Waiter) { delete(n.waiting, w.ticket) }
 // joined implements sharer.
 func (n *fleetNode) joined() bool { return n.mode == fleetJoined }
 
-// localSlots is how many slots per key value the node fills on its own:
-// none while the store decides or the node is registering, its share
-// while the store is unreachable. Zone lock held.
-func (n *fleetNode) localSlots() int {
-	if n.mode != fleetUnreachable {
-		return 0
+// localSlots is how many slots of ks the node fills on its own: none
+// while the store decides or the node is registering; while it holds, the
+// slots the store counts for it; its share once its lease ran out. Zone
+// lock held.
+func (n *fleetNode) localSlots(ks *keyState) int {
+	switch n.mode {
+	case fleetHolding:
+		return ks.held
+	case fleetUnreachable:
+		return n.spec.Unreachable.Admits(n.z.limits.MaxConnections, n.nodesSeen)
 	}
-	return n.spec.Unreachable.Admits(n.z.limits.MaxConnections, n.nodesSeen)
+	return 0
 }
+
+// begin and end bracket a Take, Give or Leave call. Zone lock held.
+func (n *fleetNode) begin() { n.inFlight++; n.opGen++ }
+func (n *fleetNode) end()   { n.inFlight-- }
 
 // acquire is Zone.Acquire for a fleet zone: one Take, unless the store
 // cannot be asked now.
@@ -224,20 +250,25 @@ func (n *fleetNode) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reas
 	ks := z.keyState(w.Key, true)
 	ks.asking++
 	n.asking[w.ticket] = struct{}{}
+	n.begin()
 	z.mu.Unlock()
 	out, r, err := n.take(store.Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
 	z.mu.Lock()
+	n.end()
 	ks.asking--
 	delete(n.asking, w.ticket)
 	_, granted := n.early[w.ticket]
 	delete(n.early, w.ticket)
 	if err != nil {
+		// It waits here, and joins the fleet's line at the Register that
+		// repairs whatever the failed call did.
 		n.failed(err)
 		return n.acquireHere(w, wake, now)
 	}
 	switch out {
 	case Admitted:
 		z.admit(w, ks)
+		ks.held++
 	case Rejected:
 		z.reject(w, ks, r)
 	default:
@@ -246,21 +277,23 @@ func (n *fleetNode) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reas
 		n.waiting[w.ticket] = w
 		if granted {
 			z.grantTo(w)
+			ks.held++
 		}
 	}
 	return out, r
 }
 
-// acquireHere decides on this node alone (its share, or nobody while it
-// registers). The waiter joins the fleet's line at the next Register.
+// acquireHere decides on this node alone (the slots it holds, its share,
+// or nobody while it registers). A waiter joins the fleet's line at the
+// next Register, which also tells the store what was admitted here.
 // Zone lock held.
 func (n *fleetNode) acquireHere(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
 	out, r := n.z.acquire(w, wake, now)
 	if out == Queued {
 		n.waiting[w.ticket] = w
 	}
-	if out == Admitted {
-		n.repair = true // admitted on its own: the store learns it at Register
+	if out != Rejected {
+		n.repair = true
 	}
 	return out, r
 }
@@ -271,19 +304,34 @@ func (n *fleetNode) free(w *Waiter) bool {
 	n.gate.RLock()
 	defer n.gate.RUnlock()
 	z.mu.Lock()
+	ks := w.ks
 	if !z.free(w) {
 		z.mu.Unlock()
 		return false
 	}
-	give := n.mode == fleetJoined
-	if !give {
-		n.repair = true
-	}
+	give := n.giveBack(ks)
 	z.mu.Unlock()
 	if give {
 		n.give(w.Key)
 	}
 	return true
+}
+
+// giveBack decides what becomes of a slot of ks freed here: registered,
+// the node gives it back to the fleet (true); holding, it keeps it, and
+// the zone has handed it to its own next waiter if one waits; otherwise
+// the store learns at the next Register. Zone lock held.
+func (n *fleetNode) giveBack(ks *keyState) bool {
+	switch n.mode {
+	case fleetJoined:
+		ks.held--
+		n.z.tidy(ks)
+		n.begin()
+		return true
+	case fleetUnreachable, fleetJoining:
+		n.repair = true
+	}
+	return false
 }
 
 // abandon is Zone.Abandon for a fleet zone: a waiter leaves the fleet's
@@ -293,21 +341,26 @@ func (n *fleetNode) abandon(w *Waiter) bool {
 	n.gate.RLock()
 	defer n.gate.RUnlock()
 	z.mu.Lock()
-	state, inFleet := w.state, w.inFleet
+	state, inFleet, ks := w.state, w.inFleet, w.ks
 	if !z.abandon(w) {
 		z.mu.Unlock()
 		return false
 	}
-	joined := n.mode == fleetJoined
-	if !joined {
+	var leave, give bool
+	switch {
+	case state == stateGranted:
+		give = n.giveBack(ks)
+	case n.mode != fleetJoined:
 		n.repair = true
+	case inFleet:
+		leave = true
+		n.begin()
 	}
 	z.mu.Unlock()
 	switch {
-	case !joined:
-	case state == stateWaiting && inFleet:
+	case leave:
 		n.leaveLocked(w)
-	case state == stateGranted:
+	case give:
 		n.give(w.Key)
 	}
 	return true
@@ -317,21 +370,25 @@ func (n *fleetNode) abandon(w *Waiter) bool {
 func (n *fleetNode) leave(w *Waiter) {
 	n.gate.RLock()
 	defer n.gate.RUnlock()
+	n.z.mu.Lock()
+	n.begin()
+	n.z.mu.Unlock()
 	n.leaveLocked(w)
 }
 
-// leaveLocked: gate held. If the ticket was granted meanwhile, its grant
-// is on its way, and grant gives it back.
+// leaveLocked: gate held, and begin called. If the ticket was granted
+// meanwhile, its grant is on its way, and grant gives it back.
 func (n *fleetNode) leaveLocked(w *Waiter) {
 	err := n.call("leave", func(ctx context.Context) error {
 		_, err := n.store.Leave(ctx, store.Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
 		return err
 	})
+	n.z.mu.Lock()
+	n.end()
 	if err != nil {
-		n.z.mu.Lock()
 		n.failed(err)
-		n.z.mu.Unlock()
 	}
+	n.z.mu.Unlock()
 }
 
 func (n *fleetNode) take(t store.Ticket) (out Outcome, r Reason, err error) {
@@ -342,32 +399,44 @@ func (n *fleetNode) take(t store.Ticket) (out Outcome, r Reason, err error) {
 	return out, r, err
 }
 
-// give frees a slot of key in the store. Gate held.
+// give frees a slot of key in the store. Gate held, and begin called.
+// Whether or not a failed Give ran, the node no longer counts the slot:
+// the store counts at least as many for it, which keeps the bound, and
+// the Register that follows corrects it.
 func (n *fleetNode) give(key string) {
 	err := n.call("give", func(ctx context.Context) error { return n.store.Give(ctx, key) })
+	n.z.mu.Lock()
+	n.end()
 	if err != nil {
-		n.z.mu.Lock()
 		n.failed(err)
-		n.z.mu.Unlock()
 	}
+	n.z.mu.Unlock()
 }
 
-// failed notes a store error: the node registers anew once the store
-// answers (the error may have left its count wrong), and until then it
-// is on its own. Zone lock held.
+// failed notes an error of one Take, Give or Leave: the node registers
+// anew at once, to repair what the call may have left wrong. One call's
+// error says little of the store: only the renewals decide that it cannot
+// be reached (sync). Lapsed, the node admits nobody new until it has
+// registered, unless its lease surely runs still (the store lost its
+// data): then it holds. Zone lock held.
 func (n *fleetNode) failed(err error) {
 	n.lastErr = err
 	n.repair = true
-	if errors.Is(err, store.ErrLapsed) || errors.Is(err, store.ErrNoLimits) || n.outlived() {
+	switch {
+	case errors.Is(err, store.ErrLapsed) && n.mode == fleetJoined && time.Now().Before(n.leaseUntil):
+		n.hold()
+	case errors.Is(err, store.ErrLapsed) || errors.Is(err, store.ErrNoLimits) || n.outlived():
 		n.mode, n.rejoin = fleetJoining, time.Now()
-	} else if n.mode == fleetJoined {
-		n.mode = fleetUnreachable
-		n.z.grantAll() // its share admits waiters at once
 	}
-	select {
-	case n.kick <- struct{}{}:
-	default:
-	}
+	n.kickNow()
+}
+
+// hold: the node keeps the slots the store counts for it and hands them
+// to its own waiters, until its lease runs out. Zone lock held.
+func (n *fleetNode) hold() {
+	n.mode = fleetHolding
+	n.repair = true
+	n.z.grantAll()
 }
 
 // call runs one store operation, bounded by storeTimeout, and tells the
@@ -381,15 +450,15 @@ func (n *fleetNode) call(op string, f func(ctx context.Context) error) error {
 	return err
 }
 
-// outlived: the node is registered, but it last heard from the store
-// longer than a lease ago: its renewals did not run (the process was
+// outlived: the node is registered, but its lease has run out by its own
+// clock: its renewals did not run (the process was
 // stopped, or starved), so its lease ran out and the others may have
 // taken over its slots. An error now, often a deadline that passed while
 // it was stopped, does not tell that the store is unreachable: the node
 // admits nobody new until it has registered again, and falls back on its
 // share only if that fails too. Zone lock held.
 func (n *fleetNode) outlived() bool {
-	return n.mode == fleetJoined && !n.learned.IsZero() && time.Since(n.learned) > n.store.Lease()
+	return n.mode == fleetJoined && !n.leaseUntil.IsZero() && time.Now().After(n.leaseUntil)
 }
 
 func (n *fleetNode) observe(op string, start time.Time, err error) {
@@ -440,6 +509,7 @@ func (n *fleetNode) grant(t store.Ticket) {
 	n.gate.RLock()
 	defer n.gate.RUnlock()
 	z.mu.Lock()
+	n.acks = append(n.acks, t) // the store forgets it at the next renewal
 	if t.Epoch != n.epoch {
 		z.mu.Unlock() // made before the latest Register, which counted it anew
 		return
@@ -451,9 +521,11 @@ func (n *fleetNode) grant(t store.Ticket) {
 	}
 	if w := n.waiting[t.ID]; w != nil && w.state == stateWaiting {
 		z.grantTo(w)
+		w.ks.held++
 		z.mu.Unlock()
 		return
 	}
+	n.begin()
 	z.mu.Unlock()
 	n.give(t.Key)
 }
@@ -461,7 +533,8 @@ func (n *fleetNode) grant(t store.Ticket) {
 // renewals renews the lease every RenewEvery, and at once when kicked:
 // it writes what this node changed (limits, pause), registers when the
 // store lost the node or its count may be wrong, and learns the fleet's
-// limits, pause and totals.
+// limits, pause and totals. While the node holds, it also wakes when its
+// lease runs out.
 func (n *fleetNode) renewals() {
 	defer n.loops.Done()
 	every := store.RenewEvery(n.store.Lease())
@@ -476,7 +549,13 @@ func (n *fleetNode) renewals() {
 			t.Stop()
 		}
 		n.sync()
-		t.Reset(every)
+		n.z.mu.Lock()
+		next := every
+		if n.mode == fleetHolding {
+			next = min(next, max(time.Until(n.leaseUntil), 0))
+		}
+		n.z.mu.Unlock()
+		t.Reset(next)
 	}
 }
 
@@ -484,9 +563,14 @@ func (n *fleetNode) sync() {
 	z := n.z
 	started := time.Now()
 	z.mu.Lock()
+	if n.mode == fleetHolding && !started.Before(n.leaseUntil) {
+		n.mode = fleetUnreachable // the lease ran out: the policy's share
+		z.grantAll()
+	}
 	limits, paused := n.limits, n.paused
 	register := n.mode != fleetJoined || n.repair
-	counts := store.NodeState{Active: z.active, Waiters: z.waiting}
+	counts := n.counts()
+	opGen := n.opGen
 	z.mu.Unlock()
 
 	// Renew first, even to register: Register holds the gate, which
@@ -498,10 +582,29 @@ func (n *fleetNode) sync() {
 			st, err = n.store.Renew(ctx, counts)
 			return err
 		})
-		register = register || st.Lapsed
 	}
+	z.mu.Lock()
+	if err != nil {
+		n.acks = append(counts.Acks, n.acks...) // acknowledged at the next renewal
+	} else {
+		if !st.Lapsed {
+			n.leaseUntil = started.Add(n.store.Lease())
+		}
+		// The store lost the node, replayed an older registration, or
+		// counts other slots or tickets for it than it holds (a reply
+		// lost, a failover that lost writes, a garbled count): repair.
+		register = register || st.Lapsed || st.Epoch != n.epoch ||
+			st.Repair && counts.Check && n.opGen == opGen
+	}
+	z.mu.Unlock()
 	if err == nil && register {
-		st, err = n.register()
+		var regStarted time.Time
+		regStarted, st, err = n.register()
+		if err == nil {
+			z.mu.Lock()
+			n.leaseUntil = regStarted.Add(n.store.Lease())
+			z.mu.Unlock()
+		}
 	}
 	if n.ctx.Err() != nil {
 		return // the zone is leaving the fleet (leaveFleet): its store is closing, not unreachable
@@ -519,7 +622,12 @@ func (n *fleetNode) sync() {
 			n.kickNow()
 			z.mu.Unlock()
 			return
-		case n.mode == fleetJoined || !errors.Is(err, store.ErrLapsed):
+		case (n.mode == fleetJoined || n.mode == fleetHolding) && time.Now().Before(n.leaseUntil):
+			// Its lease runs still: it keeps what it holds, no more.
+			if n.mode == fleetJoined {
+				n.hold()
+			}
+		case n.mode == fleetJoined || n.mode == fleetHolding || !errors.Is(err, store.ErrLapsed):
 			n.mode = fleetUnreachable
 		}
 		n.z.grantAll()
@@ -530,6 +638,30 @@ func (n *fleetNode) sync() {
 	n.learn(st)
 	z.mu.Unlock()
 	n.reached(st, nil)
+}
+
+// counts is what a renewal reports: the node's totals and epoch, the
+// grants it took in, and, if no Take, Give or Leave is under way, the
+// slots and tickets the store should count for it. Zone lock held.
+func (n *fleetNode) counts() store.NodeState {
+	z := n.z
+	c := store.NodeState{Active: z.active, Waiters: z.waiting, Epoch: n.epoch, Acks: n.acks}
+	n.acks = nil
+	if n.mode != fleetJoined || n.inFlight > 0 || n.repair {
+		return c
+	}
+	c.Check = true
+	each := func(ks *keyState) { c.HeldTotal += ks.held }
+	each(&z.def)
+	for _, ks := range z.keys {
+		each(ks)
+	}
+	for _, w := range n.waiting {
+		if w.inFleet && w.state == stateWaiting {
+			c.Tickets++
+		}
+	}
+	return c
 }
 
 func (n *fleetNode) reached(st store.State, err error) {
@@ -567,19 +699,19 @@ func (n *fleetNode) write(limits *Limits, paused *bool) error {
 }
 
 // register sends the node's whole state: the slots it holds (admitted,
-// and granted but not yet claimed) and its waiters in their order, which
-// join the end of the fleet's line. No Take, Give or Leave is in flight
+// and granted but not yet claimed) and its waiters in the order they
+// arrived: those the store still has keep their places, the others join
+// the end of the fleet's line. No Take, Give or Leave is in flight
 // meanwhile (gate), and grants wait for it; those made before it are
-// dropped by their epoch.
-func (n *fleetNode) register() (store.State, error) {
+// dropped by their epoch. It returns when it sent the registration.
+func (n *fleetNode) register() (time.Time, store.State, error) {
 	z := n.z
 	n.gate.Lock()
 	defer n.gate.Unlock()
 	z.mu.Lock()
-	st := store.NodeState{Held: map[string]int{}, Active: z.active, Waiters: z.waiting, Limits: z.limits}
+	st := store.NodeState{Held: map[string]int{}, Active: z.active, Waiters: z.waiting, Limits: z.limits, Gen: n.gen}
 	var tickets []*Waiter
 	visit := func(w *Waiter) bool {
-		st.Waiting = append(st.Waiting, store.Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
 		tickets = append(tickets, w)
 		return true
 	}
@@ -593,33 +725,47 @@ func (n *fleetNode) register() (store.State, error) {
 	for _, ks := range z.keys {
 		each(ks)
 	}
+	// Ticket ids grow with arrivals: in their order, tickets re-queued at
+	// the end keep the zone's order (FIFO or LIFO) among themselves.
+	slices.SortFunc(tickets, func(a, b *Waiter) int { return cmp.Compare(a.ticket, b.ticket) })
+	for _, w := range tickets {
+		st.Waiting = append(st.Waiting, store.Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
+	}
 	z.mu.Unlock()
 
 	var fs store.State
+	started := time.Now()
 	err := n.call("register", func(ctx context.Context) (err error) {
 		fs, err = n.store.Register(ctx, st)
 		return err
 	})
 	if err != nil {
-		return fs, err
+		return started, fs, err
 	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
 	n.mode = fleetJoined
 	n.epoch = fs.Epoch
 	n.repair = false
+	n.acks = nil // the store dropped its grants lists
 	clear(n.early)
+	z.def.held = z.def.active
+	for _, ks := range z.keys {
+		ks.held = ks.active
+		z.tidy(ks)
+	}
 	for _, w := range tickets {
 		if w.state == stateWaiting {
 			w.inFleet = true
 		}
 	}
-	return fs, nil
+	return started, fs, nil
 }
 
 // learn takes in what the store says of the fleet. Zone lock held.
 func (n *fleetNode) learn(st store.State) {
 	n.state, n.learned, n.lastErr = st, time.Now(), nil
+	n.gen = st.Gen
 	n.nodesSeen = st.NodeCount
 	if n.limits == nil && st.Limits.MaxConnections > 0 && st.Limits != n.z.limits {
 		n.z.inForce(st.Limits)

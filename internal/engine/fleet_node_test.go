@@ -27,6 +27,7 @@ type fakeStore struct {
 	once     sync.Once
 	epoch    uint64
 	renewErr error
+	repair   bool // renewals that check say the store counts otherwise
 }
 
 func newFakeStore() *fakeStore {
@@ -74,10 +75,10 @@ func (s *fakeStore) NextGrant(ctx context.Context) (store.Ticket, error) {
 	}
 }
 
-func (s *fakeStore) Renew(context.Context, store.NodeState) (store.State, error) {
+func (s *fakeStore) Renew(_ context.Context, c store.NodeState) (store.State, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return store.State{Epoch: s.epoch, Limits: Limits{MaxConnections: 1}, NodeCount: 1}, s.renewErr
+	return store.State{Epoch: s.epoch, Limits: Limits{MaxConnections: 1}, NodeCount: 1, Repair: s.repair && c.Check}, s.renewErr
 }
 
 func (s *fakeStore) Register(_ context.Context, st store.NodeState) (store.State, error) {
@@ -187,8 +188,11 @@ func TestFleetNodeGrantBeforeTakeAnswers(t *testing.T) {
 	}
 }
 
-// While the store fails, the node admits up to its share on its own,
-// and registers what it serves once the store answers again.
+// While the store fails, a node waits out its lease before it admits on
+// its own: a Take that fails leaves the connection waiting here, the
+// renewals' failing makes the node hold what it holds (nothing here), and
+// only once its lease has surely run out does it admit up to its share.
+// It registers what it serves once the store answers again.
 func TestFleetNodeUnreachableShareThenRegister(t *testing.T) {
 	s := newFakeStore()
 	z := fakeFleetZone(t, s, store.UnreachablePolicy{Share: 2})
@@ -197,26 +201,36 @@ func TestFleetNodeUnreachableShareThenRegister(t *testing.T) {
 	s.take = func(store.Ticket) (Outcome, Reason, error) { return Rejected, ReasonNone, down }
 	s.renewErr = down
 	s.mu.Unlock()
+	cut := time.Now()
 	var held []*Waiter
+	var sigs []Signal
 	for range 2 {
-		w := &Waiter{}
-		if out, _ := z.Acquire(w, NewSignal(), time.Now()); out != Admitted {
-			t.Fatalf("Acquire while the store is down = %v, want admitted within the share of 2", out)
+		w, sig := &Waiter{}, NewSignal()
+		if out, _ := z.Acquire(w, sig, time.Now()); out != Queued {
+			t.Fatalf("Acquire while the store is down = %v, want queued: one failed Take does not fall back", out)
 		}
-		held = append(held, w)
+		held, sigs = append(held, w), append(sigs, sig)
+	}
+	testkit.WaitFor(t, 5*time.Second, "the node to hold", func() bool { return z.FleetView().State == "holding" })
+	for i, w := range held {
+		out, _ := z.Wait(w, sigs[i], nil)
+		if out != Admitted {
+			t.Fatalf("waiter %d: %v, want admitted within the share once the lease ran out", i, out)
+		}
+	}
+	// The last renewal that succeeded was sent at most a renewal (1 s)
+	// before the cut, and the lease is 3 s.
+	if d := time.Since(cut); d < 1900*time.Millisecond {
+		t.Fatalf("admitted on the share %s after the cut, before the lease (3 s) can have run out", d)
+	}
+	if v := z.FleetView(); v.State != "unreachable" || v.Error == "" {
+		t.Fatalf("fleet view while down: %+v", v)
 	}
 	w3 := &Waiter{}
 	if out, _ := z.Acquire(w3, NewSignal(), time.Now()); out != Queued {
 		t.Fatalf("third Acquire = %v, want queued beyond the share", out)
 	}
 	_, _, regs := s.counts()
-	time.Sleep(1500 * time.Millisecond) // a renewal or more, failing
-	if _, _, r := s.counts(); r != regs {
-		t.Fatalf("registered while the store failed")
-	}
-	if v := z.FleetView(); v.State != "unreachable" || v.Error == "" {
-		t.Fatalf("fleet view while down: %+v", v)
-	}
 	s.mu.Lock()
 	s.renewErr = nil
 	s.take = func(store.Ticket) (Outcome, Reason, error) { return Queued, ReasonNone, nil }
@@ -232,4 +246,114 @@ func TestFleetNodeUnreachableShareThenRegister(t *testing.T) {
 	for _, w := range held {
 		z.Free(w)
 	}
+}
+
+// A node cut off from its store keeps the slots the store counts for it
+// until its lease has surely run out: a slot that one of its connections
+// frees goes to its own next waiter at once, with no Give, and no
+// arrival is admitted beyond them.
+func TestFleetNodeHoldsItsSlotsUntilItsLeaseRunsOut(t *testing.T) {
+	s := newFakeStore()
+	z := fakeFleetZone(t, s, store.UnreachablePolicy{Share: 5})
+	s.mu.Lock()
+	s.take = func(store.Ticket) (Outcome, Reason, error) { return Admitted, ReasonNone, nil }
+	s.mu.Unlock()
+	holder := &Waiter{}
+	if out, _ := z.Acquire(holder, NewSignal(), time.Now()); out != Admitted {
+		t.Fatalf("holder: %v", out)
+	}
+	down := errors.New("store down")
+	s.mu.Lock()
+	s.take = func(store.Ticket) (Outcome, Reason, error) { return Rejected, ReasonNone, down }
+	s.renewErr = down
+	s.mu.Unlock()
+	cut := time.Now()
+	w, sig := &Waiter{}, NewSignal()
+	if out, _ := z.Acquire(w, sig, time.Now()); out != Queued {
+		t.Fatalf("a newcomer while the store is down: %v, want queued", out)
+	}
+	testkit.WaitFor(t, 5*time.Second, "the node to hold", func() bool { return z.FleetView().State == "holding" })
+	gives, _, _ := s.counts()
+	if !z.Free(holder) {
+		t.Fatal("Free: false")
+	}
+	if out, _, _ := z.Poll(w, time.Now()); out != Admitted {
+		t.Fatalf("the next waiter after the holder freed its slot: %v, want admitted on the held slot", out)
+	}
+	if g, _, _ := s.counts(); g != gives {
+		t.Fatalf("%d gives while holding, want none", g-gives)
+	}
+	w2, sig2 := &Waiter{}, NewSignal()
+	if out, _ := z.Acquire(w2, sig2, time.Now()); out != Queued {
+		t.Fatalf("a newcomer beyond the held slot: %v, want queued", out)
+	}
+	if out, _ := z.Wait(w2, sig2, nil); out != Admitted {
+		t.Fatalf("the second newcomer: %v, want admitted on the share once the lease ran out", out)
+	}
+	if d := time.Since(cut); d < 1900*time.Millisecond {
+		t.Fatalf("admitted beyond the held slot %s after the cut: the lease (3 s) cannot have run out", d)
+	}
+	z.Free(w)
+	z.Free(w2)
+}
+
+// A Register lists the node's waiters in the order they arrived, whatever
+// the zone's order, so that those the store lost join the end of the
+// fleet's line in the right order: under LIFO the newest is then
+// admitted first. (Before, they were listed in LIFO's admission order,
+// newest first, and the store's LIFO then admitted the oldest first.)
+func TestFleetNodeRegistersWaitersInArrivalOrder(t *testing.T) {
+	s := newFakeStore()
+	z := fakeFleetZone(t, s, store.UnreachablePolicy{Refuse: true})
+	z.SetLimits(Limits{MaxConnections: 1, Order: LIFO})
+	s.mu.Lock()
+	s.take = func(store.Ticket) (Outcome, Reason, error) { return Rejected, ReasonNone, errors.New("lost reply") }
+	s.mu.Unlock()
+	var ws []*Waiter
+	for range 3 {
+		w := &Waiter{}
+		if out, _ := z.Acquire(w, NewSignal(), time.Now()); out != Queued {
+			t.Fatalf("Acquire: %v, want queued here after a failed Take", out)
+		}
+		ws = append(ws, w)
+	}
+	_, _, regs := s.counts()
+	testkit.WaitFor(t, 5*time.Second, "the Register that repairs", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return len(s.regs) > regs && len(s.regs[len(s.regs)-1].Waiting) == 3
+	})
+	s.mu.Lock()
+	st := s.regs[len(s.regs)-1]
+	s.mu.Unlock()
+	for i, tk := range st.Waiting {
+		if tk.ID != ws[i].ticket {
+			t.Fatalf("registered waiters %+v, want tickets %d, %d, %d: the order they arrived", st.Waiting, ws[0].ticket, ws[1].ticket, ws[2].ticket)
+		}
+	}
+	for _, w := range ws {
+		z.Abandon(w)
+	}
+}
+
+// A renewal whose epoch is not the node's (the store lost or replayed a
+// registration), or that says the store counts other slots or tickets
+// for the node, makes it register again at once.
+func TestFleetNodeRepairsWhenTheRenewalDisagrees(t *testing.T) {
+	s := newFakeStore()
+	fakeFleetZone(t, s, store.UnreachablePolicy{})
+	_, _, regs := s.counts()
+	s.mu.Lock()
+	s.epoch = 5 // the store answers an older epoch
+	s.mu.Unlock()
+	testkit.WaitFor(t, 5*time.Second, "a Register after the epoch went back", func() bool { _, _, r := s.counts(); return r > regs })
+	_, _, regs = s.counts()
+	time.Sleep(1500 * time.Millisecond) // a renewal or more that agree
+	if _, _, r := s.counts(); r != regs {
+		t.Fatalf("%d Registers while the renewals agreed", r-regs)
+	}
+	s.mu.Lock()
+	s.repair = true // the store counts other slots for the node
+	s.mu.Unlock()
+	testkit.WaitFor(t, 5*time.Second, "a Register after a renewal's check disagreed", func() bool { _, _, r := s.counts(); return r > regs })
 }

@@ -131,6 +131,7 @@ type keyState struct {
 	active  int
 	waiting int
 	asking  int      // fleet zones: connections whose Take is in flight
+	held    int      // fleet zones: slots the store counts for this node, as far as it knows
 	levels  []*level // by priority, highest first; empty levels are kept
 }
 

@@ -85,9 +85,9 @@ type sharer interface {
 	abandon(w *Waiter) bool
 	// leave takes a waiter that timed out out of the fleet's line.
 	leave(w *Waiter)
-	// localSlots: how many slots per key value this process fills on its
-	// own now. Lock held.
-	localSlots() int
+	// localSlots: how many slots of ks this process fills on its own
+	// now. Lock held.
+	localSlots(ks *keyState) int
 	// forget: w left the zone's waiting list. Lock held.
 	forget(w *Waiter)
 	// joined: the fleet's store decides admissions now. Lock held.
@@ -148,7 +148,7 @@ const maxSpare = 64
 // tidy frees ks if it holds nothing, so that memory does not grow with the
 // number of distinct key values ever seen.
 func (z *Zone) tidy(ks *keyState) {
-	if ks == &z.def || ks.active != 0 || ks.waiting != 0 || ks.asking != 0 {
+	if ks == &z.def || ks.active != 0 || ks.waiting != 0 || ks.asking != 0 || ks.held != 0 {
 		return
 	}
 	delete(z.keys, ks.key)
@@ -178,7 +178,7 @@ func (z *Zone) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
 		panic("connlimit: Waiter reused")
 	}
 	ks := z.keyState(w.Key, true)
-	if !z.paused && ks.active < z.localSlots() {
+	if !z.paused && ks.active < z.localSlots(ks) {
 		z.admit(w, ks)
 		return Admitted, ReasonNone
 	}
@@ -234,13 +234,14 @@ func (z *Zone) enqueue(w *Waiter, ks *keyState, wake Waker, now time.Time) {
 	wake.Arm(z.deadline(w))
 }
 
-// localSlots is how many slots (per key value) this process may fill on
-// its own: all of max_connections for a zone of its own; for a fleet
-// zone none while the store decides, or its share while the store is
-// unreachable (fleet_node.go). Lock held.
-func (z *Zone) localSlots() int {
+// localSlots is how many slots of ks this process may fill on its own:
+// all of max_connections for a zone of its own; for a fleet zone none
+// while the store decides, the slots the store counts for this node while
+// it cannot reach the store within its lease, and its share after
+// (fleet_node.go). Lock held.
+func (z *Zone) localSlots(ks *keyState) int {
 	if z.fleet != nil {
-		return z.fleet.localSlots()
+		return z.fleet.localSlots(ks)
 	}
 	return z.limits.MaxConnections
 }
@@ -420,7 +421,7 @@ func (z *Zone) freeSlot(ks *keyState) {
 // grant hands the free slots of ks this process may fill on its own to
 // its waiters, in admission order. Lock held.
 func (z *Zone) grant(ks *keyState) {
-	for !z.paused && ks.waiting > 0 && ks.active < z.localSlots() {
+	for !z.paused && ks.waiting > 0 && ks.active < z.localSlots(ks) {
 		z.grantTo(ks.next(z.limits.Order))
 	}
 }

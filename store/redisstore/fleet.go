@@ -32,7 +32,7 @@ import (
 // and per key value, which it cannot know beforehand; they are in the same
 // slot by their hash tag. Zone names and the prefix may not contain '{' or
 // '}', which would move the tag. With Options.Cluster the client is a
-// Cluster client that routes each script (and the BLPOP of a node's
+// Cluster client that routes each script (and the BRPOPLPUSH of a node's
 // grants) to the shard of the zone's slot.
 
 //go:embed lua/*.lua
@@ -100,6 +100,7 @@ type redisFleet struct {
 	zone, node string
 	keys       []string // {base}: every script's KEYS
 	kGrants    string
+	kInflight  string
 	lease      time.Duration
 	timeout    time.Duration
 	retryPause time.Duration
@@ -107,6 +108,11 @@ type redisFleet struct {
 
 	pumpOnce  sync.Once
 	grants    chan grantResult
+	// delivered holds the grants NextGrant returned that no successful
+	// Renew acknowledged yet: they are still in the in-flight list, and a
+	// re-read of it after an error must not deliver them twice.
+	dmu       sync.Mutex
+	delivered map[string]bool
 	rearm     chan struct{} // a Register succeeded: end the pump's pause
 	pumpDone  chan struct{}
 	closeOnce sync.Once
@@ -206,6 +212,8 @@ func New(opts Options, zone, nodeID string) (store.Store, error) {
 		node:       nodeID,
 		keys:       []string{base},
 		kGrants:    base + ":grants:" + nodeID,
+		kInflight:  base + ":inflight:" + nodeID,
+		delivered:  map[string]bool{},
 		lease:      opts.Lease,
 		timeout:    opts.timeout,
 		retryPause: opts.retryPause,
@@ -338,10 +346,25 @@ func (s *redisFleet) Leave(ctx context.Context, t store.Ticket) (bool, error) {
 }
 
 func (s *redisFleet) Renew(ctx context.Context, counts store.NodeState) (store.State, error) {
-	v, err := s.run(ctx, "renew", fleetRenew, true,
-		s.node, s.lease.Milliseconds(), counts.Active, counts.Waiters, fleetReapLimit)
+	check := 0
+	if counts.Check {
+		check = 1
+	}
+	args := []any{s.node, s.lease.Milliseconds(), counts.Active, counts.Waiters, fleetReapLimit,
+		fmt.Sprintf("%d %d %d %d", counts.Epoch, check, counts.HeldTotal, counts.Tickets)}
+	for _, t := range counts.Acks {
+		args = append(args, grantString(t))
+	}
+	v, err := s.run(ctx, "renew", fleetRenew, true, args...)
 	if err != nil {
 		return store.State{}, err
+	}
+	if len(counts.Acks) > 0 {
+		s.dmu.Lock()
+		for _, t := range counts.Acks {
+			delete(s.delivered, grantString(t))
+		}
+		s.dmu.Unlock()
 	}
 	st, err := parseFleetState(v)
 	if err != nil {
@@ -362,6 +385,7 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 	} else {
 		args = append(args, 0, 0, 0, 0, "fifo")
 	}
+	args = append(args, st.Gen)
 	n := 0
 	for _, c := range st.Held {
 		if c > 0 {
@@ -385,6 +409,9 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 	if err != nil {
 		return store.State{}, s.fail("register", err)
 	}
+	s.dmu.Lock() // the in-flight list is gone with the grants it held
+	clear(s.delivered)
+	s.dmu.Unlock()
 	select { // the store answers again: read the grants at once
 	case s.rearm <- struct{}{}:
 	default:
@@ -437,43 +464,61 @@ func (s *redisFleet) NextGrant(ctx context.Context) (store.Ticket, error) {
 	}
 }
 
-// pump keeps one BLPOP on this node's grants list armed, with a timeout of
-// one lease (an idle node re-arms it once a lease), and hands what it pops
-// to NextGrant. Being a goroutine of its own, it never loses a popped
-// grant when a NextGrant's ctx ends. A server that does not answer within
-// the lease and the timeout is an error; it backs off after errors (up to
-// a second), until a Register succeeds: the store is back then, and the
-// grants that Register made must not wait out the pause.
+// pump keeps one BRPOPLPUSH armed, which moves this node's oldest grant
+// into its in-flight list, with a timeout of one lease (an idle node
+// re-arms it once a lease), and hands what it moves to NextGrant. A grant
+// stays in the in-flight list until a Renew acknowledges it (NodeState.
+// Acks), so a reply lost on the way loses nothing: after an error the pump
+// reads the list again and hands on what it had not delivered. Being a
+// goroutine of its own, it never loses a grant when a NextGrant's ctx
+// ends. A server that does not answer within the lease and the timeout is
+// an error; it backs off after errors (up to a second), until a Register
+// succeeds: the store is back then, and the grants that Register made
+// must not wait out the pause.
 func (s *redisFleet) pump() {
 	defer close(s.pumpDone)
 	pause := time.Duration(0)
+	reread := false
 	for !s.isClosed() {
-		var r grantResult
-		ctx, cancel := context.WithTimeout(context.Background(), s.lease+s.timeout)
-		v, err := s.c.BLPop(ctx, s.lease, s.kGrants).Result()
-		cancel()
-		switch {
-		case errors.Is(err, redis.Nil):
-			continue // timed out: re-arm
-		case err != nil:
+		var batch []grantResult
+		var err error
+		if reread {
+			batch, err = s.rereadInflight()
+			reread = err != nil
+		}
+		if err == nil && len(batch) == 0 {
+			ctx, cancel := context.WithTimeout(context.Background(), s.lease+s.timeout)
+			var v string
+			v, err = s.c.BRPopLPush(ctx, s.kGrants, s.kInflight, s.lease).Result()
+			cancel()
+			switch {
+			case errors.Is(err, redis.Nil):
+				continue // timed out: re-arm
+			case err == nil:
+				batch = append(batch, s.parseDelivered(v))
+			default:
+				reread = true // the move may have happened, its reply lost
+			}
+		}
+		if err != nil {
 			if s.isClosed() {
 				return
 			}
-			r.err = s.failCall("grant", err)
+			batch = append(batch, grantResult{err: s.failCall("grant", err)})
 			pause = min(max(2*pause, 100*time.Millisecond), time.Second)
-		case len(v) != 2:
-			r.err = s.fail("grant", fmt.Errorf("unexpected reply %q", v))
-		default:
-			pause = 0
-			r.t, err = parseGrant(v[1])
-			if err != nil {
-				r.err = s.fail("grant", err)
+			select { // only a Register from now on ends the pause
+			case <-s.rearm:
+			default:
 			}
+		} else {
+			pause = 0
 		}
-		select {
-		case s.grants <- r:
-		case <-s.closed:
-			return
+		for _, r := range batch {
+			select {
+			case s.grants <- r:
+			case <-s.closed:
+				return
+			}
 		}
 		if pause > 0 {
 			t := time.NewTimer(pause)
@@ -489,6 +534,40 @@ func (s *redisFleet) pump() {
 	}
 }
 
+// parseDelivered reads one grant moved to the in-flight list and notes it
+// delivered.
+func (s *redisFleet) parseDelivered(v string) grantResult {
+	t, err := parseGrant(v)
+	if err != nil {
+		return grantResult{err: s.fail("grant", err)}
+	}
+	s.dmu.Lock()
+	s.delivered[v] = true
+	s.dmu.Unlock()
+	return grantResult{t: t}
+}
+
+// rereadInflight returns the grants of the in-flight list that were never
+// delivered (their move's reply was lost), oldest first.
+func (s *redisFleet) rereadInflight() ([]grantResult, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+	defer cancel()
+	vs, err := s.c.LRange(ctx, s.kInflight, 0, -1).Result()
+	if err != nil {
+		return nil, err
+	}
+	var out []grantResult
+	for i := len(vs) - 1; i >= 0; i-- { // LPUSHed: the oldest is last
+		s.dmu.Lock()
+		seen := s.delivered[vs[i]]
+		s.dmu.Unlock()
+		if !seen {
+			out = append(out, s.parseDelivered(vs[i]))
+		}
+	}
+	return out, nil
+}
+
 func (s *redisFleet) Close() error {
 	var err error
 	s.closeOnce.Do(func() {
@@ -501,6 +580,11 @@ func (s *redisFleet) Close() error {
 		}
 	})
 	return err
+}
+
+// grantString is a grant as the store lists it.
+func grantString(t store.Ticket) string {
+	return strconv.FormatUint(t.Epoch, 10) + "\n" + strconv.FormatUint(t.ID, 10) + "\n" + strconv.Itoa(t.Priority) + "\n" + t.Key
 }
 
 // parseGrant reads "<epoch>\n<ticket id>\n<priority>\n<key value>".
@@ -532,15 +616,15 @@ func replyInt(v any) (int64, bool) {
 
 // parseFleetState reads the reply of state() in lib.lua:
 // {lapsed, max, maxw, wait_ms, order, set_at, paused, active, waiting,
-// nodes, epoch, now}.
+// nodes, epoch, now, gen, learning, repair}.
 func parseFleetState(v any) (store.State, error) {
 	r, ok := v.([]any)
-	if !ok || len(r) != 12 {
+	if !ok || len(r) != 15 {
 		return store.State{}, fmt.Errorf("unexpected reply %v", v)
 	}
-	var n [12]int64
+	var n [15]int64
 	for i, e := range r {
-		if i == 4 {
+		if i == 4 || i == 12 {
 			continue
 		}
 		if n[i], ok = replyInt(e); !ok {
@@ -554,7 +638,10 @@ func parseFleetState(v any) (store.State, error) {
 		Waiting:   int(n[8]),
 		NodeCount: int(n[9]),
 		Epoch:     uint64(n[10]),
+		Learning:  n[13] == 1,
+		Repair:    n[14] == 1,
 	}
+	st.Gen, _ = r[12].(string)
 	if n[1] > 0 {
 		st.Limits = store.Limits{
 			MaxConnections: int(n[1]),

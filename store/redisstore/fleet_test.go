@@ -506,7 +506,8 @@ func TestRedisFleetReapsANodeThatStoppedRenewing(t *testing.T) {
 }
 
 // Register repairs a node's counts: its held slots replace the store's,
-// its tickets are queued anew (at the end of the line), its undelivered
+// its tickets the store still has keep their places and the others join
+// the end of the line, its undelivered
 // grants are dropped (their tickets are re-queued) and grants carry the
 // epoch of the registration they were made under.
 func TestRedisFleetRegisterRepairs(t *testing.T) {
@@ -526,14 +527,15 @@ func TestRedisFleetRegisterRepairs(t *testing.T) {
 
 	// A lost track (an uncertain reply): it registers what it knows. It
 	// holds 1 (its grant was not delivered: ticket 2 still waits there),
-	// and tickets 2 and 3 wait. Its old grant is dropped, its tickets go
-	// to the end of the line, behind B's ticket 3.
+	// and tickets 2 and 3 wait. Its old grant is dropped; ticket 3, still
+	// in line, keeps its place behind B's ticket 3; ticket 2, which the
+	// store had granted, joins the end.
 	fa2 := mustRegister(t, a, store.NodeState{Held: map[string]int{"": 1}, Waiting: []store.Ticket{{ID: 2}, {ID: 3}}})
 	if fa2.Epoch <= fa.Epoch {
 		t.Fatalf("epoch %d after %d", fa2.Epoch, fa.Epoch)
 	}
-	// the slot it gave up was granted at once to B's ticket 3, now first
-	// in line
+	// the slot it gave up was granted at once to B's ticket 3, first in
+	// line
 	wantCounts(t, a, 3, 2)
 	checkStore(t, r, testZone)
 	gb := nextGrant(t, b, time.Second)
@@ -542,22 +544,22 @@ func TestRedisFleetRegisterRepairs(t *testing.T) {
 	}
 	give(t, b, "")
 	ga := nextGrant(t, a, time.Second)
-	if ga.ID != 2 || ga.Epoch != fa2.Epoch {
-		t.Fatalf("grant for A: %+v (epoch %d)", ga, fa2.Epoch)
+	if ga.ID != 3 || ga.Epoch != fa2.Epoch {
+		t.Fatalf("grant for A: %+v (epoch %d), want its ticket 3, which kept its place", ga, fa2.Epoch)
 	}
 
 	// Register with more held than the store knows, and a grant
 	// delivered while the registration is on its way: its epoch is the
 	// old one, so the node drops it (its ticket was in Waiting).
-	give(t, b, "") // to A's ticket 3 (epoch fa2)
+	give(t, b, "") // to A's ticket 2 (epoch fa2)
 	old := nextGrant(t, a, time.Second)
-	fa3 := mustRegister(t, a, store.NodeState{Held: map[string]int{"": 2}, Waiting: []store.Ticket{{ID: 3}}})
+	fa3 := mustRegister(t, a, store.NodeState{Held: map[string]int{"": 2}, Waiting: []store.Ticket{{ID: 2}}})
 	if old.Epoch == fa3.Epoch {
 		t.Fatalf("grant epoch %d is the new registration's", old.Epoch)
 	}
-	// A holds 2, B 0: one free slot, granted at once to ticket 3 again
+	// A holds 2, B 0: one free slot, granted at once to ticket 2 again
 	g := nextGrant(t, a, time.Second)
-	if g.ID != 3 || g.Epoch != fa3.Epoch {
+	if g.ID != 2 || g.Epoch != fa3.Epoch {
 		t.Fatalf("grant after register: %+v, epoch %d", g, fa3.Epoch)
 	}
 	wantCounts(t, a, 3, 0)
@@ -850,7 +852,7 @@ func TestRedisFleetStoreDown(t *testing.T) {
 		_, err := a.NextGrant(ctx)
 		grantErr <- err
 	}()
-	time.Sleep(50 * time.Millisecond) // its BLPOP is armed
+	time.Sleep(50 * time.Millisecond) // its BRPOPLPUSH is armed
 	r.Kill()
 
 	calls := map[string]func(s store.Store) error{
@@ -962,7 +964,7 @@ func TestRedisFleetStoreDown(t *testing.T) {
 	})
 }
 
-// An idle node costs only its renewals and a BLPOP re-armed once a lease,
+// An idle node costs only its renewals and a BRPOPLPUSH re-armed once a lease,
 // whatever the number of waiters: 20 queued tickets idle for 3 s cost no
 // more commands than none.
 func TestRedisFleetIdleCommandCost(t *testing.T) {
@@ -1000,7 +1002,7 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 				}
 			}()
 		}
-		// warm up: the BLPOPs armed, the renewals' connections made and
+		// warm up: the BRPOPLPUSHes armed, the renewals' connections made and
 		// their script loaded
 		time.Sleep(store.RenewEvery(a.Lease()) + 200*time.Millisecond)
 		r.ResetStats()
@@ -1016,7 +1018,7 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 	twenty := idle("idle-twenty", 20)
 	// what the clients sent: the commands that scripts run are counted
 	// too, by name, and told apart by the fleet's own scripts' use
-	sent := map[string]bool{"evalsha": true, "eval": true, "blpop": true, "hello": true,
+	sent := map[string]bool{"evalsha": true, "eval": true, "brpoplpush": true, "hello": true,
 		"auth": true, "select": true, "ping": true, "script|load": true}
 	total := func(m map[string]int64) (n int64) {
 		for c, v := range m {
@@ -1028,7 +1030,7 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 	}
 	t.Logf("2 nodes idle 3 s (lease 2 s, renewal every %s): no waiters %v; 20 waiters %v",
 		store.RenewEvery(2*time.Second), none, twenty)
-	// one renewal a node per store.RenewEvery, one BLPOP re-armed per lease; a
+	// one renewal a node per store.RenewEvery, one BRPOPLPUSH re-armed per lease; a
 	// tick more or less where the 3 s window cuts them
 	if total(twenty) > total(none)+2 {
 		t.Errorf("20 waiters cost %d commands in 3 s, none %d", total(twenty), total(none))
@@ -1037,7 +1039,7 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 		t.Errorf("20 waiters cost %d commands in 3 s, want at most %d", total(twenty), max)
 	}
 	for cmd, n := range twenty {
-		if sent[cmd] && cmd != "evalsha" && cmd != "blpop" {
+		if sent[cmd] && cmd != "evalsha" && cmd != "brpoplpush" {
 			t.Errorf("an idle node sent %s %d times", cmd, n)
 		}
 	}
@@ -1233,7 +1235,7 @@ func TestRedisFleetCluster(t *testing.T) {
 }
 
 // Round trips per connection: 2 for one admitted at once (take, give), 3
-// for one that waited (take, its grant's BLPOP, give).
+// for one that waited (take, its grant's BRPOPLPUSH, give).
 func TestRedisFleetRoundTrips(t *testing.T) {
 	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	a := newFleet(t, r, testZone, "A")
@@ -1246,7 +1248,7 @@ func TestRedisFleetRoundTrips(t *testing.T) {
 	_, _ = b.Leave(tctx(t), store.Ticket{ID: 1})
 	give(t, a, "")
 	grants := grantsOf(t, b)
-	time.Sleep(50 * time.Millisecond) // B's BLPOP is armed
+	time.Sleep(50 * time.Millisecond) // B's BRPOPLPUSH is armed
 
 	r.ResetStats()
 	take(t, a, store.Ticket{ID: 2}, store.Admitted)
@@ -1261,13 +1263,13 @@ func TestRedisFleetRoundTrips(t *testing.T) {
 	give(t, a, "") // the holder's own give
 	recvGrant(t, grants, time.Second)
 	give(t, b, "")
-	time.Sleep(50 * time.Millisecond) // the BLPOP re-armed
+	time.Sleep(50 * time.Millisecond) // the BRPOPLPUSH re-armed
 	st := r.CommandStats()
-	// B: take, give (evalsha) and the BLPOP that delivered its grant; the
-	// holder's give is the holder's own. BLPOP: counted when served, the
+	// B: take, give (evalsha) and the BRPOPLPUSH that delivered its grant; the
+	// holder's give is the holder's own. BRPOPLPUSH: counted when served, the
 	// re-armed one not yet.
-	if st["evalsha"] != 3 || st["blpop"] != 1 {
-		t.Errorf("one that waited: %v, want 3 evalsha (2 of its own) and 1 blpop", st)
+	if st["evalsha"] != 3 || st["brpoplpush"] != 1 {
+		t.Errorf("one that waited: %v, want 3 evalsha (2 of its own) and 1 brpoplpush", st)
 	}
 }
 
@@ -1364,4 +1366,129 @@ func admin(t testing.TB, r *testkit.Redis) *redis.Client {
 	admins.Store(r, c)
 	t.Cleanup(func() { admins.Delete(r); _ = c.Close() })
 	return c
+}
+
+// A grant whose reply is lost on the way (the connection broke after
+// Redis moved it) is not lost: it waits in the node's in-flight list, and
+// the node reads it again after the error; it is delivered once, and the
+// next renewal acknowledges it. (Before, BLPOP took the grant out of Redis
+// with the reply: a lost reply lost the grant, the store went on counting
+// its slot for the node, and the waiter waited until it timed out.)
+func TestRedisFleetGrantSurvivesALostReply(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	mustRegister(t, a, store.NodeState{Limits: fifo(1, 0)})
+	fb := mustRegister(t, b, store.NodeState{})
+	take(t, a, store.Ticket{ID: 1}, store.Admitted)
+	take(t, b, store.Ticket{ID: 1}, store.Queued)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	grants, errs := make(chan store.Ticket, 4), make(chan error, 4)
+	go func() {
+		for ctx.Err() == nil {
+			g, err := b.NextGrant(ctx)
+			switch {
+			case ctx.Err() != nil:
+				return
+			case err != nil:
+				errs <- err
+			default:
+				grants <- g
+			}
+		}
+	}()
+	// B's pump is armed; its connection breaks (the reply of the move is
+	// lost). While the pump pauses after the error, A frees its slot, and
+	// the grant for B's ticket moves to B's in-flight list as B's move
+	// would have done before its reply was lost.
+	var pumpID string
+	testkit.WaitFor(t, 5*time.Second, "B's pump armed", func() bool {
+		list, _ := r.Str("CLIENT", "LIST")
+		for _, line := range strings.Split(list, "\n") {
+			if strings.Contains(line, "cmd=brpoplpush") {
+				pumpID = strings.TrimPrefix(strings.Fields(line)[0], "id=")
+				return true
+			}
+		}
+		return false
+	})
+	if _, err := r.Do("CLIENT", "KILL", "ID", pumpID); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-errs:
+	case <-time.After(5 * time.Second):
+		t.Fatal("B's pump did not report its broken connection")
+	}
+	give(t, a, "")
+	if _, err := r.Do("RPOPLPUSH", "connlimit:{db}:grants:B", "connlimit:{db}:inflight:B"); err != nil {
+		t.Fatal(err)
+	}
+	var g store.Ticket
+	select {
+	case g = <-grants:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the grant whose reply was lost never reached B")
+	}
+	if g.ID != 1 || g.Epoch != fb.Epoch {
+		t.Fatalf("grant %+v, want ticket 1 of epoch %d", g, fb.Epoch)
+	}
+	select {
+	case g2 := <-grants:
+		t.Fatalf("a second grant %+v: delivered twice", g2)
+	case <-time.After(500 * time.Millisecond):
+	}
+	if n, _ := r.Int("LLEN", "connlimit:{db}:inflight:B"); n != 1 {
+		t.Fatalf("%d grants in B's in-flight list before it acknowledged, want 1", n)
+	}
+	if _, err := b.Renew(tctx(t), store.NodeState{Epoch: fb.Epoch, Acks: []store.Ticket{g}}); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := r.Int("LLEN", "connlimit:{db}:inflight:B"); n != 0 {
+		t.Fatalf("%d grants in B's in-flight list after it acknowledged, want 0", n)
+	}
+	give(t, b, "")
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
+// Registering again keeps the tickets the store still has in their
+// places, and those it lost join the end in the order they arrived, so
+// that LIFO admits the newest first. (Before, every ticket of the node
+// went to the end, in the order the node listed them.)
+func TestRedisFleetRegisterKeepsPlaces(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	mustRegister(t, a, store.NodeState{Limits: store.Limits{MaxConnections: 1, Order: store.LIFO}})
+	mustRegister(t, b, store.NodeState{})
+	take(t, a, store.Ticket{ID: 1}, store.Admitted)
+	take(t, b, store.Ticket{ID: 1}, store.Queued)
+	take(t, a, store.Ticket{ID: 2}, store.Queued)
+	take(t, b, store.Ticket{ID: 2}, store.Queued)
+	// A repairs: ticket 2 is still in line; 3 and 4 waited at A alone
+	// (it could not reach the store when they came).
+	mustRegister(t, a, store.NodeState{Held: map[string]int{"": 1},
+		Waiting: []store.Ticket{{ID: 2}, {ID: 3}, {ID: 4}}})
+	checkStore(t, r, testZone)
+	ch := grantsOf(t, a, b)
+	var got []string
+	holder := a
+	for range 5 {
+		give(t, holder, "")
+		g := recvGrant(t, ch, 2*time.Second)
+		got = append(got, fmt.Sprintf("%s%d", g.node, g.t.ID))
+		holder = a
+		if g.node == "B" {
+			holder = b
+		}
+	}
+	if want := "A4 A3 B2 A2 B1"; strings.Join(got, " ") != want {
+		t.Fatalf("LIFO granted %s, want %s (newest first; A2 kept its place before B2)", strings.Join(got, " "), want)
+	}
+	give(t, holder, "")
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
 }

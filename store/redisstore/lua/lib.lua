@@ -6,7 +6,10 @@
 -- hash tag {<zone>}: one zone is one slot, and the keys a script derives
 -- (per node, per key value) are in the slot of the key it was given.
 --
---   cfg            hash   max, maxw, wait_ms, order, paused, set_at (ms)
+--   cfg            hash   max, maxw, wait_ms, order, paused, set_at (ms),
+--                         learn (ms: until then the store learns, grants nothing)
+--   gen            string the generation of this state: made anew when the
+--                         store finds itself empty
 --   seq            string sequence: ticket places and node epochs
 --   nodes          zset   node id -> lease expiry (ms, Redis' clock)
 --   info           hash   node id -> "active waiting renewed_ms" (as reported)
@@ -17,16 +20,20 @@
 --   wkeys          set    key values that have waiters
 --   held:<node>    hash   key value -> slots held by that node
 --   tickets:<node> hash   ticket id -> "<priority>\n<key value>"
---   grants:<node>  list   "<epoch>\n<ticket id>\n<priority>\n<key value>"
+--   grants:<node>  list   "<epoch>\n<ticket id>\n<priority>\n<key value>",
+--                         newest first (LPUSH); the node moves each to
+--   inflight:<node> list  where it stays until the node acknowledges it
 --   prios:<key>    zset   that key value's priorities that have waiters
 --   q:<prio>:<key> zset   "<ticket id>\n<node id>" -> place (seq)
 local B = KEYS[1]
 local K_CFG, K_SEQ, K_NODES = B .. ':cfg', B .. ':seq', B .. ':nodes'
 local K_INFO, K_EPOCHS, K_TOT = B .. ':info', B .. ':epochs', B .. ':tot'
 local K_ACTIVE, K_WAITING, K_WKEYS = B .. ':active', B .. ':waiting', B .. ':wkeys'
+local K_GEN = B .. ':gen'
 local function k_held(node) return B .. ':held:' .. node end
 local function k_tickets(node) return B .. ':tickets:' .. node end
 local function k_grants(node) return B .. ':grants:' .. node end
+local function k_inflight(node) return B .. ':inflight:' .. node end
 local function k_prios(key) return B .. ':prios:' .. key end
 local function k_q(prio, key) return B .. ':q:' .. prio .. ':' .. key end
 
@@ -75,8 +82,12 @@ end
 
 -- the zone's settings; c.max is nil if none were set
 local function cfg()
-	local v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'wait_ms', 'order', 'paused', 'set_at')
-	local c = {paused = false, maxw = 0, wait = 0, order = 'fifo', set_at = 0}
+	local v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'wait_ms', 'order', 'paused', 'set_at', 'learn')
+	local c = {paused = false, maxw = 0, wait = 0, order = 'fifo', set_at = 0, learning = false, learn = 0}
+	if v[7] then
+		c.learn = int(v[7], 'cfg.learn')
+		c.learning = true
+	end
 	if v[5] then
 		if v[5] ~= '0' and v[5] ~= '1' then fail('garbled value in cfg.paused: ' .. quote(v[5])) end
 		c.paused = v[5] == '1'
@@ -119,7 +130,7 @@ end
 -- grants free slots of key to its next waiters: each one's node now
 -- holds the slot, and finds the grant in its grants list. Returns how many.
 local function grant(key, c)
-	if c.paused or not c.max then return 0 end
+	if c.paused or c.learning or not c.max then return 0 end
 	local a = int(redis.call('HGET', K_ACTIVE, key), 'active')
 	local n, empty = 0, false
 	while a < c.max do
@@ -132,7 +143,7 @@ local function grant(key, c)
 		redis.call('HINCRBY', k_held(node), key, 1)
 		redis.call('HDEL', k_tickets(node), id)
 		local ep = redis.call('HGET', K_EPOCHS, node) or '0'
-		redis.call('RPUSH', k_grants(node), ep .. '\n' .. id .. '\n' .. prio .. '\n' .. key)
+		redis.call('LPUSH', k_grants(node), ep .. '\n' .. id .. '\n' .. prio .. '\n' .. key)
 	end
 	if n > 0 then
 		redis.call('HSET', K_ACTIVE, key, a)
@@ -153,7 +164,7 @@ local function grant(key, c)
 end
 
 local function grant_all(c)
-	if c.paused or not c.max then return 0 end
+	if c.paused or c.learning or not c.max then return 0 end
 	local n = 0
 	for _, key in ipairs(redis.call('SMEMBERS', K_WKEYS)) do
 		n = n + grant(key, c)
@@ -204,7 +215,7 @@ end
 local function reap(node)
 	local keys = drop_held(node)
 	drop_tickets(node)
-	redis.call('DEL', k_grants(node))
+	redis.call('DEL', k_grants(node), k_inflight(node))
 	redis.call('ZREM', K_NODES, node)
 	redis.call('HDEL', K_INFO, node)
 	redis.call('HDEL', K_EPOCHS, node)
@@ -224,8 +235,17 @@ local function reap_expired(now, limit, c)
 	return #dead
 end
 
+-- ends the learning period once its time has come, and grants what is free
+local function learnt(now, c)
+	if c.learning and c.learn <= now then
+		redis.call('HDEL', K_CFG, 'learn')
+		c.learning = false
+		grant_all(c)
+	end
+end
+
 -- the reply that Renew, Register and Status share
-local function state(now, lapsed, node, c)
+local function state(now, lapsed, node, c, repair)
 	local t = redis.call('HMGET', K_TOT, 'a', 'w')
 	local ep = 0
 	if not lapsed then ep = lint(redis.call('HGET', K_EPOCHS, node)) or 0 end
@@ -233,5 +253,6 @@ local function state(now, lapsed, node, c)
 	if c.max then max = c.max end
 	return {lapsed and 1 or 0, max, c.maxw, c.wait, c.order, c.set_at, c.paused and 1 or 0,
 		math.max(lint(t[1]) or 0, 0), math.max(lint(t[2]) or 0, 0),
-		redis.call('ZCARD', K_NODES), ep, now}
+		redis.call('ZCARD', K_NODES), ep, now, redis.call('GET', K_GEN) or '',
+		c.learning and 1 or 0, repair and 1 or 0}
 end

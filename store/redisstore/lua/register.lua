@@ -1,52 +1,93 @@
 -- Register: ARGV node, lease ms, active, waiting, reap limit,
 --   limits: has (0|1), max, maxw, wait_ms, order,
+--   the generation the node knew ('' if none),
 --   n held, then n pairs (key value, count),
---   then triples (ticket id, priority, key value) to the end.
+--   then triples (ticket id, priority, key value) to the end, oldest first.
 -- Reply: state(), with the node's new epoch.
 local node, lease = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
+local gen = redis.call('GET', K_GEN)
+if not gen then
+	gen = now .. '-' .. node
+	redis.call('SET', K_GEN, gen)
+end
+local known = ARGV[11]
+if known ~= '' and known ~= gen then
+	-- The store lost the state this node knew (restarted empty, flushed):
+	-- it grants nothing until a lease after it found itself empty, by
+	-- when every live node has registered what it holds.
+	local born = tonumber(string.match(gen, '^(%d+)%-')) or now
+	if born + lease > now then
+		local cur = lint(redis.call('HGET', K_CFG, 'learn')) or 0
+		if born + lease > cur then redis.call('HSET', K_CFG, 'learn', born + lease) end
+	end
+end
 local c = cfg()
 if ARGV[6] == '1' and not c.max then
 	redis.call('HSET', K_CFG, 'max', ARGV[7], 'maxw', ARGV[8], 'wait_ms', ARGV[9],
 		'order', ARGV[10], 'set_at', now)
 	c = cfg()
 end
+learnt(now, c)
 reap_expired(now, tonumber(ARGV[5]), c)
 local touched = {}
 -- held slots: the node's word replaces the store's
 local hh = k_held(node)
-local old = redis.call('HGETALL', hh)
-local delta = {}
-for i = 1, #old, 2 do
-	delta[old[i]] = -(lint(old[i + 1]) or 0)
-end
+local keys = {}
+for _, key in ipairs(redis.call('HKEYS', hh)) do keys[key] = true end
 redis.call('DEL', hh)
-local nheld = tonumber(ARGV[11])
-local i = 12
+local nheld = tonumber(ARGV[12])
+local i = 13
 for _ = 1, nheld do
 	local key, n = ARGV[i], tonumber(ARGV[i + 1])
 	i = i + 2
 	if n > 0 then
 		redis.call('HINCRBY', hh, key, n)
-		delta[key] = (delta[key] or 0) + n
+		keys[key] = true
 	end
 end
-for key, d in pairs(delta) do
-	if d ~= 0 then
-		add(K_ACTIVE, key, d)
-		add(K_TOT, 'a', d)
-		touched[key] = true
-	end
+-- The fleet's count of each key the node holds or held is counted again
+-- from every node's own: a count that a lost write or a garbled value
+-- left wrong heals here.
+local nodes = redis.call('ZRANGE', K_NODES, 0, -1)
+if not redis.call('ZSCORE', K_NODES, node) then nodes[#nodes + 1] = node end
+for key in pairs(keys) do
+	local a = 0
+	for _, n in ipairs(nodes) do a = a + (lint(redis.call('HGET', k_held(n), key)) or 0) end
+	if a > 0 then redis.call('HSET', K_ACTIVE, key, a) else redis.call('HDEL', K_ACTIVE, key) end
+	touched[key] = true
 end
--- tickets: the old ones leave, the node's waiters queue anew at the end;
--- undelivered grants go (their tickets are among the waiters)
-drop_tickets(node)
-redis.call('DEL', k_grants(node))
+local total = 0
+for _, v in ipairs(redis.call('HVALS', K_ACTIVE)) do total = total + (lint(v) or 0) end
+redis.call('HSET', K_TOT, 'a', total)
+-- tickets: those the store still has keep their places; the others
+-- join the end in the node's order; tickets the node no longer names
+-- leave. Undelivered grants go: the node re-queued their tickets.
 local tk = k_tickets(node)
+local want, order = {}, {}
 while i + 2 <= #ARGV do
-	local id, prio, key = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+	local id = ARGV[i]
+	if not want[id] then order[#order + 1] = id end
+	want[id] = ARGV[i + 1] .. '\n' .. ARGV[i + 2]
 	i = i + 3
-	if redis.call('HSETNX', tk, id, prio .. '\n' .. key) == 1 then
+end
+local had = redis.call('HGETALL', tk)
+local kept = {}
+for j = 1, #had, 2 do
+	local id, v = had[j], had[j + 1]
+	local prio, key = string.match(v, '^(%-?%d+)\n(.*)$')
+	local queued = prio and redis.call('ZSCORE', k_q(prio, key), id .. '\n' .. node)
+	if queued and want[id] == v then
+		kept[id] = true
+	else
+		if prio and unqueue(node, id, prio, key) then touched[key] = true end
+		redis.call('HDEL', tk, id)
+	end
+end
+for _, id in ipairs(order) do
+	if not kept[id] then
+		local prio, key = string.match(want[id], '^(%-?%d+)\n(.*)$')
+		redis.call('HSET', tk, id, want[id])
 		local seq = redis.call('INCR', K_SEQ)
 		redis.call('ZADD', k_q(prio, key), seq, id .. '\n' .. node)
 		redis.call('ZADD', k_prios(key), prio, prio)
@@ -56,8 +97,9 @@ while i + 2 <= #ARGV do
 		touched[key] = true
 	end
 end
+redis.call('DEL', k_grants(node), k_inflight(node))
 redis.call('HSET', K_EPOCHS, node, redis.call('INCR', K_SEQ))
 redis.call('ZADD', K_NODES, now + lease, node)
 redis.call('HSET', K_INFO, node, ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. now)
 for key in pairs(touched) do grant(key, c) end
-return state(now, false, node, c)
+return state(now, false, node, c, false)

@@ -4,7 +4,7 @@ local node = ARGV[1]
 local now = now_ms()
 local c = cfg()
 local exp = redis.call('ZSCORE', K_NODES, node)
-local st = state(now, not exp or tonumber(exp) <= now, node, c)
+local st = state(now, not exp or tonumber(exp) <= now, node, c, false)
 local ns = redis.call('ZRANGE', K_NODES, 0, -1, 'WITHSCORES')
 local out = {}
 for j = 1, #ns, 2 do

@@ -9,7 +9,7 @@ local c = cfg()
 if not c.max then return {'nolimits'} end
 local a = int(redis.call('HGET', K_ACTIVE, key), 'active')
 local w = int(redis.call('HGET', K_WAITING, key), 'waiting')
-if not c.paused and a < c.max and w <= 0 then
+if not c.paused and not c.learning and a < c.max and w <= 0 then
 	redis.call('HINCRBY', k_held(node), key, 1)
 	redis.call('HSET', K_ACTIVE, key, a + 1)
 	redis.call('HINCRBY', K_TOT, 'a', 1)

@@ -1,0 +1,254 @@
+package connlimit
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	toxiproxy "github.com/Shopify/toxiproxy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+
+	"github.com/l4-connlimit/connlimit/internal/testkit"
+)
+
+// Fleet zones when only part of the fleet fails: one node's link to Redis
+// cut, one reply lost, a registration the store lost. Each node reaches
+// Redis through a link of its own, an in-process Toxiproxy on 127.0.0.1,
+// that the test cuts, slows or heals. The helpers here are named pf...
+// (partial failures).
+
+var (
+	pfOnce   sync.Once
+	pfServer *toxiproxy.ApiServer
+)
+
+// pfLink is one node's link to Redis.
+type pfLink struct {
+	p *toxiproxy.Proxy
+}
+
+// newPFLink starts a link to upstream on a free loopback port, stopped at
+// t's cleanup.
+func newPFLink(t *testing.T, name, upstream string) *pfLink {
+	t.Helper()
+	pfOnce.Do(func() {
+		pfServer = toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop())
+	})
+	p := toxiproxy.NewProxy(pfServer, name+"-"+strconv.FormatInt(time.Now().UnixNano(), 36), "127.0.0.1:0", upstream)
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Stop)
+	return &pfLink{p: p}
+}
+
+// Addr is where the node connects.
+func (l *pfLink) Addr() string { return l.p.Listen }
+
+// Cut closes the link's connections and refuses new ones.
+func (l *pfLink) Cut() { l.p.Stop() }
+
+// Heal opens the link again, on the same address.
+func (l *pfLink) Heal(t *testing.T) {
+	t.Helper()
+	var err error
+	for range 50 { // the port is free again at once; bounded anyway
+		if err = l.p.Start(); err == nil {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("healing the link: %v", err)
+}
+
+// Slow adds latency to every reply of the link.
+func (l *pfLink) Slow(t *testing.T, latency time.Duration) {
+	t.Helper()
+	js := fmt.Sprintf(`{"name": "slow", "type": "latency", "stream": "downstream", "attributes": {"latency": %d}}`, latency.Milliseconds())
+	if _, err := l.p.Toxics.AddToxicJson(strings.NewReader(js)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// pfFleet starts n nodes of zone db, each reaching r through a link of
+// its own.
+func pfFleet(t *testing.T, r *testkit.Redis, n int, backend string, fields obj, store obj) ([]*caddyProc, []*pfLink) {
+	t.Helper()
+	f := obj{"zone": "db"}
+	for k, v := range fields {
+		f[k] = v
+	}
+	nodes := make([]*caddyProc, n)
+	links := make([]*pfLink, n)
+	for i := range nodes {
+		name := string(rune('A' + i))
+		links[i] = newPFLink(t, name, r.Addr())
+		st := obj{}
+		for k, v := range store {
+			st[k] = v
+		}
+		st["address"] = links[i].Addr()
+		nodes[i] = startNode(t, name, nodeConfig(backend, f, st))
+	}
+	registered(t, "db", nodes...)
+	return nodes, links
+}
+
+// pfLeaseOver reports whether the store's lease of node has run out by
+// Redis' own clock (or the node was reaped), asked through Redis directly.
+func pfLeaseOver(t *testing.T, r *testkit.Redis, node string) bool {
+	t.Helper()
+	tm, err := r.Strings("TIME")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sec, _ := strconv.ParseInt(tm[0], 10, 64)
+	usec, _ := strconv.ParseInt(tm[1], 10, 64)
+	now := sec*1000 + usec/1000
+	exp, err := r.Str("ZSCORE", "connlimit:{db}:nodes", node)
+	if err != nil {
+		return true // reaped
+	}
+	e, _ := strconv.ParseFloat(exp, 64)
+	return int64(e) <= now
+}
+
+// 1. One node cut off from Redis while the fleet is full keeps the slots
+// the store counts for it, no more, until its lease has run out by the
+// store's clock: a slot one of its connections frees goes to its own next
+// waiter at once; only then does it admit on its share. The others go on
+// at max_connections meanwhile. (Before, any failed call made the node
+// fall back on its share at once: within about 2 s of the cut it admitted
+// a waiter beyond max, its lease still running.)
+func TestFleetOneNodeCutOffUsesItsLeaseToTheEnd(t *testing.T) {
+	const lease = 3 * time.Second
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	be := newBackend(t, true)
+	nodes, links := pfFleet(t, r, 3, be.addr(), obj{"max_connections": 3},
+		redisStore(r, obj{"lease": lease.String(), "local_share": 2}))
+	a, b, c := nodes[0], nodes[1], nodes[2]
+	cID := c.zone("db").Fleet.Node
+
+	cl := map[string]*client{}
+	cl["A0"] = takeSlot(t, be, a.listen, "A0")
+	cl["B0"] = takeSlot(t, be, b.listen, "B0")
+	cl["C0"] = takeSlot(t, be, c.listen, "C0")
+	cl["C1"] = ffQueueAt(t, c, "C1", 1)
+	cl["C2"] = ffQueueAt(t, c, "C2", 2)
+
+	links[2].Cut()
+	cut := time.Now()
+	waitNodes(t, 5*time.Second, "C to hold what it holds", "db", []*caddyProc{c}, func(vs []zoneDetailJSON) bool {
+		return vs[0].Fleet != nil && vs[0].Fleet.Store == "holding"
+	})
+	be.noArrival(300 * time.Millisecond) // C admits nobody beyond its slot
+	ffFinish(be, cl["C0"])
+	if ids := be.waitArrivals(1, 2*time.Second); ids[0] != "C1" {
+		t.Fatalf("%s admitted when C0 ended, want C1 on C's own slot", ids[0])
+	}
+	took := time.Since(cut)
+	if active, _, _, _ := be.stats(); active != 3 {
+		t.Fatalf("backend serves %d after C handed its slot on, want 3", active)
+	}
+	// C2 waits until C's lease has surely run out, then goes in on C's
+	// share (2, counting C1).
+	ids := be.waitArrivals(1, 3*lease)
+	over := pfLeaseOver(t, r, cID)
+	t.Logf("C cut off: C1 in on C's own slot %s after the cut; %s in on C's share %s after it (C's lease over by Redis' clock: %v)",
+		took.Round(time.Millisecond), ids[0], time.Since(cut).Round(time.Millisecond), over)
+	if ids[0] != "C2" || !over {
+		t.Fatalf("%s admitted while C's lease in the store still ran (%v), want C2 only once it ran out", ids[0], over)
+	}
+	if _, peak, _, _ := be.stats(); peak > 4 {
+		t.Fatalf("backend peak %d: beyond max 3 + what C held when its lease ran out (1)", peak)
+	}
+	links[2].Heal(t)
+	waitNodes(t, 10*time.Second, "C registered again, the fleet's count the truth", "db", nodes, ffTruthful(3))
+	for _, id := range []string{"A0", "B0", "C1", "C2"} {
+		ffFinish(be, cl[id])
+	}
+	ffDrained(t, nodes)
+}
+
+// 3. A registration the store lost or replayed (a failover to a replica
+// that had not received the node's last Register): the node's epoch in
+// the store goes back. The node finds it at its next renewal and
+// registers again, so the grants made for it carry its epoch and are not
+// dropped. (Before, the renewals went on succeeding, every grant to the
+// node carried the old epoch and was dropped, and its waiter was never
+// admitted.)
+func TestFleetEpochRolledBack(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	be := newBackend(t, true)
+	nodes := startFleet(t, 2, be.addr(), obj{"max_connections": 1}, redisStore(r, nil))
+	a, b := nodes[0], nodes[1]
+	bID := b.zone("db").Fleet.Node
+	a0 := takeSlot(t, be, a.listen, "A0")
+	b0 := ffQueueAt(t, b, "B0", 1)
+	ep, err := r.Int("HGET", "connlimit:{db}:epochs", bID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Do("HSET", "connlimit:{db}:epochs", bID, ep-1); err != nil {
+		t.Fatal(err)
+	}
+	testkit.WaitFor(t, 5*time.Second, "B to register again", func() bool {
+		n, _ := r.Int("HGET", "connlimit:{db}:epochs", bID)
+		return n > ep
+	})
+	ffFinish(be, a0)
+	if ids := be.waitArrivals(1, 5*time.Second); ids[0] != "B0" {
+		t.Fatalf("%s admitted, want B0", ids[0])
+	}
+	ffFinish(be, b0)
+	ffDrained(t, nodes)
+}
+
+// 8. A UDP flow of a fleet zone does not hold the handler's lock across
+// its store round trip: flows that arrive together ask the store
+// together, each in about one round trip, even when Redis answers slowly.
+// (Before, each new flow waited for the one before it: with four flows
+// and 300 ms round trips the last was admitted after 1.2 s.)
+func TestFleetUDPFlowsAskTheStoreTogether(t *testing.T) {
+	const latency = 300 * time.Millisecond
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	link := newPFLink(t, "udp", r.Addr())
+	echo := newUDPEcho(t)
+	port := freeUDPPort(t)
+	loadConfig(t, udpConfig(port, echo, obj{"max_connections": 8, "zone": "udp-fleet",
+		"store": obj{"backend": "redis", "address": link.Addr(), "lease": "3s"}}, "5s"))
+	defer stopCaddy(t)
+	warm := dialUDP(t, port, "warm")
+	warm.send("warm")
+	warm.expect("warm", 10*time.Second) // registered, and the store's connections made
+	link.Slow(t, latency)
+
+	const flows = 4
+	start := time.Now()
+	var wg sync.WaitGroup
+	took := make([]time.Duration, flows)
+	for i := range flows {
+		f := dialUDP(t, port, fmt.Sprintf("F%d", i))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			msg := fmt.Sprintf("F%d-0", i)
+			f.send(msg)
+			f.expect(msg, 10*time.Second)
+			took[i] = time.Since(start)
+		}()
+	}
+	wg.Wait()
+	fastest, slowest := took[0], took[0]
+	for _, d := range took {
+		fastest, slowest = min(fastest, d), max(slowest, d)
+	}
+	t.Logf("%d UDP flows through a store %s away: admitted and echoed after %v", flows, latency, took)
+	if slowest-fastest > latency {
+		t.Fatalf("the slowest of %d flows took %s, the fastest %s: they asked the store one after the other (%s each)", flows, slowest, fastest, latency)
+	}
+}
