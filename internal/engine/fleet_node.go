@@ -100,17 +100,17 @@ type fleetNode struct {
 	loops  sync.WaitGroup
 
 	// Under the zone's lock:
-	mode      fleetMode
-	epoch     uint64              // of the latest Register
-	lastID    uint64              // tickets' ids
-	waiting   map[uint64]*Waiter  // this node's waiters by ticket id
-	asking    map[uint64]struct{} // tickets whose Take is in flight
-	early     map[uint64]struct{} // grants that came while their Take was in flight
-	repair    bool                // the store may count wrongly for this node: Register
-	rejoin    time.Time           // when it last found it must register again
-	state     store.State         // as last learned
-	learned   time.Time           // when
-	lastErr   error
+	mode    fleetMode
+	epoch   uint64              // of the latest Register
+	lastID  uint64              // tickets' ids
+	waiting map[uint64]*Waiter  // this node's waiters by ticket id
+	asking  map[uint64]struct{} // tickets whose Take is in flight
+	early   map[uint64]struct{} // grants that came while their Take was in flight
+	repair  bool                // the store may count wrongly for this node: Register
+	rejoin  time.Time           // when it last found it must register again
+	state   store.State         // as last learned
+	learned time.Time           // when
+	lastErr error
 	// leaseUntil: until then the store surely keeps this node registered:
 	// the send time of its last renewal (or registration) that succeeded,
 	// plus the lease, by this process's monotonic clock.
@@ -119,9 +119,9 @@ type fleetNode struct {
 	acks       []store.Ticket // grants taken in since the last renewal
 	inFlight   int            // Take, Give and Leave calls under way
 	opGen      uint64         // counts those calls: a renewal's check is exact only if none ran
-	limits    *Limits // to write to the store: newest wins
-	paused    *bool   // likewise
-	nodesSeen int
+	limits     *Limits        // to write to the store: newest wins
+	paused     *bool          // likewise
+	nodesSeen  int
 }
 
 // joinFleet links z to its fleet and starts the node's loops. The store

@@ -106,8 +106,8 @@ type redisFleet struct {
 	retryPause time.Duration
 	c          redis.UniversalClient
 
-	pumpOnce  sync.Once
-	grants    chan grantResult
+	pumpOnce sync.Once
+	grants   chan grantResult
 	// delivered holds the grants NextGrant returned that no successful
 	// Renew acknowledged yet: they are still in the in-flight list, and a
 	// re-read of it after an error must not deliver them twice.
