@@ -121,6 +121,7 @@ func (*blockingObserver) Rejected(Reason)            {}
 func (*blockingObserver) Abandoned()                 {}
 func (*blockingObserver) LimitsChanged(Limits, bool) {}
 func (*blockingObserver) OverrideEnded()             {}
+func (*blockingObserver) Paused(bool)                {}
 
 // heldSlot.free, called twice at once (a CloseWrite in some goroutine and
 // the end of serve): the slot is freed once, and the second call does not
