@@ -315,7 +315,7 @@ func TestMetricsStoreModeWhileUnreachable(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	for k := range m {
-		if strings.Contains(k, `zone="`+alone+`"`) && (strings.Contains(k, "store_mode") || strings.Contains(k, "local_share")) {
+		if strings.Contains(k, `zone="`+alone+`"`) && (strings.Contains(k, "store_") || strings.Contains(k, "local_share") || strings.Contains(k, "fleet_")) {
 			t.Errorf("a zone without a store exports %s", k)
 		}
 	}

@@ -646,6 +646,11 @@ func TestFleetMetrics(t *testing.T) {
 			t.Errorf("node %s: store_seconds count %v, +Inf bucket %v, sum %v", n.name, count,
 				m[p+`store_seconds_bucket{zone="db",le="+Inf"}`], m[series("store_seconds_sum")])
 		}
+		for _, op := range storeOps { // at 0, so that rate() counts the first error
+			if v, ok := m[errs(op)]; !ok || v != 0 {
+				t.Errorf("node %s: %s = %v (exported: %v) before any error, want 0", n.name, errs(op), v, ok)
+			}
+		}
 		for k, v := range m {
 			if strings.HasPrefix(k, p+"store_errors_total") && v != 0 {
 				t.Errorf("node %s: %s = %v before any error", n.name, k, v)

@@ -2,6 +2,7 @@ package connlimit
 
 import (
 	"errors"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -109,6 +110,7 @@ func registerMetrics(reg prometheus.Registerer) error {
 type zoneMetrics struct {
 	zone            string
 	unreachable     atomic.Bool // as last said in the log
+	storeOnce       sync.Once   // store_errors_total at 0 for every operation
 	active, waiting prometheus.Gauge
 	max, overridden prometheus.Gauge
 	maxWaiting      prometheus.Gauge
@@ -173,8 +175,23 @@ func (m *zoneMetrics) OverrideEnded() {
 		zap.String("zone", m.zone))
 }
 
+// storeOps are the operations fleet_node.go names in StoreOp.
+var storeOps = []string{"take", "give", "leave", "renew", "register", "set_limits", "set_paused", "status"}
+
+// storeErrorsAtZero exports store_errors_total at 0 for every operation
+// once the zone is seen to have a store, so that rate() and increase()
+// count a first error too (a series that appears at 1 shows no increase).
+func (m *zoneMetrics) storeErrorsAtZero() {
+	m.storeOnce.Do(func() {
+		for _, op := range storeOps {
+			metricStoreErrors.WithLabelValues(m.zone, op)
+		}
+	})
+}
+
 // StoreOp implements FleetObserver.
 func (m *zoneMetrics) StoreOp(op string, took time.Duration, err error) {
+	m.storeErrorsAtZero()
 	metricStoreSeconds.WithLabelValues(m.zone).Observe(took.Seconds())
 	if err != nil {
 		metricStoreErrors.WithLabelValues(m.zone, op).Inc()
@@ -184,6 +201,7 @@ func (m *zoneMetrics) StoreOp(op string, took time.Duration, err error) {
 // StoreReached implements FleetObserver, and says in the log when the
 // store is lost and when it is back.
 func (m *zoneMetrics) StoreReached(st FleetState, err error) {
+	m.storeErrorsAtZero()
 	log := caddy.Log().Named("layer4.handlers.connection_limit")
 	if err != nil {
 		metricStoreReachable.WithLabelValues(m.zone).Set(0)
