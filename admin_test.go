@@ -63,6 +63,7 @@ func TestMetricsAndAdminAPI(t *testing.T) {
 		"active": 2, "waiting": 2, "admitted_total": 2, "abandoned_total": 0,
 		"rejected_total|reason=\"queue_full\"": 1, "rejected_total|reason=\"no_waiting\"": 0,
 		"wait_seconds_count": 2, "wait_seconds_bucket|le=\"0.0001\"": 2,
+		"max_connections": 2, "max_waiting": 2, "paused": 0,
 	})
 
 	// A waiter leaves: abandoned.
@@ -80,10 +81,12 @@ func TestMetricsAndAdminAPI(t *testing.T) {
 	waitCounts(t, ops, 1, 2)
 	be.noArrival(200 * time.Millisecond)
 	expectZone(t, getZone(t, admin, ops), 1, 2, 2, 1, 1, true)
+	expectMetrics(t, admin, ops, map[string]float64{"paused": 1, "max_waiting": 2})
 
 	// A reload keeps the pause, the counts and the metrics.
 	loadConfig(t, cfg(obj{"max_waiting": -1}))
 	expectZone(t, getZone(t, admin, ops), 1, 2, 2, 1, 1, true)
+	expectMetrics(t, admin, ops, map[string]float64{"paused": 1, "max_waiting": -1})
 	rejected("nowait") // no_waiting
 	if code, body := adminDo(t, http.MethodPost, "http://"+admin+"/connection_limit/"+ops+"/resume", "", nil); code != http.StatusOK {
 		t.Fatalf("resume: %d %s", code, body)
@@ -92,6 +95,7 @@ func TestMetricsAndAdminAPI(t *testing.T) {
 		t.Fatalf("%s admitted after resume, want w1", id)
 	}
 	expectZone(t, getZone(t, admin, ops), 2, 1, 3, 2, 1, false)
+	expectMetrics(t, admin, ops, map[string]float64{"paused": 0})
 
 	// A wait_timeout that the remaining waiter has already outlived.
 	time.Sleep(60 * time.Millisecond)
@@ -248,4 +252,74 @@ func TestLimitsRouteChangesAZoneWithoutReload(t *testing.T) {
 		finish(be, c)
 	}
 	waitCounts(t, zone, 0, 0)
+}
+
+// A fleet zone whose store cannot be reached says so in store_mode: with
+// on_unreachable refuse it is unreachable (nobody new is admitted), with
+// local_share it admits on its share, which local_share gives; a zone
+// without a store has no store_mode. No redis-server is needed: the store's
+// address is a port nobody listens on.
+func TestMetricsStoreModeWhileUnreachable(t *testing.T) {
+	be := newBackend(t, false)
+	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	nobody := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	id := time.Now().UnixNano()
+	refuse, share, alone := fmt.Sprintf("refuse%d", id), fmt.Sprintf("share%d", id), fmt.Sprintf("alone%d", id)
+	store := func(fields obj) obj {
+		s := obj{"backend": "redis", "address": nobody, "lease": "1s"}
+		for k, v := range fields {
+			s[k] = v
+		}
+		return s
+	}
+	// Three limits in a row on one route: each zone is made at provision.
+	cfg := l4Config(admin, fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		limit(obj{"zone": refuse, "max_connections": 4, "store": store(obj{"on_unreachable": "refuse"})}),
+		limit(obj{"zone": share, "max_connections": 4, "store": store(obj{"on_unreachable": "local_share", "local_share": 3})}),
+		limit(obj{"zone": alone, "max_connections": 4}),
+		proxyTo(be.addr()))
+	loadConfig(t, cfg)
+	defer stopCaddy(t)
+
+	const p = "caddy_layer4_connection_limit_"
+	mode := func(zone, m string) string { return fmt.Sprintf(`%sstore_mode{mode="%s",zone="%s"}`, p, m, zone) }
+	want := map[string]float64{
+		mode(refuse, "unreachable"): 1, mode(refuse, "registered"): 0, mode(refuse, "registering"): 0, mode(refuse, "local_share"): 0,
+		mode(share, "local_share"): 1, mode(share, "registered"): 0, mode(share, "registering"): 0, mode(share, "unreachable"): 0,
+		p + `local_share{zone="` + refuse + `"}`:     0,
+		p + `local_share{zone="` + share + `"}`:      3,
+		p + `store_reachable{zone="` + refuse + `"}`: 0,
+		p + `store_reachable{zone="` + share + `"}`:  0,
+	}
+	var m map[string]float64
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		m = scrape(t, admin)
+		ok := true
+		for k, v := range want {
+			if g, found := m[k]; !found || g != v {
+				ok = false
+			}
+		}
+		if ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			for k, v := range want {
+				if g, found := m[k]; !found || g != v {
+					t.Errorf("%s = %v (exported: %v), want %v", k, g, found, v)
+				}
+			}
+			t.FailNow()
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for k := range m {
+		if strings.Contains(k, `zone="`+alone+`"`) && (strings.Contains(k, "store_") || strings.Contains(k, "local_share") || strings.Contains(k, "fleet_")) {
+			t.Errorf("a zone without a store exports %s", k)
+		}
+	}
+	if _, ok := m[p+`paused{zone="`+alone+`"}`]; !ok {
+		t.Errorf("no paused gauge for the zone without a store")
+	}
 }

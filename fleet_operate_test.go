@@ -584,6 +584,17 @@ func TestFleetMetrics(t *testing.T) {
 	const p = "caddy_layer4_connection_limit_"
 	series := func(name string) string { return p + name + `{zone="db"}` }
 	errs := func(op string) string { return p + `store_errors_total{op="` + op + `",zone="db"}` }
+	mode := func(m string) string { return p + `store_mode{mode="` + m + `",zone="db"}` }
+	// inMode: store_mode says m, and only m, of the four modes.
+	inMode := func(m map[string]float64, want string) bool {
+		for _, md := range []string{"registered", "registering", "unreachable", "local_share"} {
+			v, ok := m[mode(md)]
+			if !ok || (md == want) != (v == 1) || (v != 0 && v != 1) {
+				return false
+			}
+		}
+		return true
+	}
 	scrapeUntil := func(n *caddyProc, what string, cond func(m map[string]float64) bool) map[string]float64 {
 		t.Helper()
 		deadline := time.Now().Add(5 * time.Second)
@@ -610,24 +621,34 @@ func TestFleetMetrics(t *testing.T) {
 			return m[series("fleet_active")] == 1 && m[series("fleet_waiting")] == 1
 		})
 		for _, name := range []string{"active", "waiting", "store_reachable", "fleet_active", "fleet_waiting",
-			"max_connections", "store_seconds_count", "store_seconds_sum", "admitted_total"} {
+			"max_connections", "max_waiting", "paused", "local_share", "store_seconds_count", "store_seconds_sum", "admitted_total"} {
 			if _, ok := m[series(name)]; !ok {
 				t.Errorf("node %s: no %s", n.name, series(name))
 			}
 		}
 		want := map[string]float64{
 			"active": own[n][0], "waiting": own[n][1], "admitted_total": own[n][0],
-			"store_reachable": 1, "max_connections": 1,
+			"store_reachable": 1, "max_connections": 1, "max_waiting": 0, "paused": 0,
+			"local_share": 1, // the automatic share: max_connections 1 over 3 nodes, at least 1
 		}
 		for name, v := range want {
 			if m[series(name)] != v {
 				t.Errorf("node %s: %s = %v, want %v", n.name, series(name), m[series(name)], v)
 			}
 		}
+		if !inMode(m, "registered") {
+			t.Errorf("node %s: store_mode not registered alone: %v %v %v %v", n.name,
+				m[mode("registered")], m[mode("registering")], m[mode("unreachable")], m[mode("local_share")])
+		}
 		count := m[series("store_seconds_count")]
 		if count < 1 || m[p+`store_seconds_bucket{zone="db",le="+Inf"}`] != count || m[series("store_seconds_sum")] <= 0 {
 			t.Errorf("node %s: store_seconds count %v, +Inf bucket %v, sum %v", n.name, count,
 				m[p+`store_seconds_bucket{zone="db",le="+Inf"}`], m[series("store_seconds_sum")])
+		}
+		for _, op := range storeOps { // at 0, so that rate() counts the first error
+			if v, ok := m[errs(op)]; !ok || v != 0 {
+				t.Errorf("node %s: %s = %v (exported: %v) before any error, want 0", n.name, errs(op), v, ok)
+			}
 		}
 		for k, v := range m {
 			if strings.HasPrefix(k, p+"store_errors_total") && v != 0 {
@@ -650,8 +671,9 @@ func TestFleetMetrics(t *testing.T) {
 	}
 	for _, n := range nodes {
 		// the renewals fail (a node registers only once one is answered)
-		scrapeUntil(n, "store_reachable 0, renew errors counted", func(m map[string]float64) bool {
-			return m[series("store_reachable")] == 0 && m[errs("renew")] >= 2 && m[errs("register")] == 0
+		scrapeUntil(n, "store_reachable 0, renew errors counted, on its local share", func(m map[string]float64) bool {
+			return m[series("store_reachable")] == 0 && m[errs("renew")] >= 2 && m[errs("register")] == 0 &&
+				inMode(m, "local_share") && m[series("local_share")] == 1
 		})
 	}
 	if got := be.waitArrivals(1, 5*time.Second)[0]; got != "b1" {
@@ -662,8 +684,23 @@ func TestFleetMetrics(t *testing.T) {
 	}
 	for _, n := range nodes {
 		scrapeUntil(n, "the store reachable again, 2 active in the fleet", func(m map[string]float64) bool {
-			return m[series("store_reachable")] == 1 && m[series("fleet_active")] == 2 && m[series("fleet_waiting")] == 0
+			return m[series("store_reachable")] == 1 && m[series("fleet_active")] == 2 && m[series("fleet_waiting")] == 0 &&
+				inMode(m, "registered")
 		})
+	}
+	// A pause through one node pauses every node, and so says its gauge.
+	for _, paused := range []bool{true, false} {
+		path, want := "/connection_limit/db/resume", 0.0
+		if paused {
+			path, want = "/connection_limit/db/pause", 1
+		}
+		c.do(http.MethodPost, path, "")
+		for _, n := range nodes {
+			scrapeUntil(n, fmt.Sprintf("paused %v", want), func(m map[string]float64) bool {
+				v, ok := m[series("paused")]
+				return ok && v == want
+			})
+		}
 	}
 	opServeAll(t, be, a1, b1)
 	opDrained(t, nodes)

@@ -838,7 +838,7 @@ func scrape(t *testing.T, admin string) map[string]float64 {
 }
 
 // expectMetrics checks the series of zone ops against want (names without
-// the common prefix, labels after the zone).
+// the common prefix, labels after the zone); a series not exported fails.
 func expectMetrics(t *testing.T, admin, zone string, want map[string]float64) {
 	t.Helper()
 	got := scrape(t, admin)
@@ -851,8 +851,8 @@ func expectMetrics(t *testing.T, admin, zone string, want map[string]float64) {
 		case extra != "":
 			series = fmt.Sprintf(`caddy_layer4_connection_limit_%s{%s,zone="%s"}`, name, extra, zone)
 		}
-		if got[series] != v {
-			t.Errorf("%s = %v, want %v", series, got[series], v)
+		if g, ok := got[series]; !ok || g != v {
+			t.Errorf("%s = %v (exported: %v), want %v", series, g, ok, v)
 		}
 	}
 }

@@ -2,6 +2,7 @@ package connlimit
 
 import (
 	"errors"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -42,6 +43,14 @@ var (
 		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "max_connections",
 		Help: "The max_connections in force (per key value, when a key is set).",
 	}, []string{"zone"})
+	metricMaxWaiting = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "max_waiting",
+		Help: "The max_waiting in force (per key value, when a key is set): -1 nobody waits, 0 no bound.",
+	}, []string{"zone"})
+	metricPaused = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "paused",
+		Help: "1 while the zone is paused (admits nobody new), else 0.",
+	}, []string{"zone"})
 	metricOverridden = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "limits_overridden",
 		Help: "1 while limits set through the admin API are in force over the config's, else 0.",
@@ -77,8 +86,9 @@ var (
 	}, []string{"zone"})
 
 	allCollectors = []prometheus.Collector{metricActive, metricWaiting, metricAdmitted, metricRejected, metricAbandoned,
-		metricMax, metricOverridden, metricWait,
-		metricStoreReachable, metricStoreErrors, metricStoreSeconds, metricFleetActive, metricFleetWaiting}
+		metricMax, metricMaxWaiting, metricPaused, metricOverridden, metricWait,
+		metricStoreReachable, metricStoreErrors, metricStoreSeconds, metricFleetActive, metricFleetWaiting,
+		fleetCollector{}}
 )
 
 // registerMetrics registers the collectors into reg; having them there
@@ -103,8 +113,11 @@ func registerMetrics(reg prometheus.Registerer) error {
 type zoneMetrics struct {
 	zone            string
 	unreachable     atomic.Bool // as last said in the log
+	storeOnce       sync.Once   // store_errors_total at 0 for every operation
 	active, waiting prometheus.Gauge
 	max, overridden prometheus.Gauge
+	maxWaiting      prometheus.Gauge
+	paused          prometheus.Gauge
 	admitted        prometheus.Counter
 	rejected        [len(store.Reasons) + 1]prometheus.Counter
 	abandoned       prometheus.Counter
@@ -116,6 +129,8 @@ func newZoneMetrics(zone string) engine.Observer {
 		zone:       zone,
 		max:        metricMax.WithLabelValues(zone),
 		overridden: metricOverridden.WithLabelValues(zone),
+		maxWaiting: metricMaxWaiting.WithLabelValues(zone),
+		paused:     metricPaused.WithLabelValues(zone),
 		active:     metricActive.WithLabelValues(zone),
 		waiting:    metricWaiting.WithLabelValues(zone),
 		admitted:   metricAdmitted.WithLabelValues(zone),
@@ -125,6 +140,7 @@ func newZoneMetrics(zone string) engine.Observer {
 	for _, r := range store.Reasons {
 		m.rejected[r] = metricRejected.WithLabelValues(zone, r.String())
 	}
+	m.paused.Set(0) // a new zone starts resumed, whatever one of the same name was
 	return m
 }
 
@@ -139,10 +155,19 @@ func (m *zoneMetrics) Admitted(waited time.Duration) {
 
 func (m *zoneMetrics) LimitsChanged(l engine.Limits, overridden bool) {
 	m.max.Set(float64(l.MaxConnections))
+	m.maxWaiting.Set(float64(l.MaxWaiting))
 	if overridden {
 		m.overridden.Set(1)
 	} else {
 		m.overridden.Set(0)
+	}
+}
+
+func (m *zoneMetrics) Paused(p bool) {
+	if p {
+		m.paused.Set(1)
+	} else {
+		m.paused.Set(0)
 	}
 }
 
@@ -153,8 +178,23 @@ func (m *zoneMetrics) OverrideEnded() {
 		zap.String("zone", m.zone))
 }
 
+// storeOps are the operations fleet_node.go names in StoreOp.
+var storeOps = []string{"take", "give", "leave", "renew", "register", "set_limits", "set_paused", "status"}
+
+// storeErrorsAtZero exports store_errors_total at 0 for every operation
+// once the zone is seen to have a store, so that rate() and increase()
+// count a first error too (a series that appears at 1 shows no increase).
+func (m *zoneMetrics) storeErrorsAtZero() {
+	m.storeOnce.Do(func() {
+		for _, op := range storeOps {
+			metricStoreErrors.WithLabelValues(m.zone, op)
+		}
+	})
+}
+
 // StoreOp implements engine.FleetObserver.
 func (m *zoneMetrics) StoreOp(op string, took time.Duration, err error) {
+	m.storeErrorsAtZero()
 	metricStoreSeconds.WithLabelValues(m.zone).Observe(took.Seconds())
 	if err != nil {
 		metricStoreErrors.WithLabelValues(m.zone, op).Inc()
@@ -164,6 +204,7 @@ func (m *zoneMetrics) StoreOp(op string, took time.Duration, err error) {
 // StoreReached implements engine.FleetObserver, and says in the log when the
 // store is lost and when it is back.
 func (m *zoneMetrics) StoreReached(st store.State, err error) {
+	m.storeErrorsAtZero()
 	log := caddy.Log().Named("layer4.handlers.connection_limit")
 	if err != nil {
 		metricStoreReachable.WithLabelValues(m.zone).Set(0)
@@ -181,5 +222,61 @@ func (m *zoneMetrics) StoreReached(st store.State, err error) {
 	}
 }
 
-// Interface guard
-var _ engine.FleetObserver = (*zoneMetrics)(nil)
+// The store mode of a fleet zone and its local share are read from the
+// zone at each scrape (FleetView), not kept from events: the node changes
+// mode under the zone's lock in several places (a failed take, a renewal,
+// a registration), and whether an unreachable store means admitting on
+// a share depends on the zone's on_unreachable, which no event carries.
+// A zone that has no store, or is gone, has no series.
+var (
+	descStoreMode = prometheus.NewDesc("caddy_layer4_connection_limit_store_mode",
+		"The node's mode in the zone's fleet, one series per mode, 1 for the one it is in: registered (the store decides), "+
+			"registering (nobody new is admitted until it has registered), holding (the store cannot be reached and the node's lease runs still: "+
+			"it hands the slots it holds to its own waiters, no more), unreachable (its lease ran out, on_unreachable refuse: nobody new is admitted), "+
+			"local_share (its lease ran out: the node admits up to local_share on its own).",
+		[]string{"zone", "mode"}, nil)
+	descLocalShare = prometheus.NewDesc("caddy_layer4_connection_limit_local_share",
+		"How many connections (per key value) this node admits on its own while the zone's store is unreachable, counting those it holds: "+
+			"on_unreachable local_share n, or max_connections divided by the nodes last seen; 0 with refuse.",
+		[]string{"zone"}, nil)
+	// storeModes in the order the series are written.
+	storeModes = []string{"registered", "registering", "holding", "unreachable", "local_share"}
+)
+
+// fleetCollector writes store_mode and local_share for every fleet zone
+// of the process.
+type fleetCollector struct{}
+
+func (fleetCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- descStoreMode
+	ch <- descLocalShare
+}
+
+func (fleetCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, z := range zones.Zones() {
+		v := z.FleetView()
+		if v == nil {
+			continue
+		}
+		s := z.Snapshot(time.Now(), 0)
+		mode := v.State
+		if mode == "unreachable" && !v.Unreachable.Refuse { // FleetView.State: registered, registering, holding or unreachable
+			mode = "local_share"
+		}
+		for _, m := range storeModes {
+			val := 0.0
+			if m == mode {
+				val = 1
+			}
+			ch <- prometheus.MustNewConstMetric(descStoreMode, prometheus.GaugeValue, val, s.Name, m)
+		}
+		share := v.Unreachable.Admits(s.Limits.MaxConnections, v.Fleet.NodeCount)
+		ch <- prometheus.MustNewConstMetric(descLocalShare, prometheus.GaugeValue, float64(share), s.Name)
+	}
+}
+
+// Interface guards
+var (
+	_ engine.FleetObserver = (*zoneMetrics)(nil)
+	_ prometheus.Collector = fleetCollector{}
+)

@@ -124,6 +124,7 @@ func (*blockingObserver) Rejected(engine.Reason)            {}
 func (*blockingObserver) Abandoned()                        {}
 func (*blockingObserver) LimitsChanged(engine.Limits, bool) {}
 func (*blockingObserver) OverrideEnded()                    {}
+func (*blockingObserver) Paused(bool)                       {}
 
 // heldSlot.free, called twice at once (a CloseWrite in some goroutine and
 // the end of serve): the slot is freed once, and the second call does not

@@ -36,6 +36,7 @@ type testObserver struct {
 	max           int
 	overridden    bool
 	overrideEnded int
+	paused        bool // as last told
 }
 
 func (o *testObserver) problem(format string, args ...any) {
@@ -108,6 +109,12 @@ func (o *testObserver) OverrideEnded() {
 	o.overrideEnded++
 }
 
+func (o *testObserver) Paused(p bool) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.paused = p
+}
+
 func (o *testObserver) gauges() (active, waiting int) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
@@ -147,6 +154,9 @@ func checkObserver(t testing.TB, z *Zone, o *testObserver) {
 	}
 	if o.abandoned != s.Counters.Abandoned {
 		t.Errorf("observer saw %d abandoned, zone counted %d", o.abandoned, s.Counters.Abandoned)
+	}
+	if o.paused != s.Paused {
+		t.Errorf("observer was last told paused %v, zone paused %v", o.paused, s.Paused)
 	}
 }
 

@@ -34,6 +34,9 @@ type Observer interface {
 	// OverrideEnded is called when new settings from a config end an
 	// override (SetLimits).
 	OverrideEnded()
+	// Paused is called whenever the zone is paused or resumed, here or
+	// by its fleet (a zone starts resumed).
+	Paused(p bool)
 }
 
 // Counters are the cumulative counts of a zone.
@@ -579,6 +582,7 @@ func (z *Zone) SetPaused(p bool) {
 // setPaused pauses or resumes admission here. Lock held.
 func (z *Zone) setPaused(p bool) {
 	z.paused = p
+	z.obs.Paused(p)
 	if !p {
 		z.grantAll()
 	}
@@ -667,3 +671,4 @@ func (nopObserver) Rejected(Reason)            {}
 func (nopObserver) Abandoned()                 {}
 func (nopObserver) LimitsChanged(Limits, bool) {}
 func (nopObserver) OverrideEnded()             {}
+func (nopObserver) Paused(bool)                {}
