@@ -252,3 +252,26 @@ func TestFleetUDPFlowsAskTheStoreTogether(t *testing.T) {
 		t.Fatalf("the slowest of %d flows took %s, the fastest %s: they asked the store one after the other (%s each)", flows, slowest, fastest, latency)
 	}
 }
+
+// 10. A node warns, once it reached Redis, when Redis' maxmemory-policy
+// may evict the zone's keys (allkeys-*), which would lose the fleet's
+// slots and waiters as a restart empty does; noeviction says nothing.
+func TestFleetWarnsOfAnEvictingRedis(t *testing.T) {
+	be := newBackend(t, false)
+	for _, tc := range []struct {
+		policy string
+		warn   bool
+	}{{"allkeys-lru", true}, {"noeviction", false}} {
+		r := testkit.StartRedis(t, testkit.RedisConfig{Args: []string{"--maxmemory-policy", tc.policy}})
+		nodes := startFleet(t, 1, be.addr(), obj{"max_connections": 1}, redisStore(r, nil))
+		const warning = "may evict its keys"
+		if tc.warn {
+			testkit.WaitFor(t, 5*time.Second, "the warning of "+tc.policy, func() bool { return strings.Contains(nodes[0].log(), warning) })
+			continue
+		}
+		time.Sleep(500 * time.Millisecond)
+		if strings.Contains(nodes[0].log(), warning) {
+			t.Fatalf("a warning with maxmemory-policy %s:\n%s", tc.policy, nodes[0].log())
+		}
+	}
+}

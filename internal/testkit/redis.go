@@ -38,6 +38,8 @@ type RedisConfig struct {
 	// Cluster: the server is a Redis Cluster of one node, which serves
 	// every slot.
 	Cluster bool
+	// Args are more redis-server arguments ("--maxmemory-policy", ...).
+	Args []string
 }
 
 // Redis is one test's redis-server.
@@ -129,7 +131,7 @@ func (r *Redis) args() []string {
 	if r.Cfg.User != "" {
 		a = append(a, "--user", r.Cfg.User, "on", ">"+r.Cfg.UserPassword, "~*", "&*", "+@all")
 	}
-	return a
+	return append(a, r.Cfg.Args...)
 }
 
 // start starts the server on r.port and waits until it answers.

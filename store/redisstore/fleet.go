@@ -106,8 +106,10 @@ type redisFleet struct {
 	retryPause time.Duration
 	c          redis.UniversalClient
 
-	pumpOnce sync.Once
-	grants   chan grantResult
+	pumpOnce  sync.Once
+	evictOnce sync.Once
+	evictWarn func(policy string) // says that Redis may evict the zone's keys
+	grants    chan grantResult
 	// delivered holds the grants NextGrant returned that no successful
 	// Renew acknowledged yet: they are still in the in-flight list, and a
 	// re-read of it after an error must not deliver them twice.
@@ -412,6 +414,7 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 	s.dmu.Lock() // the in-flight list is gone with the grants it held
 	clear(s.delivered)
 	s.dmu.Unlock()
+	s.evictOnce.Do(func() { go s.checkEviction() })
 	select { // the store answers again: read the grants at once
 	case s.rearm <- struct{}{}:
 	default:
@@ -580,6 +583,23 @@ func (s *redisFleet) Close() error {
 		}
 	})
 	return err
+}
+
+// checkEviction asks Redis, once it answered a Register, for its
+// maxmemory-policy: an allkeys-* policy may evict a zone's keys (none has
+// a TTL, so volatile-* policies never do), which loses slots and waiters
+// as a restart would. A server that does not let it ask (CONFIG renamed or
+// denied, as managed services do) says nothing.
+func (s *redisFleet) checkEviction() {
+	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+	defer cancel()
+	v, err := s.c.ConfigGet(ctx, "maxmemory-policy").Result()
+	if err != nil {
+		return
+	}
+	if p := v["maxmemory-policy"]; strings.HasPrefix(p, "allkeys-") && s.evictWarn != nil {
+		s.evictWarn(p)
+	}
 }
 
 // grantString is a grant as the store lists it.

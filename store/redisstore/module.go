@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
 
 	"github.com/l4-connlimit/connlimit/store"
 )
@@ -250,7 +251,7 @@ func (s *Module) Open(zone, nodeID string) (store.Store, error) {
 	if !s.provisioned {
 		return nil, errors.New("connection_limit store redis: not provisioned")
 	}
-	return New(Options{
+	st, err := New(Options{
 		Address:   s.address,
 		Username:  s.username,
 		Password:  s.password,
@@ -260,6 +261,14 @@ func (s *Module) Open(zone, nodeID string) (store.Store, error) {
 		KeyPrefix: s.KeyPrefix,
 		Lease:     s.lease,
 	}, zone, nodeID)
+	if err != nil {
+		return nil, err
+	}
+	st.(*redisFleet).evictWarn = func(policy string) {
+		caddy.Log().Named("layer4.handlers.connection_limit").Warn("the zone's Redis may evict its keys under memory pressure, which loses the fleet's slots and waiters as a restart empty would; set maxmemory-policy to noeviction (or a volatile-* policy: the zone's keys have no TTL)",
+			zap.String("zone", zone), zap.String("maxmemory_policy", policy))
+	}
+	return st, nil
 }
 
 // Unreachable implements store.Module.
