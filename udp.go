@@ -254,10 +254,13 @@ func (u *udpFlows) close(z *engine.Zone) int {
 	defer u.mu.Unlock()
 	u.closed = true
 	n := len(u.flows)
+	// Waiting flows first: a slot freed before would go to one of them,
+	// which could claim it before it is abandoned.
 	for f := range u.flows {
-		if !z.Abandon(&f.Waiter) {
-			z.Free(&f.Waiter)
-		}
+		z.Abandon(&f.Waiter)
+	}
+	for f := range u.flows {
+		z.Free(&f.Waiter)
 	}
 	clear(u.flows)
 	return n
