@@ -179,7 +179,7 @@ func (m *zoneMetrics) OverrideEnded() {
 }
 
 // storeOps are the operations fleet_node.go names in StoreOp.
-var storeOps = []string{"take", "give", "leave", "renew", "register", "set_limits", "set_paused", "status"}
+var storeOps = []string{"take", "give", "leave", "renew", "register", "set_limits", "set_paused", "status", "deregister"}
 
 // storeErrorsAtZero exports store_errors_total at 0 for every operation
 // once the zone is seen to have a store, so that rate() and increase()

@@ -126,6 +126,7 @@ type Handler struct {
 	overflow layer4.Handler
 	logger   *zap.Logger
 	udp      udpFlows
+	live     *liveConns // fleet zones: closed when Caddy exits (stop.go)
 
 	// state of the warnings (warnings.go)
 	lastRejectionWarn atomic.Int64
@@ -174,6 +175,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 			return fmt.Errorf("loading store: %v", err)
 		}
 		fleet = storeFleet(mod.(store.Module))
+		h.live = new(liveConns)
 	}
 	// The config's context identifies the config: handlers of one config
 	// that share a zone must agree on its settings.
@@ -214,7 +216,14 @@ func (h *Handler) limits() (engine.Limits, error) {
 // run are not touched: they finish under the zone's settings in force.
 // UDP flows are the exception: their server has stopped reading their
 // packets, so their slots are freed and their waits abandoned (udp.go).
+// So are a fleet zone's connections when Caddy exits: they are closed, so
+// that their slots and places go back to the fleet at once (stop.go).
 func (h *Handler) Cleanup() error {
+	if h.live != nil && caddy.Exiting() {
+		n, all := h.live.closeAll(exitDrain)
+		h.logger.Info("Caddy exits: closed the fleet zone's connections, so that their slots and places go back to the fleet at once",
+			zap.String("zone", h.Zone), zap.Int("connections", n), zap.Bool("all_ended", all))
+	}
 	if h.zone != nil {
 		if n := h.udp.close(h.zone); n > 0 {
 			h.logger.Info("freed the slots of UDP flows of a stopped config",
@@ -233,6 +242,12 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	// Arrive: a stream (wait.go) or a UDP flow (udp.go).
 	repl := cx.Replacer()
 	setRemotePlaceholders(repl, cx.RemoteAddr())
+	if h.live != nil && !isPacketFlow(cx.Conn) {
+		if !h.live.add(cx.Conn) {
+			return nil // Caddy is exiting
+		}
+		defer h.live.done(cx.Conn)
+	}
 	a := h.arrive(cx)
 	w := a.waiter()
 	if h.Key != "" {

@@ -107,9 +107,15 @@ type Store interface {
 	SetPaused(ctx context.Context, paused bool) error
 	// Status returns the fleet's state and every registered node.
 	Status(ctx context.Context) (Status, error)
+	// Deregister removes this node from the store at once: its tickets
+	// leave the line, and whatever it still holds (slots, grants not yet
+	// handed on) goes to the next waiters. A node calls it when it stops,
+	// once its connections are closed, so that the fleet does not wait out
+	// its lease.
+	Deregister(ctx context.Context) error
 	// Close releases the store's connections and ends NextGrant. The node
-	// stays registered until its lease runs out (it is then reaped): a
-	// process that keeps serving must not Close.
+	// stays registered until its lease runs out (it is then reaped),
+	// unless it deregistered: a process that keeps serving must not Close.
 	Close() error
 }
 

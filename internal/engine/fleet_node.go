@@ -182,7 +182,9 @@ func (z *Zone) node() *fleetNode {
 }
 
 // leaveFleet unlinks z from its fleet: its loops end and the store is
-// closed. The node's registration lapses with its lease, and the others
+// closed. A zone that holds nothing (it drained: its config is gone, or
+// Caddy stops) deregisters first, so that the others do not wait out its
+// lease; otherwise its registration lapses with its lease, and the others
 // take over its slots then. The zone counts alone from here on.
 func (z *Zone) leaveFleet() {
 	n := z.node()
@@ -190,8 +192,16 @@ func (z *Zone) leaveFleet() {
 		return
 	}
 	n.cancel()
-	_ = n.store.Close()
 	n.loops.Wait()
+	if a, w := z.Counts(); a == 0 && w == 0 {
+		// n.ctx is done: the call gets a context of its own.
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), storeTimeout)
+		err := n.store.Deregister(ctx)
+		cancel()
+		n.observe("deregister", start, err)
+	}
+	_ = n.store.Close()
 	n.gate.Lock() // no store call of a connection is in flight
 	defer n.gate.Unlock()
 	z.mu.Lock()

@@ -35,6 +35,7 @@ func newFakeStore() *fakeStore {
 }
 
 func (s *fakeStore) NodeID() string                          { return "fake" }
+func (s *fakeStore) Deregister(context.Context) error        { return nil }
 func (s *fakeStore) Lease() time.Duration                    { return 3 * time.Second }
 func (s *fakeStore) Close() error                            { s.once.Do(func() { close(s.closed) }); return nil }
 func (s *fakeStore) SetLimits(context.Context, Limits) error { return nil }

@@ -51,14 +51,15 @@ func fleetRedisScript(name string) *redis.Script {
 }
 
 var (
-	fleetTake      = fleetRedisScript("take")
-	fleetGive      = fleetRedisScript("give")
-	fleetLeave     = fleetRedisScript("leave")
-	fleetRenew     = fleetRedisScript("renew")
-	fleetRegister  = fleetRedisScript("register")
-	fleetSetLimits = fleetRedisScript("set_limits")
-	fleetSetPaused = fleetRedisScript("set_paused")
-	fleetStatus    = fleetRedisScript("status")
+	fleetTake       = fleetRedisScript("take")
+	fleetGive       = fleetRedisScript("give")
+	fleetLeave      = fleetRedisScript("leave")
+	fleetRenew      = fleetRedisScript("renew")
+	fleetRegister   = fleetRedisScript("register")
+	fleetSetLimits  = fleetRedisScript("set_limits")
+	fleetSetPaused  = fleetRedisScript("set_paused")
+	fleetStatus     = fleetRedisScript("status")
+	fleetDeregister = fleetRedisScript("deregister")
 )
 
 // Options say how to reach Redis and how to keep a fleet zone there.
@@ -450,6 +451,11 @@ func (s *redisFleet) Status(ctx context.Context) (store.Status, error) {
 		return store.Status{}, s.fail("status", err)
 	}
 	return st, nil
+}
+
+func (s *redisFleet) Deregister(ctx context.Context) error {
+	_, err := s.run(ctx, "deregister", fleetDeregister, true, s.node)
+	return err
 }
 
 func (s *redisFleet) NextGrant(ctx context.Context) (store.Ticket, error) {
