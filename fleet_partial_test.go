@@ -317,3 +317,37 @@ func TestFleetNodeStopsCleanly(t *testing.T) {
 	ffFinish(be, b1)
 	ffDrained(t, []*caddyProc{b})
 }
+
+// 6. A reload that changes a store setting (here the lease) moves the
+// zone to the new store settings with its held slots and waiters counted,
+// and never admits on its own past the bound on the way. (Before, the
+// zone left its fleet first and counted alone for a moment: with the
+// fleet full, it admitted its waiters up to max_connections on its own.)
+func TestFleetReloadWithOtherStoreSettingsKeepsTheBound(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	be := newBackend(t, true)
+	fields := obj{"zone": "db", "max_connections": 2}
+	nodes := startFleet(t, 2, be.addr(), fields, redisStore(r, nil))
+	a, b := nodes[0], nodes[1]
+	a0 := takeSlot(t, be, a.listen, "A0")
+	b0 := takeSlot(t, be, b.listen, "B0")
+	a1 := ffQueueAt(t, a, "A1", 1)
+	a2 := ffQueueAt(t, a, "A2", 2)
+
+	a.load(nodeConfigAt(a.admin, a.listen, be.addr(), fields, redisStore(r, obj{"lease": "2s"})))
+	be.noArrival(time.Second) // the fleet is full: nobody goes in, here or anywhere
+	waitNodes(t, 5*time.Second, "A registered under its new settings, the fleet's count the truth", "db", nodes, ffTruthful(2))
+	ffFinish(be, b0)
+	if ids := be.waitArrivals(1, 5*time.Second); ids[0] != "A1" {
+		t.Fatalf("%s admitted, want A1 (first in line, its place kept)", ids[0])
+	}
+	if _, peak, _, _ := be.stats(); peak != 2 {
+		t.Fatalf("backend peak %d, want max 2 throughout the reload", peak)
+	}
+	for _, c := range []*client{a0, a1} {
+		ffFinish(be, c)
+	}
+	be.waitArrivals(1, 5*time.Second)
+	ffFinish(be, a2)
+	ffDrained(t, nodes)
+}

@@ -132,34 +132,83 @@ func (z *Zone) joinFleet(spec Fleet) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	n := &fleetNode{
-		z: z, store: st, spec: spec,
-		kick: make(chan struct{}, 1), ctx: ctx, cancel: cancel,
-		waiting: map[uint64]*Waiter{}, asking: map[uint64]struct{}{}, early: map[uint64]struct{}{},
-	}
+	n := newFleetNode(z, st, spec)
 	z.mu.Lock()
 	// This node's config is the newest word on the fleet's limits.
 	l := z.limits
 	n.limits = &l
 	// Waiters already here (a zone that was alone) join the fleet's line
-	// at the first Register.
-	visit := func(w *Waiter) bool { n.lastID++; w.ticket = n.lastID; n.waiting[w.ticket] = w; return true }
+	// at the first Register, in the order they arrived.
+	var ws []*Waiter
+	visit := func(w *Waiter) bool { ws = append(ws, w); return true }
 	z.def.each(z.limits.Order, visit)
 	for _, ks := range z.keys {
 		ks.each(z.limits.Order, visit)
 	}
+	slices.SortStableFunc(ws, func(a, b *Waiter) int { return a.enqueued.Compare(b.enqueued) })
+	for _, w := range ws {
+		n.lastID++
+		w.ticket = n.lastID
+		n.waiting[w.ticket] = w
+	}
 	z.fleet = n
 	z.shared.Store(true)
 	z.mu.Unlock()
+	n.start()
+	return nil
+}
+
+func newFleetNode(z *Zone, st store.Store, spec Fleet) *fleetNode {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &fleetNode{
+		z: z, store: st, spec: spec,
+		kick: make(chan struct{}, 1), ctx: ctx, cancel: cancel,
+		waiting: map[uint64]*Waiter{}, asking: map[uint64]struct{}{}, early: map[uint64]struct{}{},
+	}
+}
+
+func (n *fleetNode) start() {
 	n.loops.Add(2)
 	go n.renewals()
 	go n.grants()
+}
+
+// moveFleet moves z from old's store to spec's (a reload changed a store
+// setting: the lease, local_share, a password) without the zone ever
+// counting alone on the way, which would admit up to max_connections
+// here: the new node starts registering, admitting nobody new until its
+// store decides, with the slots the zone holds and its waiters, whose
+// tickets keep their ids (and, in the same store, their places).
+func (z *Zone) moveFleet(old *fleetNode, spec Fleet) error {
+	st, err := spec.Open(z.name)
+	if err != nil {
+		return err
+	}
+	old.cancel()
+	old.loops.Wait()
+	old.gate.Lock() // no store call of a connection is in flight
+	defer old.gate.Unlock()
+	_ = old.store.Close()
+	n := newFleetNode(z, st, spec)
+	z.mu.Lock()
+	l := z.limits
+	n.limits = &l
+	n.lastID = old.lastID
+	for id, w := range old.waiting {
+		w.inFleet = false
+		n.waiting[id] = w
+	}
+	old.mode = fleetJoining // late calls go to the new node (sharedBy)
+	n.repair = true
+	z.fleet = n
+	z.mu.Unlock()
+	n.start()
 	return nil
 }
 
 // setFleet shares z through fleet's store, or counts it here alone (nil).
-// The same store as now changes nothing; another one replaces it.
+// The same store as now changes nothing; another one replaces it
+// (moveFleet).
 func (z *Zone) setFleet(fleet *Fleet) error {
 	n := z.node()
 	switch {
@@ -167,6 +216,8 @@ func (z *Zone) setFleet(fleet *Fleet) error {
 		return nil
 	case n != nil && fleet != nil && n.spec.Differs(fleet) == "":
 		return nil
+	case n != nil && fleet != nil:
+		return z.moveFleet(n, *fleet)
 	}
 	z.leaveFleet()
 	if fleet == nil {
@@ -243,12 +294,14 @@ func (n *fleetNode) end()   { n.inFlight-- }
 func (n *fleetNode) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
 	z := n.z
 	n.gate.RLock()
-	defer n.gate.RUnlock()
 	z.mu.Lock()
-	defer z.mu.Unlock()
-	if z.fleet != sharer(n) { // left the fleet meanwhile
-		return z.acquire(w, wake, now)
+	if z.fleet != sharer(n) { // left the fleet, or moved to another store, meanwhile
+		z.mu.Unlock()
+		n.gate.RUnlock()
+		return z.Acquire(w, wake, now)
 	}
+	defer n.gate.RUnlock()
+	defer z.mu.Unlock()
 	n.lastID++
 	w.ticket = n.lastID
 	if n.mode != fleetJoined {
@@ -314,6 +367,10 @@ func (n *fleetNode) free(w *Waiter) bool {
 	n.gate.RLock()
 	defer n.gate.RUnlock()
 	z.mu.Lock()
+	if z.fleet != sharer(n) { // left the fleet, or moved to another store, meanwhile
+		z.mu.Unlock()
+		return z.Free(w)
+	}
 	ks := w.ks
 	if !z.free(w) {
 		z.mu.Unlock()
@@ -351,6 +408,10 @@ func (n *fleetNode) abandon(w *Waiter) bool {
 	n.gate.RLock()
 	defer n.gate.RUnlock()
 	z.mu.Lock()
+	if z.fleet != sharer(n) { // left the fleet, or moved to another store, meanwhile
+		z.mu.Unlock()
+		return z.Abandon(w)
+	}
 	state, inFleet, ks := w.state, w.inFleet, w.ks
 	if !z.abandon(w) {
 		z.mu.Unlock()
