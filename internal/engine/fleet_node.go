@@ -113,8 +113,12 @@ type fleetNode struct {
 	lastErr error
 	// leaseUntil: until then the store surely keeps this node registered:
 	// the send time of its last renewal (or registration) that succeeded,
-	// plus the lease, by this process's monotonic clock.
+	// plus the lease, by this process's monotonic clock. leaseOver: from
+	// then on the store has surely let the lease run out: the time its
+	// answer came, plus the lease and a hundredth of it for the clocks'
+	// drift. A node that holds admits beyond its slots only after that.
 	leaseUntil time.Time
+	leaseOver  time.Time
 	gen        string         // the store's generation, as last learned
 	acks       []store.Ticket // grants taken in since the last renewal
 	inFlight   int            // Take, Give and Leave calls under way
@@ -623,7 +627,7 @@ func (n *fleetNode) renewals() {
 		n.z.mu.Lock()
 		next := every
 		if n.mode == fleetHolding {
-			next = min(next, max(time.Until(n.leaseUntil), 0))
+			next = min(next, max(time.Until(n.leaseOver), 0))
 		}
 		n.z.mu.Unlock()
 		t.Reset(next)
@@ -634,7 +638,7 @@ func (n *fleetNode) sync() {
 	z := n.z
 	started := time.Now()
 	z.mu.Lock()
-	if n.mode == fleetHolding && !started.Before(n.leaseUntil) {
+	if n.mode == fleetHolding && !started.Before(n.leaseOver) {
 		n.mode = fleetUnreachable // the lease ran out: the policy's share
 		z.grantAll()
 	}
@@ -659,7 +663,7 @@ func (n *fleetNode) sync() {
 		n.acks = append(counts.Acks, n.acks...) // acknowledged at the next renewal
 	} else {
 		if !st.Lapsed {
-			n.leaseUntil = started.Add(n.store.Lease())
+			n.leased(started)
 		}
 		// The store lost the node, replayed an older registration, or
 		// counts other slots or tickets for it than it holds (a reply
@@ -673,7 +677,7 @@ func (n *fleetNode) sync() {
 		regStarted, st, err = n.register()
 		if err == nil {
 			z.mu.Lock()
-			n.leaseUntil = regStarted.Add(n.store.Lease())
+			n.leased(regStarted)
 			z.mu.Unlock()
 		}
 	}
@@ -693,11 +697,10 @@ func (n *fleetNode) sync() {
 			n.kickNow()
 			z.mu.Unlock()
 			return
-		case (n.mode == fleetJoined || n.mode == fleetHolding) && time.Now().Before(n.leaseUntil):
-			// Its lease runs still: it keeps what it holds, no more.
-			if n.mode == fleetJoined {
-				n.hold()
-			}
+		case n.mode == fleetJoined && time.Now().Before(n.leaseUntil):
+			n.hold() // its lease runs still: it keeps what it holds, no more
+		case n.mode == fleetHolding && time.Now().Before(n.leaseOver):
+			// it holds on until the store has surely let its lease run out
 		case n.mode == fleetJoined || n.mode == fleetHolding || !errors.Is(err, store.ErrLapsed):
 			n.mode = fleetUnreachable
 		}
@@ -709,6 +712,14 @@ func (n *fleetNode) sync() {
 	n.learn(st)
 	z.mu.Unlock()
 	n.reached(st, nil)
+}
+
+// leased notes a renewal or registration sent at sent that the store
+// answered now. Zone lock held.
+func (n *fleetNode) leased(sent time.Time) {
+	lease := n.store.Lease()
+	n.leaseUntil = sent.Add(lease)
+	n.leaseOver = time.Now().Add(lease + lease/100)
 }
 
 // counts is what a renewal reports: the node's totals and epoch, the
