@@ -351,3 +351,46 @@ func TestFleetReloadWithOtherStoreSettingsKeepsTheBound(t *testing.T) {
 	ffFinish(be, a2)
 	ffDrained(t, nodes)
 }
+
+// 2b. A count the store lost or garbled without any call failing (a
+// failover that lost a give, a restore): the next renewal's check finds
+// the store counts another number of slots for the node than it holds,
+// and the node registers again; the fleet's count is the truth within
+// about a renewal, and the slot the store wrongly counted goes to the next
+// waiter. (Before, nothing compared the counts: the fleet ran one slot
+// short until the node happened to register again.)
+func TestFleetCountHealsAtARenewal(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	be := newBackend(t, true)
+	nodes := startFleet(t, 2, be.addr(), obj{"max_connections": 2}, redisStore(r, nil))
+	a, b := nodes[0], nodes[1]
+	a0 := takeSlot(t, be, a.listen, "A0")
+	b0 := takeSlot(t, be, b.listen, "B0")
+	b1 := ffQueueAt(t, b, "B1", 1)
+	// The store counts a slot more for A than it holds: as if the write
+	// of one of A's gives had been lost.
+	for _, cmd := range [][]any{
+		{"HINCRBY", "connlimit:{db}:held:" + a.zone("db").Fleet.Node, "", 1},
+		{"HINCRBY", "connlimit:{db}:active", "", 1},
+		{"HINCRBY", "connlimit:{db}:tot", "a", 1},
+	} {
+		if _, err := r.Do(cmd...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wrong := time.Now()
+	waitNodes(t, 5*time.Second, "the store's count the truth again", "db", nodes, func(vs []zoneDetailJSON) bool {
+		return ffTruthful(2)(vs) && vs[0].Fleet.Active == 2 && vs[0].Fleet.Waiting == 1
+	})
+	t.Logf("the store's count was the truth again %s after it went wrong (renewals every 333 ms)", time.Since(wrong).Round(time.Millisecond))
+	ffFinish(be, b0)
+	if ids := be.waitArrivals(1, 5*time.Second); ids[0] != "B1" {
+		t.Fatalf("%s admitted, want B1", ids[0])
+	}
+	if _, peak, _, _ := be.stats(); peak != 2 {
+		t.Fatalf("backend peak %d, want 2", peak)
+	}
+	ffFinish(be, a0)
+	ffFinish(be, b1)
+	ffDrained(t, nodes)
+}
