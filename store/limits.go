@@ -37,6 +37,18 @@ func (l Limits) Validate() error {
 	return nil
 }
 
+// Settings are a node's word on the fleet's limits.
+type Settings struct {
+	// Limits are those to put in force: the config's, or an operator's
+	// override over them.
+	Limits Limits
+	// Config are the limits the node's config gives.
+	Config Limits
+	// FromConfig: Limits are the config's (a node joins, or a config load
+	// changed them), not an operator's override.
+	FromConfig bool
+}
+
 // Order is the order in which waiters of equal priority are admitted.
 type Order uint8
 

@@ -52,9 +52,13 @@ type NodeState struct {
 	Gen string
 	// Limits, if MaxConnections is not 0, become the fleet's limits if the
 	// store has none (a new fleet, or a store that lost its data), in the
-	// same step, so the node can admit at once. Limits already in force
-	// are kept: SetLimits replaces them.
+	// same step, so the node can admit at once, with Config as the
+	// config's limits under them and Paused as the fleet's pause: the
+	// operator's word outlives a store that lost it. Limits already in
+	// force are kept: SetLimits replaces them.
 	Limits Limits
+	Config Limits
+	Paused bool
 }
 
 // State is what a renewal (or a registration) learns of the fleet.

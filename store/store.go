@@ -98,10 +98,13 @@ type Store interface {
 	// were re-queued by this Register) and hand on the others. Grants with
 	// an older Epoch that arrive later are dropped too.
 	Register(ctx context.Context, st NodeState) (State, error)
-	// SetLimits sets the fleet's limits, with the store's time (the last
-	// call wins: the caller decides which config is newest), and grants
-	// at once what they free.
-	SetLimits(ctx context.Context, l Limits) error
+	// SetLimits writes the fleet's limits, with the store's time: the last
+	// call wins (the caller decides which word is newest), and what they
+	// free is granted at once. A config's word (FromConfig) that the store
+	// already has changes nothing, so that an override made at run time
+	// outlives a node that (re)joins with the same config; a config with
+	// other settings replaces the fleet's limits and ends any override.
+	SetLimits(ctx context.Context, s Settings) error
 	// SetPaused pauses (no admission, no grant anywhere in the fleet) or
 	// resumes the fleet; resuming grants every free slot at once.
 	SetPaused(ctx context.Context, paused bool) error

@@ -123,7 +123,7 @@ type fleetNode struct {
 	acks       []store.Ticket // grants taken in since the last renewal
 	inFlight   int            // Take, Give and Leave calls under way
 	opGen      uint64         // counts those calls: a renewal's check is exact only if none ran
-	limits     *Limits        // to write to the store: newest wins
+	limits     *store.Settings // to write to the store: newest wins
 	paused     *bool          // likewise
 	nodesSeen  int
 }
@@ -138,9 +138,9 @@ func (z *Zone) joinFleet(spec Fleet) error {
 	}
 	n := newFleetNode(z, st, spec)
 	z.mu.Lock()
-	// This node's config is the newest word on the fleet's limits.
-	l := z.limits
-	n.limits = &l
+	// This node's config is the newest word on the fleet's limits, unless
+	// the fleet has the same config already (an override stays).
+	n.limits = z.settings(z.override.IsZero())
 	// Waiters already here (a zone that was alone) join the fleet's line
 	// at the first Register, in the order they arrived.
 	var ws []*Waiter
@@ -195,8 +195,7 @@ func (z *Zone) moveFleet(old *fleetNode, spec Fleet) error {
 	_ = old.store.Close()
 	n := newFleetNode(z, st, spec)
 	z.mu.Lock()
-	l := z.limits
-	n.limits = &l
+	n.limits = z.settings(z.override.IsZero())
 	n.lastID = old.lastID
 	for id, w := range old.waiting {
 		w.inFleet = false
@@ -542,10 +541,10 @@ func (n *fleetNode) observe(op string, start time.Time, err error) {
 	}
 }
 
-// pushLimits has the fleet take l as its limits (newest wins), at once.
-// Zone lock held.
-func (n *fleetNode) pushLimits(l Limits) {
-	n.limits = &l
+// pushLimits has the fleet take the zone's limits (newest wins), at once:
+// a config's, or an operator's override. Zone lock held.
+func (n *fleetNode) pushLimits(fromConfig bool) {
+	n.limits = n.z.settings(fromConfig)
 	n.kickNow()
 }
 
@@ -754,7 +753,7 @@ func (n *fleetNode) reached(st store.State, err error) {
 
 // write sends the limits and pause this node changed; they stay to be
 // sent while the store does not take them.
-func (n *fleetNode) write(limits *Limits, paused *bool) error {
+func (n *fleetNode) write(limits *store.Settings, paused *bool) error {
 	if limits != nil {
 		err := n.call("set_limits", func(ctx context.Context) error { return n.store.SetLimits(ctx, *limits) })
 		if err != nil {
@@ -791,7 +790,8 @@ func (n *fleetNode) register() (time.Time, store.State, error) {
 	n.gate.Lock()
 	defer n.gate.Unlock()
 	z.mu.Lock()
-	st := store.NodeState{Held: map[string]int{}, Active: z.active, Waiters: z.waiting, Limits: z.limits, Gen: n.gen}
+	st := store.NodeState{Held: map[string]int{}, Active: z.active, Waiters: z.waiting,
+		Limits: z.limits, Config: z.config, Paused: z.paused, Gen: n.gen}
 	var tickets []*Waiter
 	visit := func(w *Waiter) bool {
 		tickets = append(tickets, w)

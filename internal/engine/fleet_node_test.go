@@ -34,12 +34,12 @@ func newFakeStore() *fakeStore {
 	return &fakeStore{grants: make(chan store.Ticket, 16), closed: make(chan struct{}), epoch: 7}
 }
 
-func (s *fakeStore) NodeID() string                          { return "fake" }
-func (s *fakeStore) Deregister(context.Context) error        { return nil }
-func (s *fakeStore) Lease() time.Duration                    { return 3 * time.Second }
-func (s *fakeStore) Close() error                            { s.once.Do(func() { close(s.closed) }); return nil }
-func (s *fakeStore) SetLimits(context.Context, Limits) error { return nil }
-func (s *fakeStore) SetPaused(context.Context, bool) error   { return nil }
+func (s *fakeStore) NodeID() string                                  { return "fake" }
+func (s *fakeStore) Deregister(context.Context) error                { return nil }
+func (s *fakeStore) Lease() time.Duration                            { return 3 * time.Second }
+func (s *fakeStore) Close() error                                    { s.once.Do(func() { close(s.closed) }); return nil }
+func (s *fakeStore) SetLimits(context.Context, store.Settings) error { return nil }
+func (s *fakeStore) SetPaused(context.Context, bool) error           { return nil }
 func (s *fakeStore) Status(context.Context) (store.Status, error) {
 	return store.Status{}, nil
 }

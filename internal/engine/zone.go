@@ -97,7 +97,7 @@ type sharer interface {
 	joined() bool
 	// pushLimits and pushPaused hand a change made here to the fleet.
 	// Lock held.
-	pushLimits(l Limits)
+	pushLimits(fromConfig bool)
 	pushPaused(p bool)
 }
 
@@ -470,7 +470,7 @@ func (z *Zone) SetLimits(l Limits) {
 		z.override = Override{}
 		z.obs.OverrideEnded()
 	}
-	z.apply(l)
+	z.apply(l, true)
 }
 
 // Override sets some of a zone's limits at run time, over those of the
@@ -521,7 +521,7 @@ func (z *Zone) SetOverride(o Override) error {
 		return err
 	}
 	z.override = merged
-	z.apply(l)
+	z.apply(l, false)
 	return nil
 }
 
@@ -536,7 +536,7 @@ func (z *Zone) ClearOverride() bool {
 		return false
 	}
 	z.override = Override{}
-	z.apply(z.config)
+	z.apply(z.config, false)
 	return true
 }
 
@@ -545,12 +545,18 @@ func (z *Zone) ClearOverride() bool {
 // nobody (new admissions wait until the count is below the new limit); a
 // new wait_timeout counts from when each waiter started waiting; a smaller
 // max_waiting rejects newcomers until the list is shorter, and rejects
-// nobody already waiting. Lock held.
-func (z *Zone) apply(l Limits) {
+// nobody already waiting. fromConfig: l is a config's, not an operator's
+// override. Lock held.
+func (z *Zone) apply(l Limits, fromConfig bool) {
 	z.inForce(l)
 	if z.fleet != nil {
-		z.fleet.pushLimits(l) // the fleet's, for every node
+		z.fleet.pushLimits(fromConfig) // the fleet's, for every node
 	}
+}
+
+// settings are the zone's word on a fleet's limits. Lock held.
+func (z *Zone) settings(fromConfig bool) *store.Settings {
+	return &store.Settings{Limits: z.limits, Config: z.config, FromConfig: fromConfig}
 }
 
 // inForce puts l in force here (see apply). Lock held.

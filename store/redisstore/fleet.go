@@ -383,10 +383,21 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 		if err := st.Limits.Validate(); err != nil {
 			return store.State{}, s.fail("register", err)
 		}
-		l := st.Limits
-		args = append(args, 1, l.MaxConnections, l.MaxWaiting, l.WaitTimeout.Milliseconds(), l.Order.String())
+		l, c := st.Limits, st.Config
+		if c.MaxConnections == 0 {
+			c = l
+		}
+		if err := c.Validate(); err != nil {
+			return store.State{}, s.fail("register", err)
+		}
+		paused := 0
+		if st.Paused {
+			paused = 1
+		}
+		args = append(args, 1, l.MaxConnections, l.MaxWaiting, l.WaitTimeout.Milliseconds(), l.Order.String(),
+			fmt.Sprintf("%d %d %d %s %d", c.MaxConnections, c.MaxWaiting, c.WaitTimeout.Milliseconds(), c.Order, paused))
 	} else {
-		args = append(args, 0, 0, 0, 0, "fifo")
+		args = append(args, 0, 0, 0, 0, "fifo", "")
 	}
 	args = append(args, st.Gen)
 	n := 0
@@ -423,12 +434,24 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 	return fs, nil
 }
 
-func (s *redisFleet) SetLimits(ctx context.Context, l store.Limits) error {
+func (s *redisFleet) SetLimits(ctx context.Context, st store.Settings) error {
+	l, c := st.Limits, st.Config
+	if c.MaxConnections == 0 {
+		c = l
+	}
 	if err := l.Validate(); err != nil {
 		return s.fail("set_limits", err)
 	}
-	_, err := s.run(ctx, "set_limits", fleetSetLimits, true,
-		l.MaxConnections, l.MaxWaiting, l.WaitTimeout.Milliseconds(), l.Order.String())
+	if err := c.Validate(); err != nil {
+		return s.fail("set_limits", err)
+	}
+	from := 0
+	if st.FromConfig {
+		from = 1
+	}
+	_, err := s.run(ctx, "set_limits", fleetSetLimits, true, from,
+		l.MaxConnections, l.MaxWaiting, l.WaitTimeout.Milliseconds(), l.Order.String(),
+		c.MaxConnections, c.MaxWaiting, c.WaitTimeout.Milliseconds(), c.Order.String())
 	return err
 }
 

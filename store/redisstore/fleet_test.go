@@ -61,7 +61,7 @@ func mustRegister(t testing.TB, s store.Store, st store.NodeState) store.State {
 
 func mustSetLimits(t testing.TB, s store.Store, l store.Limits) {
 	t.Helper()
-	if err := s.SetLimits(tctx(t), l); err != nil {
+	if err := s.SetLimits(tctx(t), store.Settings{Limits: l}); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -861,7 +861,7 @@ func TestRedisFleetStoreDown(t *testing.T) {
 		"leave":    func(s store.Store) error { _, err := s.Leave(tctx(t), store.Ticket{ID: 9}); return err },
 		"renew":    func(s store.Store) error { _, err := s.Renew(tctx(t), store.NodeState{}); return err },
 		"register": func(s store.Store) error { _, err := s.Register(tctx(t), store.NodeState{}); return err },
-		"limits":   func(s store.Store) error { return s.SetLimits(tctx(t), fifo(2, 0)) },
+		"limits":   func(s store.Store) error { return s.SetLimits(tctx(t), store.Settings{Limits: fifo(2, 0)}) },
 		"pause":    func(s store.Store) error { return s.SetPaused(tctx(t), true) },
 		"status":   func(s store.Store) error { _, err := s.Status(tctx(t)); return err },
 	}

@@ -1,5 +1,6 @@
 -- Register: ARGV node, lease ms, active, waiting, reap limit,
 --   limits: has (0|1), max, maxw, wait_ms, order,
+--   "<config max> <maxw> <wait_ms> <order> <paused 0|1>",
 --   the generation the node knew ('' if none),
 --   n held, then n pairs (key value, count),
 --   then triples (ticket id, priority, key value) to the end, oldest first.
@@ -11,7 +12,7 @@ if not gen then
 	gen = now .. '-' .. node
 	redis.call('SET', K_GEN, gen)
 end
-local known = ARGV[11]
+local known = ARGV[12]
 if known ~= '' and known ~= gen then
 	-- The store lost the state this node knew (restarted empty, flushed):
 	-- it grants nothing until a lease after it found itself empty, by
@@ -24,8 +25,13 @@ if known ~= '' and known ~= gen then
 end
 local c = cfg()
 if ARGV[6] == '1' and not c.max then
+	-- a new fleet, or a store that lost its data: the node's word, its
+	-- config's limits and the operator's override and pause over them
+	local cmax, cmaxw, cwait, corder, paused = string.match(ARGV[11], '^(%d+) (%-?%d+) (%d+) (%a+) ([01])$')
+	if not cmax then fail('garbled registration ' .. quote(ARGV[11])) end
 	redis.call('HSET', K_CFG, 'max', ARGV[7], 'maxw', ARGV[8], 'wait_ms', ARGV[9],
-		'order', ARGV[10], 'set_at', now)
+		'order', ARGV[10], 'set_at', now, 'cmax', cmax, 'cmaxw', cmaxw, 'cwait_ms', cwait, 'corder', corder)
+	if paused == '1' then redis.call('HSET', K_CFG, 'paused', '1') end
 	c = cfg()
 end
 learnt(now, c)
@@ -36,8 +42,8 @@ local hh = k_held(node)
 local keys = {}
 for _, key in ipairs(redis.call('HKEYS', hh)) do keys[key] = true end
 redis.call('DEL', hh)
-local nheld = tonumber(ARGV[12])
-local i = 13
+local nheld = tonumber(ARGV[13])
+local i = 14
 for _ = 1, nheld do
 	local key, n = ARGV[i], tonumber(ARGV[i + 1])
 	i = i + 2

@@ -1,6 +1,14 @@
--- SetLimits: ARGV max, maxw, wait_ms, order. Reply: set_at (ms).
+-- SetLimits: ARGV from_config (0|1), in force: max, maxw, wait_ms, order,
+-- config: max, maxw, wait_ms, order. Reply: set_at (ms). A config's word
+-- the store already has changes nothing: an override in force stays.
 local now = now_ms()
-redis.call('HSET', K_CFG, 'max', ARGV[1], 'maxw', ARGV[2], 'wait_ms', ARGV[3],
-	'order', ARGV[4], 'set_at', now)
+if ARGV[1] == '1' then
+	local v = redis.call('HMGET', K_CFG, 'cmax', 'cmaxw', 'cwait_ms', 'corder')
+	if v[1] == ARGV[6] and v[2] == ARGV[7] and v[3] == ARGV[8] and v[4] == ARGV[9] then
+		return now
+	end
+end
+redis.call('HSET', K_CFG, 'max', ARGV[2], 'maxw', ARGV[3], 'wait_ms', ARGV[4], 'order', ARGV[5],
+	'cmax', ARGV[6], 'cmaxw', ARGV[7], 'cwait_ms', ARGV[8], 'corder', ARGV[9], 'set_at', now)
 grant_all(cfg())
 return now
