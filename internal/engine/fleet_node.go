@@ -119,12 +119,12 @@ type fleetNode struct {
 	// drift. A node that holds admits beyond its slots only after that.
 	leaseUntil time.Time
 	leaseOver  time.Time
-	gen        string         // the store's generation, as last learned
-	acks       []store.Ticket // grants taken in since the last renewal
-	inFlight   int            // Take, Give and Leave calls under way
-	opGen      uint64         // counts those calls: a renewal's check is exact only if none ran
+	gen        string          // the store's generation, as last learned
+	acks       []store.Ticket  // grants taken in since the last renewal
+	inFlight   int             // Take, Give and Leave calls under way
+	opGen      uint64          // counts those calls: a renewal's check is exact only if none ran
 	limits     *store.Settings // to write to the store: newest wins
-	paused     *bool          // likewise
+	paused     *bool           // likewise
 	nodesSeen  int
 }
 
