@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // End-to-end tests of clients that leave while they wait: they must leave
@@ -94,7 +96,7 @@ func TestAbandonedWaitersLeaveAtOnce(t *testing.T) {
 func TestKeepHalfClosedWaiterIsServed(t *testing.T) {
 	const zone = "abandon-keep-half-closed"
 	be := newBackend(t, false)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	loadConfig(t, l4Config("", listen,
 		limit(obj{"max_connections": 1, "zone": zone, "keep_half_closed": true}), proxyTo(be.addr())))
 	defer stopCaddy(t)
@@ -153,7 +155,7 @@ func TestKeepHalfClosedStillDropsEmptyAndReset(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			zone := "abandon-khc-" + tc.name
 			be := newBackend(t, false)
-			listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+			listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 			loadConfig(t, l4Config("", listen,
 				limit(obj{"max_connections": 1, "zone": zone, "keep_half_closed": true}), proxyTo(be.addr())))
 			defer stopCaddy(t)
@@ -196,7 +198,7 @@ func TestKeepHalfClosedStillDropsEmptyAndReset(t *testing.T) {
 func TestKeepHalfClosedBehindProxyProtocol(t *testing.T) {
 	const zone = "abandon-khc-proxy-protocol"
 	be := newBackend(t, false)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	loadConfig(t, l4Config("", listen,
 		proxyProtocol(),
 		limit(obj{"max_connections": 1, "zone": zone, "keep_half_closed": true}),

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	_ "github.com/caddyserver/caddy/v2/modules/metrics"
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // One scenario read through /metrics and the admin endpoints at every
@@ -16,8 +17,8 @@ import (
 // a pause and resume with waiters queued, and reloads in between.
 func TestMetricsAndAdminAPI(t *testing.T) {
 	be := newBackend(t, true)
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	// Counters live as long as the process: a zone of its own per run.
 	ops := fmt.Sprintf("ops%d", time.Now().UnixNano())
 	cfg := func(fields obj) obj {
@@ -154,8 +155,8 @@ func TestMetricsAndAdminAPI(t *testing.T) {
 // the same settings keeps the override, one with new settings ends it.
 func TestLimitsRouteChangesAZoneWithoutReload(t *testing.T) {
 	be := newBackend(t, true)
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	zone := fmt.Sprintf("ovr%d", time.Now().UnixNano())
 	cfg := func(max int) obj {
 		return l4Config(admin, listen, limit(obj{"max_connections": max, "zone": zone}), proxyTo(be.addr()))
@@ -261,8 +262,8 @@ func TestLimitsRouteChangesAZoneWithoutReload(t *testing.T) {
 // address is a port nobody listens on.
 func TestMetricsStoreModeWhileUnreachable(t *testing.T) {
 	be := newBackend(t, false)
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	nobody := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	nobody := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	id := time.Now().UnixNano()
 	refuse, share, alone := fmt.Sprintf("refuse%d", id), fmt.Sprintf("share%d", id), fmt.Sprintf("alone%d", id)
 	store := func(fields obj) obj {
@@ -273,7 +274,7 @@ func TestMetricsStoreModeWhileUnreachable(t *testing.T) {
 		return s
 	}
 	// Three limits in a row on one route: each zone is made at provision.
-	cfg := l4Config(admin, fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+	cfg := l4Config(admin, fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t)),
 		limit(obj{"zone": refuse, "max_connections": 4, "store": store(obj{"on_unreachable": "refuse"})}),
 		limit(obj{"zone": share, "max_connections": 4, "store": store(obj{"on_unreachable": "local_share", "local_share": 3})}),
 		limit(obj{"zone": alone, "max_connections": 4}),

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // caddyfileFor wraps a route body in a Caddyfile with one layer4 server.
@@ -173,8 +175,8 @@ func TestCaddyfileErrors(t *testing.T) {
 func TestCaddyfileAndJSONBehaveTheSame(t *testing.T) {
 	be := newBackend(t, true)
 	spill := newBackend(t, false)
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	caddyfile := caddyfileFor(admin, listen, fmt.Sprintf(`connection_limit 2 {
 					max_waiting 1
 					zone same
@@ -192,7 +194,7 @@ func TestCaddyfileAndJSONBehaveTheSame(t *testing.T) {
 		proxyTo(be.addr()))
 	jsonRaw, _ := json.Marshal(jsonCfg)
 
-	loadConfig(t, l4Config(admin, fmt.Sprintf("127.0.0.1:%d", freePort(t))))
+	loadConfig(t, l4Config(admin, fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))))
 	defer stopCaddy(t)
 	for round, load := range []struct {
 		contentType string

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 	"github.com/spf13/cobra"
 )
 
@@ -112,9 +113,9 @@ type cliSetup struct {
 func newCLISetup(t *testing.T, adminFields func(admin string) obj) *cliSetup {
 	t.Helper()
 	s := &cliSetup{
-		admin:   fmt.Sprintf("127.0.0.1:%d", freePort(t)),
-		listenA: fmt.Sprintf("127.0.0.1:%d", freePort(t)),
-		listenB: fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		admin:   fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t)),
+		listenA: fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t)),
+		listenB: fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t)),
 		// Counters live as long as the process: zones of their own.
 		a:  fmt.Sprintf("cliA%d", time.Now().UnixNano()),
 		b:  fmt.Sprintf("cliB%d", time.Now().UnixNano()),
@@ -342,7 +343,7 @@ func TestCommandPauseResume(t *testing.T) {
 // Errors say what is wrong in words, with the address or the zones.
 func TestCommandErrors(t *testing.T) {
 	t.Run("not running", func(t *testing.T) {
-		addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		addr := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 		_, _, err := runCLI(t, nil, "--address", addr)
 		if err == nil || !strings.Contains(err.Error(), "cannot reach Caddy's admin API at "+addr+" (tcp "+addr+")") ||
 			!strings.Contains(err.Error(), "Is Caddy running") {
@@ -479,8 +480,8 @@ func TestCommandFleetTotals(t *testing.T) {
 // above them are marked, and the mark explained.
 func TestCommandPerKeyZone(t *testing.T) {
 	be := newBackend(t, true)
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	zone := fmt.Sprintf("cliK%d", time.Now().UnixNano())
 	loadConfig(t, l4Config(admin, listen, limit(obj{"zone": zone, "max_connections": 1, "max_waiting": 1, "key": "{l4.conn.remote_ip}"}), proxyTo(be.addr())))
 	defer stopCaddy(t)

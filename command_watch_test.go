@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // `caddy connection-limit --watch` from a real caddy binary in a real
@@ -114,8 +116,8 @@ func TestCommandWatchInTmux(t *testing.T) {
 	caddyBin := caddyBinary(t)
 
 	be := newBackend(t, true)
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	zone := fmt.Sprintf("watch%d", time.Now().UnixNano())
 	loadConfig(t, l4Config(admin, listen, limit(obj{"zone": zone, "max_connections": 1}), proxyTo(be.addr())))
 	defer stopCaddy(t)

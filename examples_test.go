@@ -15,6 +15,7 @@ import (
 	"time"
 
 	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/standard"
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // Every config under examples/ loads as written (with the admin endpoint
@@ -40,7 +41,7 @@ func TestExamplesRun(t *testing.T) {
 			if err := json.Unmarshal(raw, &cfg); err != nil {
 				t.Fatal(err)
 			}
-			admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+			admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 			cfg["admin"] = obj{"listen": admin}
 			cfg["logging"] = testLogging()
 			loadConfig(t, cfg)

@@ -35,17 +35,6 @@ import (
 // This file is the end-to-end test bench: real Caddy loaded in-process,
 // real sockets on 127.0.0.1, a real backend and real clients.
 
-// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func freePort(t testing.TB) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // backend is a TCP server that records how many connections it serves at
 // once and in which order they arrive. Each connection sends a first line
 // naming it; the backend records it, then (when gated) waits for a token
@@ -444,7 +433,7 @@ func adaptCaddyfile(t testing.TB, src string) ([]byte, error) {
 // returns the address to dial; Caddy is stopped when the test ends.
 func limitedRoute(t testing.TB, be *backend, fields obj) string {
 	t.Helper()
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	loadConfig(t, l4Config("", listen, limit(fields), proxyTo(be.addr())))
 	t.Cleanup(func() { stopCaddy(t) })
 	return listen
@@ -581,7 +570,7 @@ const ipKey = "{l4.conn.remote_ip}"
 func TestPerKeyLimitSeparatesClients(t *testing.T) {
 	const zone = "keys-per-ip"
 	be := newBackend(t, false)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	loadConfig(t, l4Config("", listen,
 		limit(obj{"max_connections": 1, "zone": zone, "key": ipKey}), proxyTo(be.addr())))
 	defer stopCaddy(t)

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	_ "github.com/caddyserver/caddy/v2/modules/caddyhttp/standard"
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // End-to-end test of connection_limit in front of Caddy's own HTTP server
@@ -17,7 +18,7 @@ import (
 // idle connection, and is answered promptly then.
 func TestHTTPListenerWrapperHoldsSlotForKeepAlive(t *testing.T) {
 	const zone = "http-front"
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	url := "http://" + listen + "/"
 	loadConfig(t, httpConfig(listen, limit(obj{"max_connections": 2, "zone": zone})))
 	defer stopCaddy(t)
@@ -85,7 +86,7 @@ func TestHTTPListenerWrapperHoldsSlotForKeepAlive(t *testing.T) {
 // -race this test fails if the HTTP server gets caddy-l4's Connection.
 func TestHTTPListenerWrapperNoDataRace(t *testing.T) {
 	const zone = "http-race"
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	url := "http://" + listen + "/"
 	loadConfig(t, httpConfig(listen, limit(obj{"max_connections": 2, "zone": zone})))
 	defer stopCaddy(t)

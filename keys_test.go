@@ -19,7 +19,7 @@ import (
 func TestPerKeyStateIsFreed(t *testing.T) {
 	const zone = "keys-freed"
 	be := newBackend(t, false)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	loadConfig(t, l4Config("", listen,
 		limit(obj{"max_connections": 1, "zone": zone, "key": ipKey}), proxyTo(be.addr())))
 	defer stopCaddy(t)
@@ -67,7 +67,7 @@ func TestPerKeyStateIsFreed(t *testing.T) {
 func TestProxyProtocolKeys(t *testing.T) {
 	const zone = "keys-proxy-protocol"
 	be := newBackend(t, false)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	loadConfig(t, l4Config("", listen,
 		proxyProtocol(),
 		limit(obj{"max_connections": 1, "zone": zone, "key": ipKey}),
@@ -111,7 +111,7 @@ func TestProxyProtocolKeys(t *testing.T) {
 func TestProxyProtocolWaiterLeaves(t *testing.T) {
 	const zone = "keys-proxy-protocol-leave"
 	be := newBackend(t, false)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	loadConfig(t, l4Config("", listen,
 		proxyProtocol(),
 		limit(obj{"max_connections": 1, "zone": zone}),
@@ -142,7 +142,7 @@ func TestProxyProtocolWaiterLeaves(t *testing.T) {
 // all, and everyone is served in the end.
 func TestChainedPerIPAndGlobalLimits(t *testing.T) {
 	be := newBackend(t, false)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	loadConfig(t, l4Config("", listen,
 		limit(obj{"max_connections": 1, "zone": "chain-ip", "key": ipKey}),
 		limit(obj{"max_connections": 2, "zone": "chain-all"}),
@@ -217,7 +217,7 @@ func TestChainedPerIPAndGlobalLimits(t *testing.T) {
 func TestPrioritiesAcrossRoutes(t *testing.T) {
 	const zone = "shared"
 	be := newBackend(t, false)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	shared := func(prio int) obj {
 		return limit(obj{"max_connections": 1, "zone": zone, "priority": prio})
 	}

@@ -134,7 +134,7 @@ func TestRejections(t *testing.T) {
 			t.Run(fmt.Sprintf("%s/overflow=%v", tc.name, withOverflow), func(t *testing.T) {
 				be := newBackend(t, true)
 				spill := newBackend(t, false)
-				listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+				listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 				fields := obj{}
 				for k, v := range tc.fields {
 					fields[k] = v
@@ -176,8 +176,8 @@ func TestRejections(t *testing.T) {
 // A slot is freed exactly once whatever way the next handler ends: here
 // the backend is down, so proxy fails at once, over and over.
 func TestSlotFreedWhenNextHandlerFails(t *testing.T) {
-	dead := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	dead := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	loadConfig(t, l4Config("", listen, limit(obj{"max_connections": 2}), proxyTo(dead)))
 	defer stopCaddy(t)
 	var wg sync.WaitGroup
@@ -198,7 +198,7 @@ func TestSlotFreedWhenNextHandlerFails(t *testing.T) {
 // limit (caddy-l4's route chain returns at once): a warning says so.
 func TestWarnsWhenNothingServesAfterIt(t *testing.T) {
 	logFile := t.TempDir() + "/caddy.log"
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	withLog := func(cfg obj) obj {
 		cfg["logging"] = obj{"logs": obj{"default": obj{
 			"level":  "WARN",

@@ -83,7 +83,7 @@ func TestOperatorsKit(t *testing.T) {
 	// 2. The examples, on free ports: examples/Caddyfile (one Caddy), and
 	// the fleet of examples/fleet with a redis-server of its own.
 	r := testkit.StartRedis(t, testkit.RedisConfig{})
-	port := func() string { return fmt.Sprintf("127.0.0.1:%d", freePort(t)) }
+	port := func() string { return fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t)) }
 	one := kitCaddy(t, "one", "examples/Caddyfile", map[string]string{
 		"localhost:2019": port(), "127.0.0.1:5433": port(), "127.0.0.1:8081": port(),
 	}, "localhost:2019", "127.0.0.1:5433")
@@ -483,7 +483,7 @@ scrape_configs:
 `, rules, quote(one), quote(fleet...))
 	var lastLog string
 	for range 3 { // another process may take the free port first
-		p := &kitProm{t: t, dir: t.TempDir(), addr: fmt.Sprintf("127.0.0.1:%d", freePort(t))}
+		p := &kitProm{t: t, dir: t.TempDir(), addr: fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))}
 		if err := os.WriteFile(filepath.Join(p.dir, "prometheus.yml"), []byte(cfg), 0o600); err != nil {
 			t.Fatal(err)
 		}

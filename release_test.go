@@ -20,7 +20,7 @@ func TestReleaseAtCloseWrite(t *testing.T) {
 	for _, release := range []string{"return", "close_write"} {
 		t.Run(release, func(t *testing.T) {
 			be := newBackend(t, true)
-			listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+			listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 			loadConfig(t, l4Config("", listen,
 				limit(obj{"max_connections": 1, "release": release}), proxyTo(be.addr())))
 			defer stopCaddy(t)
@@ -67,7 +67,7 @@ func TestReleaseAtCloseWrite(t *testing.T) {
 // comes back.
 func TestReleaseAtCloseWriteChainedCounts(t *testing.T) {
 	be := newBackend(t, false)
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	loadConfig(t, l4Config("", listen,
 		limit(obj{"max_connections": 2, "zone": "rcw_ip", "key": "{l4.conn.remote_ip}", "release": "close_write"}),
 		limit(obj{"max_connections": 3, "zone": "rcw_all", "release": "close_write"}),

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/l4-connlimit/connlimit/internal/testkit"
 )
 
 // A zone keeps its waiters and its count across reloads made through the
@@ -15,8 +17,8 @@ import (
 // nobody.
 func TestZoneSurvivesReloads(t *testing.T) {
 	be := newBackend(t, true)
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	cfg := func(max int) obj {
 		return l4Config(admin, listen, limit(obj{"max_connections": max, "zone": "reload"}), proxyTo(be.addr()))
 	}
@@ -100,8 +102,8 @@ func keys(m map[string]*client) []string {
 // settings and its waiters.
 func TestBadConfigLeavesRunningOne(t *testing.T) {
 	be := newBackend(t, true)
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	good := l4Config(admin, listen, limit(obj{"max_connections": 1, "zone": "bad"}), proxyTo(be.addr()))
 	loadConfig(t, good)
 	defer stopCaddy(t)
@@ -152,8 +154,8 @@ func TestBadConfigLeavesRunningOne(t *testing.T) {
 // they free.
 func TestReloadWithoutZoneServesOldWaiters(t *testing.T) {
 	be := newBackend(t, true)
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	cfg := func(waiting int) obj {
 		return l4Config(admin, listen, limit(obj{"max_connections": 1, "max_waiting": waiting}), proxyTo(be.addr()))
 	}
@@ -186,8 +188,8 @@ func TestReloadWithoutZoneServesOldWaiters(t *testing.T) {
 // in loading) does not change the settings in force.
 func TestFailedLoadDoesNotChangeZoneSettings(t *testing.T) {
 	be := newBackend(t, false)
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	loadConfig(t, l4Config(admin, listen, limit(obj{"max_connections": 2, "zone": "failing"}), proxyTo(be.addr())))
 	defer stopCaddy(t)
 

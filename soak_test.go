@@ -49,8 +49,8 @@ func TestChaosSoak(t *testing.T) {
 	migrate, migrateKnown := platform.TCPMigrateReq()
 
 	be := newSoakBackend(t)
-	admin := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	listen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	admin := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	listen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	zone := fmt.Sprintf("soak%d", time.Now().UnixNano())
 	arrivals := new(atomic.Int64)
 	soakArrivals.Store(zone, arrivals)

@@ -403,7 +403,7 @@ func TestUDPRejectedClientIsAdmittedWhenItComesBack(t *testing.T) {
 	const zone = "udp-retry"
 	be := newBackend(t, true)
 	echo := newUDPEcho(t)
-	tcpListen := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	tcpListen := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
 	port := freeUDPPort(t)
 	fields := obj{"max_connections": 1, "max_waiting": -1, "zone": zone}
 	cfg := udpConfig(port, echo, fields, "5s")
