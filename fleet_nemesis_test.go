@@ -46,6 +46,14 @@ import (
 //	CONNLIMIT_NEMESIS=10m go test -count=1 -timeout 30m -run TestFleetNemesis -v .
 //	CONNLIMIT_NEMESIS_SEED=7 ...                        # that seed's schedule
 //	CONNLIMIT_NEMESIS_FAULTS=cut_one,redis_restart_empty ...   # only those kinds
+//	CONNLIMIT_NEMESIS_LEASE=3s ...                      # the store's lease at the start (default 1s)
+//
+// A node's store call gives up after 2 s. With a lease shorter than that,
+// a node cut off without a fast error (blackhole, cut_up, cut_down) sees
+// its first failure only once its lease may have run out, when admitting
+// on its own share is allowed: the bound can then only be broken by a
+// fast failure (cut_one and cut_all by disable, reset, a Redis killed).
+// A lease of 3 s puts the slow failures within the lease too.
 //
 // Without CONNLIMIT_NEMESIS_FAULTS, the CI run deals the kinds between its
 // two seeds (seed 1 the 1st, 3rd, ... of nmKinds, seed 2 the others), so
@@ -141,6 +149,7 @@ var nmKinds = []string{
 	"pause",               // pause the fleet through a node, resume through another
 	"pause_redis_restart", // pause, Redis restarted empty meanwhile, resume
 	"override",            // the limits route sets another max_connections
+	"override_restart",    // the limits route sets a max_connections below the config's, then a node restarts with its config unchanged
 }
 
 const (
@@ -156,8 +165,9 @@ const (
 	// nmDeadline is a client's own bound: served, closed or given up by
 	// then, or it hangs.
 	nmDeadline = 20 * time.Second
-	nmLease    = time.Second // the first config's lease; reload_lease switches between it and nmLease2
-	nmLease2   = 2 * time.Second
+	// nmLease is the first config's lease (CONNLIMIT_NEMESIS_LEASE sets
+	// another); reload_lease switches between it and twice it.
+	nmLease = time.Second
 	// nmMargin: a renewal's way to Redis; a probe after an accept.
 	nmMargin = 100 * time.Millisecond
 	// nmRedial: after failed dials, go-redis dials again once a second.
@@ -168,17 +178,25 @@ const (
 )
 
 func TestFleetNemesis(t *testing.T) {
-	seeds, budget, decks := nmSettings(t)
+	seeds, budget, decks, lease := nmSettings(t)
 	for i, seed := range seeds {
 		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
-			nmRun(t, seed, decks[i], budget)
+			nmRun(t, seed, decks[i], budget, lease)
 		})
 	}
 }
 
-// nmSettings reads CONNLIMIT_NEMESIS (duration), CONNLIMIT_NEMESIS_SEED
-// and CONNLIMIT_NEMESIS_FAULTS.
-func nmSettings(t *testing.T) (seeds []uint64, budget time.Duration, decks [][]string) {
+// nmSettings reads CONNLIMIT_NEMESIS (duration), CONNLIMIT_NEMESIS_SEED,
+// CONNLIMIT_NEMESIS_FAULTS and CONNLIMIT_NEMESIS_LEASE.
+func nmSettings(t *testing.T) (seeds []uint64, budget time.Duration, decks [][]string, lease time.Duration) {
+	lease = nmLease
+	if s := os.Getenv("CONNLIMIT_NEMESIS_LEASE"); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil || d < time.Second || d%time.Millisecond != 0 {
+			t.Fatalf("CONNLIMIT_NEMESIS_LEASE=%q: want a duration of at least 1s, in milliseconds", s)
+		}
+		lease = d
+	}
 	kinds := nmKinds
 	chosen := os.Getenv("CONNLIMIT_NEMESIS_FAULTS")
 	if chosen != "" {
@@ -227,14 +245,14 @@ func nmSettings(t *testing.T) (seeds []uint64, budget time.Duration, decks [][]s
 			}
 		}
 	}
-	return seeds, budget, decks
+	return seeds, budget, decks, lease
 }
 
 // nmRun is one seed's run: the fleet, the load, the schedule, the checks.
-func nmRun(t *testing.T, seed uint64, deck []string, budget time.Duration) {
-	t.Logf("nemesis: seed %d (CONNLIMIT_NEMESIS_SEED=%d repeats this schedule); faults %s; schedule at least %s",
-		seed, seed, strings.Join(deck, ","), budget)
-	h := nmStart(t, seed)
+func nmRun(t *testing.T, seed uint64, deck []string, budget, lease time.Duration) {
+	t.Logf("nemesis: seed %d (CONNLIMIT_NEMESIS_SEED=%d repeats this schedule); faults %s; lease %s; schedule at least %s",
+		seed, seed, strings.Join(deck, ","), lease, budget)
+	h := nmStart(t, seed, lease)
 	h.cl.start(h)
 	time.Sleep(time.Second) // the load settles
 	h.schedule(deck, budget)
@@ -262,10 +280,11 @@ type nmHarness struct {
 	cl      *nmClients
 
 	// The operator's word, and the config.
-	cfgMax   int
-	override int // 0: none
-	lease    time.Duration
-	hist     limitHistory
+	cfgMax    int
+	override  int // 0: none
+	lease     time.Duration
+	baseLease time.Duration // the first config's
+	hist      limitHistory
 
 	episodes []*nmEpisode
 	pauses   []nmPause
@@ -300,10 +319,10 @@ func nmName(i int) string { return string(rune('A' + i)) }
 
 // nmStart starts Redis, a proxy per node, the backend and the nodes, and
 // waits until every node is registered.
-func nmStart(t *testing.T, seed uint64) *nmHarness {
+func nmStart(t *testing.T, seed uint64, lease time.Duration) *nmHarness {
 	h := &nmHarness{
 		t: t, seed: seed, rng: rand.New(rand.NewPCG(seed, 0x6e656d65736973)),
-		cfgMax: nmMax, lease: nmLease, faults: map[string]int{},
+		cfgMax: nmMax, lease: lease, baseLease: lease, faults: map[string]int{},
 	}
 	h.r = testkit.StartRedis(t, testkit.RedisConfig{})
 	h.tox = toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
@@ -509,7 +528,7 @@ func (h *nmHarness) inject(kind string) *nmEpisode {
 			nodes = nmAll()
 		}
 		method := []string{"disable", "blackhole"}[h.rng.IntN(2)]
-		d := h.leaseDur(0.3, 2.5)
+		d := h.leaseDur(0.3, 2)
 		e := h.begin(kind, fmt.Sprintf("nodes %v cut off from Redis (%s) for %s", nmNames(nodes), method, d), nodes...)
 		for _, i := range nodes {
 			h.cut(i, method)
@@ -522,7 +541,7 @@ func (h *nmHarness) inject(kind string) *nmEpisode {
 		return e
 	case "cut_up", "cut_down":
 		dir := strings.TrimPrefix(kind, "cut_") + "stream"
-		d := h.leaseDur(0.3, 2.5)
+		d := h.leaseDur(0.3, 2)
 		e := h.begin(kind, fmt.Sprintf("node %s: every byte %s dropped for %s", nmName(n), dir, d), n)
 		h.toxic(n, "nm_"+kind, "timeout", dir, obj{"timeout": 0})
 		time.Sleep(d)
@@ -554,7 +573,7 @@ func (h *nmHarness) inject(kind string) *nmEpisode {
 		h.heal(e, nmShare)
 		return e
 	case "redis_restart_empty":
-		d := h.leaseDur(0.1, 2.5)
+		d := h.leaseDur(0.1, 2)
 		e := h.begin(kind, fmt.Sprintf("Redis kill -9, started again empty after %s", d), nmAll()...)
 		h.r.Kill()
 		time.Sleep(d)
@@ -562,6 +581,9 @@ func (h *nmHarness) inject(kind string) *nmEpisode {
 		h.heal(e, nmShare)
 		return e
 	case "redis_restore":
+		if h.rng.IntN(2) == 0 {
+			return h.restoreLostRegistration(n)
+		}
 		snap, err := h.r.Snapshot()
 		if err != nil {
 			h.fail("snapshot: %v", err)
@@ -580,7 +602,7 @@ func (h *nmHarness) inject(kind string) *nmEpisode {
 		h.heal(e, nmShare)
 		return e
 	case "stop_node":
-		d := h.leaseDur(1.3, 2.5)
+		d := h.leaseDur(1.3, 2)
 		e := h.begin(kind, fmt.Sprintf("node %s SIGSTOP for %s", nmName(n), d), n)
 		h.nodes[n].signal(syscall.SIGSTOP)
 		time.Sleep(d)
@@ -598,18 +620,8 @@ func (h *nmHarness) inject(kind string) *nmEpisode {
 		return e
 	case "restart_node":
 		e := h.begin(kind, fmt.Sprintf("node %s SIGTERM, started again once it exited", nmName(n)))
-		p := h.nodes[n]
-		p.signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(15 * time.Second):
-			h.fail("node %s did not exit within 15s of SIGTERM", nmName(n))
-			p.kill()
-		}
-		h.t.Logf("[%s] node %s exited", h.at(time.Now()), nmName(n))
-		p.start(h.config(n))
+		h.restart(n)
 		h.heal(e, 0)
-		h.learnID(n)
 		return e
 	case "reload_limits":
 		next := h.other(h.cfgMax)
@@ -626,9 +638,9 @@ func (h *nmHarness) inject(kind string) *nmEpisode {
 		h.heal(e, 0)
 		return e
 	case "reload_lease":
-		next := nmLease2
-		if h.lease == nmLease2 {
-			next = nmLease
+		next := 2 * h.baseLease
+		if h.lease != h.baseLease {
+			next = h.baseLease
 		}
 		e := h.begin(kind, fmt.Sprintf("every node reloads with lease %s (was %s)", next, h.lease))
 		h.lease = next
@@ -662,6 +674,21 @@ func (h *nmHarness) inject(kind string) *nmEpisode {
 		h.nodes[m].do(http.MethodPost, "/connection_limit/"+nmZone+"/resume", "")
 		h.heal(e, 0)
 		return e
+	case "override_restart":
+		old := h.inForce()
+		next := max(1, h.cfgMax-1-h.rng.IntN(2)) // below the config's: were the config's back, the fleet would admit more
+		m := h.rng.IntN(nmNodes)
+		e := h.begin(kind, fmt.Sprintf("max_connections %d through node %s's limits route (config: %d, in force: %d), then node %s restarted (SIGTERM) with its config unchanged",
+			next, nmName(n), h.cfgMax, old, nmName(m)))
+		h.hist.set(max(old, next))
+		h.nodes[n].do(http.MethodPost, "/connection_limit/"+nmZone+"/limits", fmt.Sprintf(`{"max_connections": %d}`, next))
+		h.override = next
+		time.Sleep(h.renew() + nmMargin)
+		h.hist.set(next)
+		h.restart(m)
+		time.Sleep(2*h.renew() + nmMargin) // the restarted node renewed twice: the override must still be in force
+		h.heal(e, 0)
+		return e
 	case "override":
 		old := h.inForce()
 		next := h.other(old)
@@ -676,6 +703,63 @@ func (h *nmHarness) inject(kind string) *nmEpisode {
 	}
 	h.t.Fatalf("unknown fault %q", kind)
 	return nil
+}
+
+// restart stops node n gracefully (SIGTERM), starts it again with its
+// config once it has exited, and waits until it is registered.
+func (h *nmHarness) restart(n int) {
+	p := h.nodes[n]
+	p.signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(15 * time.Second):
+		h.fail("node %s did not exit within 15s of SIGTERM", nmName(n))
+		p.kill()
+	}
+	h.t.Logf("[%s] node %s exited", h.at(time.Now()), nmName(n))
+	p.start(h.config(n))
+	h.learnID(n)
+}
+
+// restoreLostRegistration is a failover that lost node n's latest
+// registration (issue 16, finding 3): n's connections to Redis are reset
+// mid-reply (an episode "reset" of its own), a snapshot is taken while n
+// has yet to register again, n registers again (its epoch in the store
+// changes), and Redis is killed and started from the snapshot at once,
+// so that n's lease in it may still run.
+func (h *nmHarness) restoreLostRegistration(n int) *nmEpisode {
+	epochs := redisstore.DefaultKeyPrefix + ":{" + nmZone + "}:epochs"
+	before, _ := h.r.Str("HGET", epochs, h.nodeID[n])
+	r := h.begin("reset", fmt.Sprintf("node %s: its connections to Redis reset mid-reply (reset_peer) for 150ms, a snapshot taken meanwhile", nmName(n)), n)
+	h.toxic(n, "nm_reset", "reset_peer", "downstream", obj{"timeout": 0})
+	snap, err := h.r.Snapshot()
+	if err != nil {
+		h.fail("snapshot: %v", err)
+	}
+	taken := time.Now()
+	time.Sleep(time.Until(r.from.Add(150 * time.Millisecond)))
+	h.untoxic(n, "nm_reset")
+	h.heal(r, nmShare)
+	h.faults["reset"]++
+	again := "it did not register again within 3s"
+	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(5 * time.Millisecond) {
+		if now, err := h.r.Str("HGET", epochs, h.nodeID[n]); err == nil && now != before {
+			again = fmt.Sprintf("its epoch %s then %s", before, now)
+			break
+		}
+	}
+	d := h.dur(50*time.Millisecond, 150*time.Millisecond)
+	e := h.begin("redis_restore", fmt.Sprintf("Redis kill -9, started again after %s from its snapshot of %s ago, which lacks node %s's latest registration (%s)",
+		d, time.Since(taken).Round(time.Millisecond), nmName(n), again), nmAll()...)
+	h.r.Kill()
+	time.Sleep(d)
+	if err != nil {
+		h.r.Restart()
+	} else {
+		h.r.RestartFrom(snap)
+	}
+	h.heal(e, nmShare)
+	return e
 }
 
 // other is a max_connections from 2 to 6 other than cur.
@@ -890,6 +974,7 @@ var nmOutcomeNames = [nmOutcomes]string{"served", "rejected", "timed out", "aban
 type nmClientRec struct {
 	id      string
 	dialed  time.Time
+	ended   time.Time // served, closed, or given up
 	outcome nmOutcome
 	detail  string
 }
@@ -951,6 +1036,9 @@ func (c *nmClients) done(r *nmClientRec, o nmOutcome, detail string) nmOutcome {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	r.outcome, r.detail = o, detail
+	if r.ended.IsZero() {
+		r.ended = time.Now()
+	}
 	c.counts[o]++
 	if c.firsts[o] == "" && detail != "" {
 		c.firsts[o] = detail
@@ -1028,6 +1116,9 @@ func (c *nmClients) one(listen []string, node int, rng *rand.Rand, hold *nmHold)
 	took := time.Since(r.dialed)
 	switch {
 	case rep.err == nil && strings.TrimSpace(rep.line) == "ok "+r.id:
+		c.mu.Lock()
+		r.ended = time.Now() // no longer waiting
+		c.mu.Unlock()
 		if hold != nil {
 			select {
 			case <-hold.release:
@@ -1202,15 +1293,31 @@ type nmVerdict struct {
 	lapses   []nmLapseK
 	pausedIn []string // check 5
 	peak     int
+	// starved: by failure state, the longest time the backend held fewer
+	// than the limit while a client had waited nmStarving or more.
+	starved map[string]nmStarved
 }
+
+type nmStarved struct {
+	took time.Duration
+	from time.Time
+}
+
+// nmWait: a client waiting to be served, from nmStarving after it
+// connected until it was served or gave up.
+type nmWait struct{ from, to time.Time }
+
+// nmStarving: a client that waited this long could have been served,
+// were a slot free.
+const nmStarving = 250 * time.Millisecond
 
 // nmJudge checks a backend's history (checks 1 and 5) against the
 // faults that were injected, the pauses and the limits in force; dialed
 // says when a connection's client connected; at prints a time.
-func nmJudge(hist []nmConn, dialed func(id string) (time.Time, bool), episodes []*nmEpisode, pauses []nmPause, limits *limitHistory, at func(time.Time) string) nmVerdict {
+func nmJudge(hist []nmConn, dialed func(id string) (time.Time, bool), waits []nmWait, episodes []*nmEpisode, pauses []nmPause, limits *limitHistory, at func(time.Time) string) nmVerdict {
 	hist = slices.Clone(hist)
 	slices.SortFunc(hist, func(a, b nmConn) int { return a.accept.Compare(b.accept) })
-	v := nmVerdict{states: map[string]*nmState{}}
+	v := nmVerdict{states: map[string]*nmState{}, starved: map[string]nmStarved{}}
 
 	// K of each lapse: what its node held when its lease expired (the
 	// most over the window's first nmMargin), or its share if larger.
@@ -1229,18 +1336,22 @@ func nmJudge(hist []nmConn, dialed func(id string) (time.Time, bool), episodes [
 			v.lapses = append(v.lapses, nmLapseK{l, held, max(held, l.share)})
 		}
 	}
-	// state is the failure state at t, and the nodes' allowance then.
+	// state is the failure state at t (the latest fault's), and the
+	// nodes' allowance then.
 	state := func(t time.Time) (string, int) {
 		label := "steady"
-		for _, e := range episodes {
-			if !t.Before(e.from) && !t.After(e.to) {
+		for i := len(episodes) - 1; i >= 0; i-- {
+			e := episodes[i]
+			if t.Before(e.from) {
+				continue
+			}
+			switch {
+			case !t.After(e.to):
 				label = e.kind
-				break
-			}
-			if t.After(e.to) && !t.After(e.to.Add(e.settle)) {
+			case !t.After(e.to.Add(e.settle)):
 				label = "after " + e.kind
-				break
 			}
+			break
 		}
 		extra := map[int]int{}
 		for _, l := range v.lapses {
@@ -1328,6 +1439,44 @@ func nmJudge(hist []nmConn, dialed func(id string) (time.Time, bool), episodes [
 		}
 	}
 
+	// Starvation (a figure, not a check): the backend holds fewer than
+	// the limit in force while a client has waited nmStarving or more.
+	type sev struct {
+		at              time.Time
+		dCount, dWaitng int
+	}
+	var sevs []sev
+	for i := range hist {
+		sevs = append(sevs, sev{hist[i].accept, 1, 0})
+		if e := hist[i].end(); !e.IsZero() {
+			sevs = append(sevs, sev{e, -1, 0})
+		}
+	}
+	for _, w := range waits {
+		sevs = append(sevs, sev{w.from, 0, 1}, sev{w.to, 0, -1})
+	}
+	slices.SortStableFunc(sevs, func(a, b sev) int { return a.at.Compare(b.at) })
+	count, waiting := 0, 0
+	var since time.Time // starving since (zero: not)
+	for i, e := range sevs {
+		if i > 0 {
+			prev := sevs[i-1].at
+			starving := waiting > 0 && count < nmLimitOver(limits, prev, prev)
+			switch {
+			case starving && since.IsZero():
+				since = prev
+			case !starving && !since.IsZero():
+				label, _ := state(since)
+				if d := prev.Sub(since); d > v.starved[label].took {
+					v.starved[label] = nmStarved{d, since}
+				}
+				since = time.Time{}
+			}
+		}
+		count += e.dCount
+		waiting += e.dWaitng
+	}
+
 	// Check 5: no admission while paused.
 	for i := range hist {
 		for _, p := range pauses {
@@ -1344,7 +1493,15 @@ func nmJudge(hist []nmConn, dialed func(id string) (time.Time, bool), episodes [
 func (h *nmHarness) check(fin nmFinish) {
 	t := h.t
 	hist := h.be.history()
-	v := nmJudge(hist, h.cl.dialedAt, h.episodes, h.pauses, &h.hist, h.at)
+	var waits []nmWait
+	h.cl.mu.Lock()
+	for _, r := range h.cl.byID {
+		if from := r.dialed.Add(nmStarving); r.outcome != nmRefused && r.ended.After(from) {
+			waits = append(waits, nmWait{from, r.ended})
+		}
+	}
+	h.cl.mu.Unlock()
+	v := nmJudge(hist, h.cl.dialedAt, waits, h.episodes, h.pauses, &h.hist, h.at)
 
 	var b strings.Builder
 	fmt.Fprintf(&b, "nemesis seed %d: %s of load and faults\n", h.seed, fin.loadEnd.Sub(h.start).Round(time.Millisecond))
@@ -1377,12 +1534,18 @@ func (h *nmHarness) check(fin nmFinish) {
 	var overs []string
 	for _, l := range labels {
 		s := v.states[l]
-		fmt.Fprintf(&b, "  %-28s %5d checked, peak %d, %d over, worst +%d", l, s.checked, s.peak, s.over, s.worst)
+		fmt.Fprintf(&b, "  %-32s %5d checked, peak %d, %d over, worst +%d", l, s.checked, s.peak, s.over, s.worst)
 		if s.worst > 0 {
 			fmt.Fprintf(&b, " (%s)", s.worstAt)
 			overs = append(overs, fmt.Sprintf("%s +%d", l, s.worst))
 		}
 		b.WriteString("\n")
+	}
+	starved := slices.Collect(maps.Keys(v.starved))
+	slices.SortFunc(starved, func(a, b string) int { return nmLabelOrder(a) - nmLabelOrder(b) })
+	fmt.Fprintf(&b, "starvation (a figure, no check: the longest time the backend held fewer than the limit while a client had waited %s), by failure state:\n", nmStarving)
+	for _, l := range starved {
+		fmt.Fprintf(&b, "  %-32s %s from %s\n", l, v.starved[l].took.Round(time.Millisecond), h.at(v.starved[l].from))
 	}
 	for _, l := range v.lapses {
 		fmt.Fprintf(&b, "  lapse: node %s past its lease %s-%s: held %d, K %d\n", nmName(l.node), h.at(l.from), h.at(l.to), l.held, l.k)
@@ -1493,13 +1656,13 @@ func TestNemesisChecker(t *testing.T) {
 
 	// Three at once with max 2: +1. One that ended at the very moment of
 	// an accept, or that the accept's probe found closed, is not open.
-	v := nmJudge([]nmConn{conn("A1", 1, 10), conn("B1", 2, 10), conn("C1", 3, 10)}, dialed, nil, nil, two, at)
+	v := nmJudge([]nmConn{conn("A1", 1, 10), conn("B1", 2, 10), conn("C1", 3, 10)}, dialed, nil, nil, nil, two, at)
 	if over(v, "steady") != 1 || v.peak != 3 {
 		t.Errorf("three open with max 2: worst %d, peak %d; want +1, 3", over(v, "steady"), v.peak)
 	}
 	gone := conn("A1", 1, 5)
 	gone.goneBy = sec(3)
-	v = nmJudge([]nmConn{gone, conn("B1", 2, 10), conn("C1", 3, 10), conn("A2", 10, 11)}, dialed, nil, nil, two, at)
+	v = nmJudge([]nmConn{gone, conn("B1", 2, 10), conn("C1", 3, 10), conn("A2", 10, 11)}, dialed, nil, nil, nil, two, at)
 	if over(v, "steady") != 0 {
 		t.Errorf("one closed by the time of an accept counted open: worst %d", over(v, "steady"))
 	}
@@ -1507,7 +1670,7 @@ func TestNemesisChecker(t *testing.T) {
 	// The limit is the largest in force from the earliest open client's
 	// connect to the accept, not later: a rise at 5 s does not cover 3 s.
 	rise := limits(limitChange{sec(-100), 2}, limitChange{sec(5), 4})
-	v = nmJudge([]nmConn{conn("A1", 1, 10), conn("B1", 2, 10), conn("C1", 3, 10), conn("C2", 6, 10)}, dialed, nil, nil, rise, at)
+	v = nmJudge([]nmConn{conn("A1", 1, 10), conn("B1", 2, 10), conn("C1", 3, 10), conn("C2", 6, 10)}, dialed, nil, nil, nil, rise, at)
 	if s := v.states["steady"]; s == nil || s.over != 1 || s.worst != 1 {
 		t.Errorf("a rise of the limit after the fact: %+v; want exactly one accept over, by 1", s)
 	}
@@ -1517,7 +1680,7 @@ func TestNemesisChecker(t *testing.T) {
 	stop := &nmEpisode{kind: "stop_node", from: sec(1), to: sec(6), settle: 2 * time.Second,
 		lapses: []nmLapse{{node: 1, from: sec(2), to: sec(8), share: 0}}}
 	hist := []nmConn{conn("B1", 1.5, 9), conn("A1", 3, 12), conn("A2", 4, 12), conn("C1", 5, 12), conn("C2", 8.5, 12)}
-	v = nmJudge(hist, dialed, []*nmEpisode{stop}, nil, two, at)
+	v = nmJudge(hist, dialed, nil, []*nmEpisode{stop}, nil, two, at)
 	if len(v.lapses) != 1 || v.lapses[0].held != 1 || v.lapses[0].k != 1 {
 		t.Fatalf("lapses %+v; want B holding 1, K 1", v.lapses)
 	}
@@ -1529,23 +1692,37 @@ func TestNemesisChecker(t *testing.T) {
 	cut := &nmEpisode{kind: "cut_one", from: sec(1), to: sec(6), settle: 2 * time.Second,
 		lapses: []nmLapse{{node: 1, from: sec(2), to: sec(8), share: 2}}}
 	hist = []nmConn{conn("A1", 1, 12), conn("A2", 1.2, 12), conn("B1", 3, 12), conn("B2", 4, 12), conn("B3", 5, 12)}
-	v = nmJudge(hist, dialed, []*nmEpisode{cut}, nil, two, at)
+	v = nmJudge(hist, dialed, nil, []*nmEpisode{cut}, nil, two, at)
 	if v.lapses[0].held != 0 || v.lapses[0].k != 2 || over(v, "cut_one +lapse") != 1 {
 		t.Errorf("node cut off past its lease: lapses %+v, worst %d; want held 0, K 2, +1 (B3 beyond its share)", v.lapses, over(v, "cut_one +lapse"))
 	}
 	// Before its lease ran out, max exactly; after the heal, "after".
 	hist = []nmConn{conn("A1", 0.5, 12), conn("A2", 0.6, 12), conn("B1", 1.5, 12)}
-	v = nmJudge(hist, dialed, []*nmEpisode{cut}, nil, two, at)
+	v = nmJudge(hist, dialed, nil, []*nmEpisode{cut}, nil, two, at)
 	if over(v, "cut_one") != 1 {
 		t.Errorf("admitted by a node cut off before its lease ran out: worst %d, want +1", over(v, "cut_one"))
 	}
-	v = nmJudge([]nmConn{conn("A1", 6.5, 7)}, dialed, []*nmEpisode{cut}, nil, two, at)
+	v = nmJudge([]nmConn{conn("A1", 6.5, 7)}, dialed, nil, []*nmEpisode{cut}, nil, two, at)
 	if v.states["after cut_one +lapse"] == nil {
 		t.Errorf("an accept 0.5 s after the heal, in the lapse: states %v", slices.Collect(maps.Keys(v.states)))
 	}
 
+	// The latest fault names the state; starvation is the longest time
+	// below the limit while a client had waited nmStarving.
+	reset := &nmEpisode{kind: "reset", from: sec(1), to: sec(1.2), settle: 2 * time.Second}
+	restore := &nmEpisode{kind: "redis_restore", from: sec(2), to: sec(2.2), settle: 2 * time.Second}
+	waits := []nmWait{{sec(3), sec(5)}}
+	v = nmJudge([]nmConn{conn("A1", 2.1, 12), conn("A2", 3.5, 12), conn("A3", 4, 12), conn("A4", 5, 12)}, dialed, waits,
+		[]*nmEpisode{reset, restore}, nil, limits(limitChange{sec(-100), 4}), at)
+	if v.states["redis_restore"] == nil || v.states["after redis_restore"] == nil || v.states["after reset"] != nil {
+		t.Errorf("states %v; want redis_restore and after redis_restore only", slices.Collect(maps.Keys(v.states)))
+	}
+	if st := v.starved["after redis_restore"]; st.took != 2*time.Second || !st.from.Equal(sec(3)) {
+		t.Errorf("starved %+v; want 2s from 3s (1, then 2, then 3 of 4 held while a client waited)", v.starved)
+	}
+
 	// Pauses.
-	v = nmJudge([]nmConn{conn("A1", 1.5, 2), conn("A2", 2.5, 3)}, dialed, nil, []nmPause{{sec(1), sec(2)}}, two, at)
+	v = nmJudge([]nmConn{conn("A1", 1.5, 2), conn("A2", 2.5, 3)}, dialed, nil, nil, []nmPause{{sec(1), sec(2)}}, two, at)
 	if len(v.pausedIn) != 1 || !strings.HasPrefix(v.pausedIn[0], "A1 ") {
 		t.Errorf("admitted while paused: %v, want A1 only", v.pausedIn)
 	}
@@ -1564,7 +1741,7 @@ func TestNemesisChecker(t *testing.T) {
 			}
 			return sec(5.5), true
 		}
-		v = nmJudge([]nmConn{conn("A1", 6, 10), conn("B1", 6.5, 10), conn("C1", 7, 10)}, connects, nil, nil, fall, at)
+		v = nmJudge([]nmConn{conn("A1", 6, 10), conn("B1", 6.5, 10), conn("C1", 7, 10)}, connects, nil, nil, nil, fall, at)
 		if over(v, "steady") != c.want {
 			t.Errorf("3 open, the limit down from 3 to 2 at 5 s, C1 connected at %.1fs: worst %d, want +%d", c.connected, over(v, "steady"), c.want)
 		}
