@@ -266,7 +266,7 @@ func nmRun(t *testing.T, seed uint64, deck []string, budget, lease time.Duration
 		seed, seed, strings.Join(deck, ","), lease, budget)
 	h := nmStart(t, seed, lease)
 	h.cl.start(h)
-	time.Sleep(time.Second) // the load settles
+	time.Sleep(500 * time.Millisecond) // the load settles
 	h.schedule(deck, budget)
 	fin := h.finish()
 	h.check(fin)
@@ -419,7 +419,7 @@ func (h *nmHarness) schedule(deck []string, budget time.Duration) {
 			h.faults[kind]++
 			// Quiet until the fault's aftermath is over, so that no two
 			// failure states overlap.
-			time.Sleep(time.Until(e.to.Add(e.settle)) + h.dur(100*time.Millisecond, 600*time.Millisecond))
+			time.Sleep(time.Until(e.to.Add(e.settle)) + h.dur(50*time.Millisecond, 300*time.Millisecond))
 			for i, n := range h.nodes {
 				if n.exited() {
 					h.fail("node %s exited after %s:\n%s", nmName(i), kind, testkit.Tail(n.log(), 1500))
@@ -561,7 +561,7 @@ func (h *nmHarness) inject(kind string) *nmEpisode {
 		h.heal(e, nmShare)
 		return e
 	case "latency":
-		d := h.dur(time.Second, 3*time.Second)
+		d := h.dur(time.Second, 2*time.Second)
 		e := h.begin(kind, fmt.Sprintf("200 ms on every reply from Redis to every node, for %s", d))
 		for i := range nmNodes {
 			h.toxic(i, "nm_latency", "latency", "downstream", obj{"latency": 200})
@@ -601,7 +601,7 @@ func (h *nmHarness) inject(kind string) *nmEpisode {
 			h.fail("snapshot: %v", err)
 		}
 		taken := time.Now()
-		time.Sleep(h.dur(time.Second, 3*time.Second))
+		time.Sleep(h.dur(time.Second, 2*time.Second))
 		d := h.dur(100*time.Millisecond, 500*time.Millisecond)
 		e := h.begin(kind, fmt.Sprintf("Redis kill -9, started again after %s from its snapshot of %s ago", d, time.Since(taken).Round(time.Millisecond)), nmAll()...)
 		h.r.Kill()
@@ -674,7 +674,7 @@ func (h *nmHarness) inject(kind string) *nmEpisode {
 		h.nodes[n].do(http.MethodPost, "/connection_limit/"+nmZone+"/pause", "")
 		paused := time.Now()
 		if kind == "pause" {
-			time.Sleep(h.dur(1500*time.Millisecond, 3*time.Second))
+			time.Sleep(h.dur(1500*time.Millisecond, 2500*time.Millisecond))
 		} else {
 			time.Sleep(time.Second)
 			h.r.Kill()
