@@ -55,6 +55,11 @@ import (
 // fast failure (cut_one and cut_all by disable, reset, a Redis killed).
 // A lease of 3 s puts the slow failures within the lease too.
 //
+// Toxiproxy's timeout toxic (blackhole, cut_up, cut_down) drops the
+// bytes sent meanwhile, and closes the connections it was on when it is
+// removed: each such heal also resets the node's connections to Redis, at
+// once, and what it sent or was sent during the cut is lost, not late.
+//
 // Without CONNLIMIT_NEMESIS_FAULTS, the CI run deals the kinds between its
 // two seeds (seed 1 the 1st, 3rd, ... of nmKinds, seed 2 the others), so
 // that together they inject each kind at least once; a run with one seed
@@ -1496,10 +1501,14 @@ func nmJudge(hist []nmConn, dialed func(id string) (time.Time, bool), waits []nm
 				s.worst = over
 				var ids []string
 				for c := range open {
-					ids = append(ids, c.id)
+					id := c.id
+					if d, ok := dialed(c.id); ok {
+						id += " " + at(d) // when its client connected
+					}
+					ids = append(ids, id)
 				}
 				slices.Sort(ids)
-				s.worstAt = fmt.Sprintf("at %s %d open (%s), bound %d = limit %d + %d", at(ev.at), count, strings.Join(ids, " "), bound, limit, extra)
+				s.worstAt = fmt.Sprintf("at %s %d open (%s), bound %d = limit %d + %d", at(ev.at), count, strings.Join(ids, ", "), bound, limit, extra)
 			}
 		}
 	}
