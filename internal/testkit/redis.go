@@ -25,7 +25,7 @@ import (
 // The fleet's tests run against a real redis-server that each test starts
 // on a free loopback port (never a system-wide one), with no persistence,
 // and stops at cleanup. It can be killed (SIGKILL) and started again,
-// empty, on the same port. The tests' own reads and writes go through Do,
+// empty, on the same port, or from a snapshot of its data taken earlier. The tests' own reads and writes go through Do,
 // a RESP client of a few lines: only the Redis store imports go-redis.
 
 // RedisConfig says how to start a test's redis-server.
@@ -53,9 +53,10 @@ type Redis struct {
 	CAFile    string
 	ClientTLS *tls.Config
 
-	mu   sync.Mutex
-	cmd  *exec.Cmd
-	done chan struct{}
+	mu        sync.Mutex
+	cmd       *exec.Cmd
+	done      chan struct{}
+	snapshots int // Snapshot's files so far
 
 	amu   sync.Mutex // the admin connection of Do
 	admin *respConn
@@ -229,6 +230,42 @@ func (r *Redis) Restart() {
 		time.Sleep(50 * time.Millisecond)
 	}
 	r.t.Fatalf("restarting redis-server: %v", err)
+}
+
+// Snapshot saves the server's data (SAVE) to an RDB file of its own in
+// the server's directory and returns its path. It leaves no dump.rdb
+// behind, so a Restart still starts empty; RestartFrom starts from it.
+func (r *Redis) Snapshot() (string, error) {
+	if _, err := r.Do("SAVE"); err != nil {
+		return "", err
+	}
+	r.mu.Lock()
+	r.snapshots++
+	path := filepath.Join(r.dir, fmt.Sprintf("snapshot-%d.rdb", r.snapshots))
+	r.mu.Unlock()
+	if err := os.Rename(filepath.Join(r.dir, "dump.rdb"), path); err != nil {
+		return "", err
+	}
+	return path, nil
+}
+
+// RestartFrom starts the (killed) server again on the same port with the
+// data of a Snapshot, as a Redis restored from a backup, or a replica
+// that lagged behind, would come back. Later Restarts start empty again.
+func (r *Redis) RestartFrom(snapshot string) {
+	r.t.Helper()
+	data, err := os.ReadFile(snapshot)
+	if err != nil {
+		r.t.Fatalf("restarting redis-server from %s: %v", snapshot, err)
+	}
+	dump := filepath.Join(r.dir, "dump.rdb")
+	if err := os.WriteFile(dump, data, 0o600); err != nil {
+		r.t.Fatalf("restarting redis-server from %s: %v", snapshot, err)
+	}
+	r.Restart() // loads dump.rdb before it answers PING
+	if err := os.Remove(dump); err != nil {
+		r.t.Fatalf("restarting redis-server from %s: %v", snapshot, err)
+	}
 }
 
 func (r *Redis) stop() {
