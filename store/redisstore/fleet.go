@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -106,6 +107,11 @@ type redisFleet struct {
 	timeout    time.Duration
 	retryPause time.Duration
 	c          redis.UniversalClient
+
+	// seen is the highest sequence of the store's state a reply showed:
+	// every call sends it, so that a store that went back in time (an
+	// older snapshot, a lagging replica) says so before it grants.
+	seen atomic.Uint64
 
 	pumpOnce  sync.Once
 	evictOnce sync.Once
@@ -302,9 +308,24 @@ func retryable(err error) bool {
 		!(errors.As(err, &nerr) && nerr.Timeout())
 }
 
+// seenArg is what a call says of the store's state it saw.
+func (s *redisFleet) seenArg() string {
+	return strconv.FormatUint(s.seen.Load(), 10) + " " + strconv.FormatInt(s.lease.Milliseconds(), 10)
+}
+
+// saw notes the sequence a reply showed.
+func (s *redisFleet) saw(seq uint64) {
+	for {
+		old := s.seen.Load()
+		if seq <= old || s.seen.CompareAndSwap(old, seq) {
+			return
+		}
+	}
+}
+
 func (s *redisFleet) Take(ctx context.Context, t store.Ticket) (store.Outcome, store.Reason, error) {
 	v, err := s.run(ctx, "take", fleetTake, false,
-		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key)
+		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key, s.seenArg())
 	if err != nil {
 		return store.Rejected, store.ReasonNone, err
 	}
@@ -335,15 +356,21 @@ func (s *redisFleet) Take(ctx context.Context, t store.Ticket) (store.Outcome, s
 }
 
 func (s *redisFleet) Give(ctx context.Context, key string) error {
-	_, err := s.run(ctx, "give", fleetGive, false, s.node, key)
+	v, err := s.run(ctx, "give", fleetGive, false, s.node, key, s.seenArg())
+	if err == nil && v == int64(-1) {
+		return s.fail("give", store.ErrLapsed)
+	}
 	return err
 }
 
 func (s *redisFleet) Leave(ctx context.Context, t store.Ticket) (bool, error) {
 	v, err := s.run(ctx, "leave", fleetLeave, false,
-		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key)
+		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key, s.seenArg())
 	if err != nil {
 		return false, err
+	}
+	if v == int64(-1) {
+		return false, s.fail("leave", store.ErrLapsed)
 	}
 	return v == int64(1), nil
 }
@@ -354,7 +381,7 @@ func (s *redisFleet) Renew(ctx context.Context, counts store.NodeState) (store.S
 		check = 1
 	}
 	args := []any{s.node, s.lease.Milliseconds(), counts.Active, counts.Waiters, fleetReapLimit,
-		fmt.Sprintf("%d %d %d %d", counts.Epoch, check, counts.HeldTotal, counts.Tickets)}
+		fmt.Sprintf("%d %d %d %d %d", counts.Epoch, check, counts.HeldTotal, counts.Tickets, s.seen.Load())}
 	for _, t := range counts.Acks {
 		args = append(args, grantString(t))
 	}
@@ -369,10 +396,11 @@ func (s *redisFleet) Renew(ctx context.Context, counts store.NodeState) (store.S
 		}
 		s.dmu.Unlock()
 	}
-	st, err := parseFleetState(v)
+	st, seq, err := parseFleetState(v)
 	if err != nil {
 		return store.State{}, s.fail("renew", err)
 	}
+	s.saw(seq)
 	return st, nil
 }
 
@@ -419,10 +447,11 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 	if err != nil {
 		return store.State{}, err
 	}
-	fs, err := parseFleetState(v)
+	fs, seq, err := parseFleetState(v)
 	if err != nil {
 		return store.State{}, s.fail("register", err)
 	}
+	s.saw(seq)
 	s.dmu.Lock() // the in-flight list is gone with the grants it held
 	clear(s.delivered)
 	s.dmu.Unlock()
@@ -665,19 +694,19 @@ func replyInt(v any) (int64, bool) {
 
 // parseFleetState reads the reply of state() in lib.lua:
 // {lapsed, max, maxw, wait_ms, order, set_at, paused, active, waiting,
-// nodes, epoch, now, gen, learning, repair}.
-func parseFleetState(v any) (store.State, error) {
+// nodes, epoch, now, gen, learning, repair, seq}, and the sequence.
+func parseFleetState(v any) (store.State, uint64, error) {
 	r, ok := v.([]any)
-	if !ok || len(r) != 15 {
-		return store.State{}, fmt.Errorf("unexpected reply %v", v)
+	if !ok || len(r) != 16 {
+		return store.State{}, 0, fmt.Errorf("unexpected reply %v", v)
 	}
-	var n [15]int64
+	var n [16]int64
 	for i, e := range r {
 		if i == 4 || i == 12 {
 			continue
 		}
 		if n[i], ok = replyInt(e); !ok {
-			return store.State{}, fmt.Errorf("unexpected reply %v", v)
+			return store.State{}, 0, fmt.Errorf("unexpected reply %v", v)
 		}
 	}
 	st := store.State{
@@ -704,7 +733,7 @@ func parseFleetState(v any) (store.State, error) {
 			st.LimitsSet = time.UnixMilli(n[5])
 		}
 	}
-	return st, nil
+	return st, uint64(n[15]), nil
 }
 
 // parseFleetStatus reads the reply of status.lua: {state, {id, expiry,
@@ -714,7 +743,7 @@ func parseFleetStatus(v any) (store.Status, error) {
 	if !ok || len(r) != 2 {
 		return store.Status{}, fmt.Errorf("unexpected reply %v", v)
 	}
-	st, err := parseFleetState(r[0])
+	st, _, err := parseFleetState(r[0])
 	if err != nil {
 		return store.Status{}, err
 	}

@@ -678,7 +678,30 @@ func TestRedisFleetStoreRestartsEmpty(t *testing.T) {
 	if fs.Limits != l || fs.Active != 1 || fs.Waiting != 1 {
 		t.Fatalf("after re-registering: %+v", fs)
 	}
+	// The store lost what the nodes had seen: it learns for a lease (2 s)
+	// from when a node first told it, and grants nothing meanwhile; the
+	// first renewal after that grants what is free.
+	learning := time.Now()
+	if !fs.Learning {
+		t.Fatalf("after re-registering into a store that lost its data: not learning: %+v", fs)
+	}
 	give(t, a, "")
+	// Both renew (their leases are 2 s too) until the lease of learning
+	// has passed: nothing is granted before.
+	fb := mustRegister(t, b, store.NodeState{Waiting: []store.Ticket{{ID: 1}}})
+	for time.Since(learning) < 2100*time.Millisecond {
+		select {
+		case g := <-grants:
+			t.Fatalf("a grant %s after the store started learning: %+v", time.Since(learning), g)
+		case <-time.After(300 * time.Millisecond):
+		}
+		if _, err := b.Renew(tctx(t), store.NodeState{Epoch: fb.Epoch}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := a.Renew(tctx(t), store.NodeState{Epoch: fs.Epoch}); err != nil {
+		t.Fatal(err)
+	}
 	if g := recvGrant(t, grants, 3*time.Second); g.t.ID != 1 {
 		t.Fatalf("grant: %+v", g)
 	}

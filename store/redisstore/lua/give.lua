@@ -1,6 +1,8 @@
--- Give: ARGV node, key value. Reply: 1 if a slot was freed, 0 if the node
--- held none of key (it was reaped, or the store lost its data).
+-- Give: ARGV node, key value, "<seq seen> <lease ms>". Reply: 1 if a slot
+-- was freed, 0 if the node held none of key (it was reaped, or the store
+-- lost its data), -1 if the store went back in time (register).
 local node, key = ARGV[1], ARGV[2]
+if went_back(ARGV[3], cfg()) then return -1 end
 local hh = k_held(node)
 local h = int(redis.call('HGET', hh, key), 'held:' .. node)
 if h <= 0 then return 0 end

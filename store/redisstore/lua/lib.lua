@@ -235,6 +235,24 @@ local function reap_expired(now, limit, c)
 	return #dead
 end
 
+-- went_back says whether the store went back in time (restored from an
+-- older snapshot, a failover to a replica that lagged): the caller saw a
+-- higher sequence than the store has now ("<seq seen> <lease ms>"). The
+-- store then learns for a lease, as after losing its data, and its
+-- sequence goes on from what was seen, so that it says so once.
+local function went_back(arg, c)
+	local seen, lease = string.match(arg or '', '^(%d+) (%d+)$')
+	if not seen then return false end
+	seen = tonumber(seen)
+	if seen <= (lint(redis.call('GET', K_SEQ)) or 0) then return false end
+	redis.call('SET', K_SEQ, seen)
+	if not c.learning then
+		c.learn, c.learning = now_ms() + tonumber(lease), true
+		redis.call('HSET', K_CFG, 'learn', c.learn)
+	end
+	return true
+end
+
 -- ends the learning period once its time has come, and grants what is free
 local function learnt(now, c)
 	if c.learning and c.learn <= now then
@@ -254,5 +272,5 @@ local function state(now, lapsed, node, c, repair)
 	return {lapsed and 1 or 0, max, c.maxw, c.wait, c.order, c.set_at, c.paused and 1 or 0,
 		math.max(lint(t[1]) or 0, 0), math.max(lint(t[2]) or 0, 0),
 		redis.call('ZCARD', K_NODES), ep, now, redis.call('GET', K_GEN) or '',
-		c.learning and 1 or 0, repair and 1 or 0}
+		c.learning and 1 or 0, repair and 1 or 0, lint(redis.call('GET', K_SEQ)) or 0}
 end

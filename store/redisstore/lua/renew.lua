@@ -1,5 +1,5 @@
 -- Renew: ARGV node, lease ms, active, waiting, reap limit,
---   "<epoch> <check 0|1> <held total> <tickets>" (one argument: an
+--   "<epoch> <check 0|1> <held total> <tickets> <seq seen>" (one argument: an
 --   unauthenticated client may send no more than 10, and must be told
 --   NOAUTH), then the grants the node took in (acks).
 -- Reply: state(): lapsed if the node was not registered or its lease had
@@ -9,8 +9,10 @@
 local node, lease = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
 local c = cfg()
-local epoch, check, held_n, tickets_n = string.match(ARGV[6], '^(%d+) ([01]) (%-?%d+) (%-?%d+)$')
+local epoch, check, held_n, tickets_n, seen = string.match(ARGV[6], '^(%d+) ([01]) (%-?%d+) (%-?%d+) (%d+)$')
 if not epoch then fail('garbled renewal ' .. quote(ARGV[6])) end
+-- a store that went back in time grants nothing before it has learnt
+if went_back(seen .. ' ' .. lease, c) then return state(now, true, node, c, false) end
 local fl = k_inflight(node)
 for j = 7, #ARGV do redis.call('LREM', fl, -1, ARGV[j]) end
 learnt(now, c)

@@ -1,4 +1,4 @@
--- Take: ARGV node, ticket id, priority, key value.
+-- Take: ARGV node, ticket id, priority, key value, "<seq seen> <lease ms>".
 -- Reply: {'admitted'} | {'queued'} | {'rejected', reason} | {'lapsed'} | {'nolimits'}
 -- Everything is read (and checked) before anything is written.
 local node, id, prio, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -6,6 +6,7 @@ local now = now_ms()
 local exp = redis.call('ZSCORE', K_NODES, node)
 if not exp or tonumber(exp) <= now then return {'lapsed'} end
 local c = cfg()
+if went_back(ARGV[5], c) then return {'lapsed'} end
 if not c.max then return {'nolimits'} end
 local a = int(redis.call('HGET', K_ACTIVE, key), 'active')
 local w = int(redis.call('HGET', K_WAITING, key), 'waiting')
