@@ -271,6 +271,28 @@ func (z *Zone) leaveFleet() {
 // forget implements sharer.
 func (n *fleetNode) forget(w *Waiter) { delete(n.waiting, w.ticket) }
 
+// claimable implements sharer. A slot granted by the store is the node's
+// only while its lease runs: a node that wakes from a stall past its lease
+// (a grant taken in before, its waiter not yet run) has lost it, to a
+// waiter elsewhere; its waiter waits again, and the Register that follows
+// puts it back in the fleet's line. Slots granted here on the node's own
+// (holding, its share) are its own. Lock held.
+func (n *fleetNode) claimable(w *Waiter) bool {
+	w.storeGrant = false
+	switch {
+	case n.mode == fleetHolding, n.mode == fleetJoined && !n.outlived():
+		return true
+	case n.mode == fleetJoined:
+		n.mode, n.rejoin = fleetJoining, time.Now()
+	}
+	w.ks.held--
+	n.waiting[w.ticket] = w
+	w.inFleet = false
+	n.repair = true
+	n.kickNow()
+	return false
+}
+
 // joined implements sharer.
 func (n *fleetNode) joined() bool { return n.mode == fleetJoined }
 
@@ -343,6 +365,7 @@ func (n *fleetNode) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reas
 		n.waiting[w.ticket] = w
 		if granted {
 			z.grantTo(w)
+			w.storeGrant = true
 			ks.held++
 		}
 	}
@@ -595,6 +618,7 @@ func (n *fleetNode) grant(t store.Ticket) {
 	}
 	if w := n.waiting[t.ID]; w != nil && w.state == stateWaiting {
 		z.grantTo(w)
+		w.storeGrant = true
 		w.ks.held++
 		z.mu.Unlock()
 		return

@@ -75,6 +75,7 @@ type Waiter struct {
 	state      waiterState
 	ticket     uint64 // fleet zones: its id in the store's waiting list
 	inFleet    bool   // the store's waiting list holds its ticket
+	storeGrant bool   // its slot was granted by the store, not claimed yet
 }
 
 // Position is the waiter's place in line when it started waiting (1 is
@@ -107,6 +108,20 @@ func (l *level) push(w *Waiter) {
 		l.head = w
 	}
 	l.tail = w
+	l.n++
+}
+
+// pushNext puts w back where the next waiter is taken from: the head for
+// FIFO, the tail for LIFO.
+func (l *level) pushNext(w *Waiter, order Order) {
+	if order == LIFO || l.head == nil {
+		l.push(w)
+		return
+	}
+	w.lvl = l
+	w.prev, w.next = nil, l.head
+	l.head.prev = w
+	l.head = w
 	l.n++
 }
 

@@ -93,6 +93,8 @@ type sharer interface {
 	localSlots(ks *keyState) int
 	// forget: w left the zone's waiting list. Lock held.
 	forget(w *Waiter)
+	// claimable: w may take the slot granted to it now. Lock held.
+	claimable(w *Waiter) bool
 	// joined: the fleet's store decides admissions now. Lock held.
 	joined() bool
 	// pushLimits and pushPaused hand a change made here to the fleet.
@@ -290,6 +292,15 @@ func (z *Zone) Poll(w *Waiter, now time.Time) (Outcome, Reason, time.Time) {
 func (z *Zone) poll(w *Waiter, now time.Time) (Outcome, Reason, time.Time) {
 	switch w.state {
 	case stateGranted:
+		if w.storeGrant && z.fleet != nil && !z.fleet.claimable(w) {
+			z.ungrant(w) // the grant is void: w waits again, first in line
+			z.grant(w.ks)
+			if w.state == stateWaiting {
+				w.waker.Arm(z.deadline(w))
+				return Queued, ReasonNone, z.deadline(w)
+			}
+		}
+		w.storeGrant = false
 		w.state = stateActive
 		z.stats.Admitted++
 		z.obs.Admitted(now.Sub(w.enqueued))
@@ -437,6 +448,20 @@ func (z *Zone) grantTo(w *Waiter) {
 	z.active++
 	z.obs.ActiveDelta(1)
 	w.waker.Wake()
+}
+
+// ungrant takes back the slot granted to w and puts it back first in
+// line. Lock held.
+func (z *Zone) ungrant(w *Waiter) {
+	ks := w.ks
+	ks.active--
+	z.active--
+	z.obs.ActiveDelta(-1)
+	w.state = stateWaiting
+	ks.level(w.Priority).pushNext(w, z.limits.Order)
+	ks.waiting++
+	z.waiting++
+	z.obs.WaitingDelta(1)
 }
 
 // grantAll runs grant over every key with waiters. Lock held.
