@@ -65,8 +65,14 @@ type Waiter struct {
 	Priority int
 	// Remote names the client in snapshots (optional).
 	Remote fmt.Stringer
+	// Tenant is the connection's tenant in a zone with a fair share
+	// (SetFair): the zone's slots are shared fairly between tenants. The
+	// empty tenant is one tenant of its own. Ignored by other zones.
+	Tenant string
 
 	ks         *keyState
+	tn         *tenant // its tenant, in a zone with a fair share (fair.go)
+	seq        uint64  // arrival order among a fair zone's waiters
 	lvl        *level
 	prev, next *Waiter
 	waker      Waker
@@ -96,6 +102,7 @@ type level struct {
 	prio       int
 	head, tail *Waiter
 	n          int
+	tl         *tenantLevel // the tenant's list this is, in a fair zone; else nil
 }
 
 func (l *level) push(w *Waiter) {
@@ -132,6 +139,9 @@ type keyState struct {
 	waiting int
 	asking  int      // fleet zones: connections whose Take is in flight
 	levels  []*level // by priority, highest first; empty levels are kept
+	// fair, when set, holds the waiters instead of levels: the zone shares
+	// its slots fairly between tenants (fair.go). Only the default key.
+	fair *fairQueue
 }
 
 func (ks *keyState) level(prio int) *level {
@@ -177,8 +187,13 @@ func (ks *keyState) next(order Order) *Waiter {
 	return nil
 }
 
-// each calls f for every waiter in admission order until f returns false.
+// each calls f for every waiter in admission order until f returns false;
+// in a zone with a fair share, in arrival order within each priority (the
+// zone's order), since which tenant is next depends on the slots they hold.
 func (ks *keyState) each(order Order, f func(*Waiter) bool) bool {
+	if ks.fair != nil {
+		return ks.fair.each(f)
+	}
 	for _, l := range ks.levels {
 		if order == LIFO {
 			for w := l.tail; w != nil; w = w.prev {
