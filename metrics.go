@@ -52,6 +52,16 @@ var (
 		Buckets: []float64{0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300},
 	}, []string{"zone"})
 
+	// Zones with fair_share: bounded in cardinality, no tenant labels.
+	metricTenantsWaiting = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "tenants_waiting",
+		Help: "Tenants (fair_share) with at least one connection waiting.",
+	}, []string{"zone"})
+	metricFairnessIndex = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "fairness_index",
+		Help: "Jain's fairness index over slots held ÷ weight of the tenants (fair_share) that wait: 1 when they hold equal shares, 1/n when one holds all; 1 when none waits.",
+	}, []string{"zone"})
+
 	// Fleet zones (a store): the store as this node sees it, and the
 	// fleet's counts as it last learned them.
 	metricStoreReachable = prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -77,7 +87,7 @@ var (
 	}, []string{"zone"})
 
 	allCollectors = []prometheus.Collector{metricActive, metricWaiting, metricAdmitted, metricRejected, metricAbandoned,
-		metricMax, metricOverridden, metricWait,
+		metricMax, metricOverridden, metricWait, metricTenantsWaiting, metricFairnessIndex,
 		metricStoreReachable, metricStoreErrors, metricStoreSeconds, metricFleetActive, metricFleetWaiting}
 )
 
@@ -109,6 +119,9 @@ type zoneMetrics struct {
 	rejected        [len(store.Reasons) + 1]prometheus.Counter
 	abandoned       prometheus.Counter
 	wait            prometheus.Observer
+	// made at the first FairChanged (under the zone's lock), so that zones
+	// without fair_share export no fair share series
+	tenantsWaiting, fairness prometheus.Gauge
 }
 
 func newZoneMetrics(zone string) engine.Observer {
@@ -146,6 +159,16 @@ func (m *zoneMetrics) LimitsChanged(l engine.Limits, overridden bool) {
 	}
 }
 
+// FairChanged implements engine.FairObserver.
+func (m *zoneMetrics) FairChanged(tenantsWaiting int, index float64) {
+	if m.tenantsWaiting == nil {
+		m.tenantsWaiting = metricTenantsWaiting.WithLabelValues(m.zone)
+		m.fairness = metricFairnessIndex.WithLabelValues(m.zone)
+	}
+	m.tenantsWaiting.Set(float64(tenantsWaiting))
+	m.fairness.Set(index)
+}
+
 // OverrideEnded logs that a config load ended the limits set through the
 // admin API; setting and clearing them is logged by the admin API.
 func (m *zoneMetrics) OverrideEnded() {
@@ -181,5 +204,8 @@ func (m *zoneMetrics) StoreReached(st store.State, err error) {
 	}
 }
 
-// Interface guard
-var _ engine.FleetObserver = (*zoneMetrics)(nil)
+// Interface guards
+var (
+	_ engine.FleetObserver = (*zoneMetrics)(nil)
+	_ engine.FairObserver  = (*zoneMetrics)(nil)
+)

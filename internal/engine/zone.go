@@ -769,6 +769,7 @@ func (z *Zone) fairOff(ks *keyState) {
 type WaiterInfo struct {
 	Remote   string
 	Key      string
+	Tenant   string // with a fair share
 	Priority int
 	Waited   time.Duration
 }
@@ -843,6 +844,9 @@ func (z *Zone) SnapshotTenants(now time.Time, maxWaiters, maxTenants int) Snapsh
 		}
 		if len(s.Waiters) < maxWaiters {
 			wi := WaiterInfo{Key: w.Key, Priority: w.Priority, Waited: now.Sub(w.enqueued)}
+			if w.tn != nil {
+				wi.Tenant = w.Tenant
+			}
 			if w.Remote != nil {
 				wi.Remote = w.Remote.String()
 			}
