@@ -254,8 +254,10 @@ func (r runResult) short() string {
 	for i, h := range r.Held {
 		held = append(held, fmt.Sprintf("%s %.2f", r.tenants[i].name, h))
 	}
-	return fmt.Sprintf("%6.0f conn/s, proxy %3.0f µs/conn, light p99 wait %-7s held %s, peak %d, failed %d, busy before %.0f %%",
-		r.Rate, r.CPU, fmtMS(quantile(lightWaits(r), 0.99)), strings.Join(held, " "), r.Peak, r.Failed, 100*r.Busy)
+	lw := lightWaits(r)
+	return fmt.Sprintf("%6.0f conn/s, proxy %3.0f µs/conn, light wait p50 %s p90 %s p99 %s p99.9 %s, held %s, peak %d, failed %d, busy before %.0f %%",
+		r.Rate, r.CPU, fmtMS(quantile(lw, 0.5)), fmtMS(quantile(lw, 0.9)), fmtMS(quantile(lw, 0.99)), fmtMS(quantile(lw, 0.999)),
+		strings.Join(held, " "), r.Peak, r.Failed, 100*r.Busy)
 }
 
 func lightWaits(r runResult) []int64 {

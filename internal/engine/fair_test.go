@@ -1,8 +1,11 @@
 package engine
 
 import (
+	"cmp"
 	"fmt"
+	"maps"
 	"math"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"sync"
@@ -618,3 +621,144 @@ func TestRegistryFairSettings(t *testing.T) {
 		t.Fatal("the newest config's (no fair share) did not take hold")
 	}
 }
+
+// TestFairSimulatedShares runs the zone in virtual time with the load of
+// bench/fair (max 20, holds of 20-22 ms, H with 200 clients in a closed
+// loop, four light tenants with 4 each, clients that come back 1-2 ms
+// after their connection ends): the engine's policy alone, without the
+// machine's latency. The light tenants wait for about the next free slot,
+// and with H of weight 3 every tenant holds its weighted share.
+func TestFairSimulatedShares(t *testing.T) {
+	for _, weighted := range []bool{false, true} {
+		t.Run(fmt.Sprint("weighted=", weighted), func(t *testing.T) {
+			f := Fair{Tenant: "{t}"}
+			if weighted {
+				f.Weights = map[string]int{"H": 3}
+			}
+			waits, held := simulateFair(f, 20*time.Second)
+			p := func(q float64) time.Duration { return waits[int(q*float64(len(waits)-1))] }
+			var hs []string
+			for _, tn := range slices.Sorted(maps.Keys(held)) {
+				hs = append(hs, fmt.Sprintf("%s %.2f", tn, held[tn]))
+			}
+			t.Logf("light waits: n %d, p50 %s, p90 %s, p99 %s; mean slots held: %s", len(waits), p(0.5), p(0.9), p(0.99), strings.Join(hs, ", "))
+			if p(0.99) > 15*time.Millisecond {
+				t.Errorf("light tenants' p99 wait %s, want at most 15 ms (under one hold)", p(0.99))
+			}
+			total := 0.0
+			for _, h := range held {
+				total += h
+			}
+			if total < 19.8 {
+				t.Errorf("slots held %.2f on average, want 20 (work-conserving)", total)
+			}
+			for tn, h := range held {
+				switch {
+				case weighted: // all backlogged: H 20 × 3/7, each light one 20/7
+					want := 20.0 / 7
+					if tn == "H" {
+						want = 20 * 3.0 / 7
+					}
+					if math.Abs(h/want-1) > 0.10 {
+						t.Errorf("tenant %s held %.2f on average, want %.2f ±10 %%", tn, h, want)
+					}
+				case tn != "H": // 4 clients, a share of 4: they get about all they ask for
+					if h < 0.8*4 {
+						t.Errorf("light tenant %s held %.2f on average, want at least 3.2 of its 4 clients", tn, h)
+					}
+				}
+			}
+		})
+	}
+}
+
+// simulateFair drives a zone of 20 slots with fair share f in virtual
+// time for d, and returns the light tenants' waits (sorted, after the
+// first second) and each tenant's mean slots held.
+func simulateFair(f Fair, d time.Duration) ([]time.Duration, map[string]float64) {
+	rng := rand.New(rand.NewPCG(18, 20))
+	z := NewZone("sim", Limits{MaxConnections: 20}, nil)
+	z.SetFair(f)
+	type conn struct {
+		w      Waiter
+		arrive time.Duration
+		k      *grantNote
+	}
+	var granted []int
+	var cs []*conn
+	for i := range 216 {
+		tn := "H"
+		if i >= 200 {
+			tn = fmt.Sprintf("L%d", (i-200)/4)
+		}
+		cs = append(cs, &conn{w: Waiter{Tenant: tn}, k: &grantNote{i: i, to: &granted}})
+	}
+	// Events in virtual time: a client arrives, or its connection ends.
+	type event struct {
+		at   time.Duration
+		free bool
+		c    int
+	}
+	var evs []event
+	push := func(e event) {
+		i, _ := slices.BinarySearchFunc(evs, e.at, func(a event, t time.Duration) int { return cmp.Compare(a.at, t+1) })
+		evs = slices.Insert(evs, i, e)
+	}
+	for i := range cs {
+		push(event{at: time.Duration(i) * 10 * time.Microsecond, c: i})
+	}
+	hold := func() time.Duration { return 20*time.Millisecond + time.Duration(rng.IntN(2000))*time.Microsecond }
+	back := func() time.Duration { return time.Millisecond + time.Duration(rng.IntN(1000))*time.Microsecond }
+	var waits []time.Duration
+	area := map[string]time.Duration{}
+	active := map[string]int{}
+	last := time.Second
+	for len(evs) > 0 && evs[0].at < d {
+		e := evs[0]
+		evs = evs[1:]
+		if e.at > time.Second {
+			for tn, n := range active {
+				area[tn] += time.Duration(n) * (e.at - last)
+			}
+			last = e.at
+		}
+		c := cs[e.c]
+		granted = granted[:0]
+		now := t0.Add(e.at)
+		if e.free {
+			z.Free(&c.w)
+			active[c.w.Tenant]--
+			push(event{at: e.at + back(), c: e.c})
+		} else {
+			c.w = Waiter{Tenant: c.w.Tenant}
+			c.arrive = e.at
+			if out, _ := z.Acquire(&c.w, c.k, now); out == Admitted {
+				granted = append(granted, e.c)
+			}
+		}
+		for _, g := range granted {
+			gc := cs[g]
+			z.Poll(&gc.w, now)
+			active[gc.w.Tenant]++
+			push(event{at: e.at + hold(), free: true, c: g})
+			if gc.w.Tenant != "H" && e.at > time.Second {
+				waits = append(waits, e.at-gc.arrive)
+			}
+		}
+	}
+	held := map[string]float64{}
+	for tn, a := range area {
+		held[tn] = float64(a) / float64(last-time.Second)
+	}
+	slices.Sort(waits)
+	return waits, held
+}
+
+// grantNote is a Waker that notes whom the zone granted a slot.
+type grantNote struct {
+	i  int
+	to *[]int
+}
+
+func (g *grantNote) Wake()         { *g.to = append(*g.to, g.i) }
+func (g *grantNote) Arm(time.Time) {}
