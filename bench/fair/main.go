@@ -48,6 +48,7 @@ type config struct {
 	heavy, light, perL   int
 	budget               time.Duration
 	out, svg, jsonOut    string
+	pprofDir             string
 	workDir              string
 	args                 string // the flags given, for the report
 	start                time.Time
@@ -83,6 +84,7 @@ func main() {
 	flag.StringVar(&c.out, "out", "", "also write the report to this file")
 	flag.StringVar(&c.svg, "svg", "", "draw the light tenants' wait CDFs into this SVG file")
 	flag.StringVar(&c.jsonOut, "json", "", "write the results as JSON to this file")
+	flag.StringVar(&c.pprofDir, "pprof", "", "save a CPU profile of Caddy over each run's window into this directory")
 	only := flag.String("systems", "", "only these systems (comma-separated of fifo, fair, fair-w3, haproxy)")
 	flag.Parse()
 	if *only != "" {
@@ -100,7 +102,7 @@ func main() {
 	var given []string
 	flag.Visit(func(f *flag.Flag) {
 		switch f.Name {
-		case "caddy", "haproxy", "out", "svg", "json":
+		case "caddy", "haproxy", "out", "svg", "json", "pprof":
 		case "quick":
 			given = append(given, "-quick")
 		default:
@@ -307,6 +309,22 @@ func (c *config) run(s system, round int) (r runResult) {
 					idx = append(idx, v.Fair.Index)
 				}
 				time.Sleep(100 * time.Millisecond)
+			}
+		}()
+	}
+	if c.pprofDir != "" && p.admin != "" {
+		wg.Add(1)
+		go func() { // Caddy's CPU profile over the window
+			defer wg.Done()
+			time.Sleep(time.Until(mStart))
+			secs := max(1, int(c.duration.Seconds())-1)
+			url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", p.admin, secs)
+			b, err := benchkit.Get(&http.Client{Timeout: c.duration + 30*time.Second}, url)
+			if err == nil {
+				err = os.WriteFile(filepath.Join(c.pprofDir, fmt.Sprintf("r%d-%s.pprof", round, s.key)), b, 0o644)
+			}
+			if err != nil {
+				logf("profile of round %d %s: %v", round, s.key, err)
 			}
 		}()
 	}
