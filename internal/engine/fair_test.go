@@ -92,7 +92,7 @@ func checkFair(t testing.TB, z *Zone) {
 	t.Helper()
 	z.mu.Lock()
 	defer z.mu.Unlock()
-	fq := z.def.fair
+	fq := z.fair
 	if fq == nil {
 		return
 	}

@@ -139,9 +139,6 @@ type keyState struct {
 	waiting int
 	asking  int      // fleet zones: connections whose Take is in flight
 	levels  []*level // by priority, highest first; empty levels are kept
-	// fair, when set, holds the waiters instead of levels: the zone shares
-	// its slots fairly between tenants (fair.go). Only the default key.
-	fair *fairQueue
 }
 
 func (ks *keyState) level(prio int) *level {
@@ -187,13 +184,10 @@ func (ks *keyState) next(order Order) *Waiter {
 	return nil
 }
 
-// each calls f for every waiter in admission order until f returns false;
-// in a zone with a fair share, in arrival order within each priority (the
-// zone's order), since which tenant is next depends on the slots they hold.
+// each calls f for every waiter in admission order until f returns false.
+// (A zone with a fair share keeps the default key's waiters in its fair
+// queue instead: see Zone.eachWaiter.)
 func (ks *keyState) each(order Order, f func(*Waiter) bool) bool {
-	if ks.fair != nil {
-		return ks.fair.each(f)
-	}
 	for _, l := range ks.levels {
 		if order == LIFO {
 			for w := l.tail; w != nil; w = w.prev {

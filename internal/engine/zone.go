@@ -80,11 +80,15 @@ type Zone struct {
 	override Override
 	paused   bool
 	def      keyState
-	keys     map[string]*keyState // key values other than ""
-	spare    []*keyState          // freed key states, for reuse
-	active   int                  // over all keys
-	waiting  int                  // over all keys
-	stats    Counters
+	// fair, when set, holds the default key's waiters instead of its
+	// levels: the zone shares its slots fairly between tenants (fair.go).
+	// (Kept here, not in keyState, which stays one cache line.)
+	fair    *fairQueue
+	keys    map[string]*keyState // key values other than ""
+	spare   []*keyState          // freed key states, for reuse
+	active  int                  // over all keys
+	waiting int                  // over all keys
+	stats   Counters
 	// the fair share's state as last told to fobs
 	fairTold      bool
 	fairWaiting   int
@@ -194,7 +198,7 @@ func (z *Zone) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
 	if w.state != stateIdle {
 		panic("connlimit: Waiter reused")
 	}
-	if z.def.fair != nil {
+	if z.fair != nil {
 		return z.acquireFair(w, wake, now)
 	}
 	ks := z.keyState(w.Key, true)
@@ -216,7 +220,7 @@ func (z *Zone) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
 // waiter waits. Lock held.
 func (z *Zone) acquireFair(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
 	ks := &z.def
-	fq := ks.fair
+	fq := z.fair
 	w.tn = fq.tenant(w.Tenant)
 	if !z.paused && ks.active < z.localSlots() && fq.eligible(w.tn) && !fq.anyEligible() {
 		z.admit(w, ks)
@@ -237,7 +241,7 @@ func (z *Zone) admit(w *Waiter, ks *keyState) {
 	ks.active++
 	z.active++
 	if w.tn != nil {
-		ks.fair.activeDelta(w.tn, 1)
+		z.fair.activeDelta(w.tn, 1)
 		z.fairChanged()
 	}
 	z.stats.Admitted++
@@ -271,9 +275,9 @@ func (z *Zone) enqueue(w *Waiter, ks *keyState, wake Waker, now time.Time) {
 	w.waker = wake
 	w.enqueued = now
 	w.state = stateWaiting
-	if ks.fair != nil {
+	if w.tn != nil {
 		w.position = w.tn.ahead(w.Priority, z.limits.Order) + 1
-		ks.fair.push(w)
+		z.fair.push(w)
 		z.fairChanged()
 	} else {
 		w.position = ks.ahead(w.Priority, z.limits.Order) + 1
@@ -307,7 +311,7 @@ func (z *Zone) deadline(w *Waiter) time.Time {
 // unlink takes w out of its waiting list. Lock held.
 func (z *Zone) unlink(w *Waiter) {
 	if w.lvl.tl != nil {
-		w.ks.fair.remove(w)
+		z.fair.remove(w)
 		z.fairChanged()
 	} else {
 		w.lvl.remove(w)
@@ -474,8 +478,8 @@ func (z *Zone) freeSlot(w *Waiter) {
 	ks.active--
 	z.active--
 	z.obs.ActiveDelta(-1)
-	if t := w.tn; t != nil && ks.fair != nil && t.fq == ks.fair {
-		ks.fair.activeDelta(t, -1)
+	if t := w.tn; t != nil && t.fq == z.fair {
+		z.fair.activeDelta(t, -1)
 		z.fairChanged()
 	}
 	z.grant(ks)
@@ -484,7 +488,7 @@ func (z *Zone) freeSlot(w *Waiter) {
 // grant hands the free slots of ks this process may fill on its own to
 // its waiters, in admission order. Lock held.
 func (z *Zone) grant(ks *keyState) {
-	if ks.fair != nil {
+	if z.fair != nil && ks == &z.def {
 		z.grantFair(ks)
 		return
 	}
@@ -498,7 +502,7 @@ func (z *Zone) grant(ks *keyState) {
 // weight, in the highest priority that has one. Lock held.
 func (z *Zone) grantFair(ks *keyState) {
 	for !z.paused && ks.active < z.localSlots() {
-		w := ks.fair.next()
+		w := z.fair.next()
 		if w == nil {
 			return
 		}
@@ -514,7 +518,7 @@ func (z *Zone) grantTo(w *Waiter) {
 	z.active++
 	z.obs.ActiveDelta(1)
 	if w.tn != nil {
-		w.ks.fair.activeDelta(w.tn, 1)
+		z.fair.activeDelta(w.tn, 1)
 		z.fairChanged()
 	}
 	w.waker.Wake()
@@ -523,8 +527,8 @@ func (z *Zone) grantTo(w *Waiter) {
 // tidyTenant forgets the tenant of w, in a zone with a fair share, if it
 // holds nothing and waits for nothing. Lock held.
 func (z *Zone) tidyTenant(w *Waiter) {
-	if w.tn != nil && z.def.fair != nil {
-		z.def.fair.tidy(w.tn)
+	if w.tn != nil && z.fair != nil {
+		z.fair.tidy(w.tn)
 	}
 }
 
@@ -535,7 +539,7 @@ func (z *Zone) fairChanged() {
 		return
 	}
 	n, j := 0, 1.0
-	if fq := z.def.fair; fq != nil {
+	if fq := z.fair; fq != nil {
 		n, j = fq.nWaiting, fq.index()
 	}
 	if z.fairTold && n == z.fairWaiting && j == z.fairIndexTold {
@@ -556,7 +560,19 @@ func (z *Zone) grantAll() {
 // wakeAll wakes every waiter, so that each re-reads its deadline. Lock held.
 func (z *Zone) wakeAll() {
 	f := func(w *Waiter) bool { w.waker.Wake(); return true }
-	z.def.each(z.limits.Order, f)
+	z.eachWaiter(f)
+}
+
+// eachWaiter calls f for every waiter, in admission order within each key
+// value; with a fair share, the default key's in arrival order within
+// each priority (which tenant is next depends on the slots they hold).
+// Lock held.
+func (z *Zone) eachWaiter(f func(*Waiter) bool) {
+	if z.fair != nil {
+		z.fair.each(f)
+	} else {
+		z.def.each(z.limits.Order, f)
+	}
 	for _, ks := range z.keys {
 		ks.each(z.limits.Order, f)
 	}
@@ -664,7 +680,7 @@ func (z *Zone) inForce(l Limits) {
 	old := z.limits
 	z.limits = l
 	z.obs.LimitsChanged(l, !z.override.IsZero())
-	if fq := z.def.fair; fq != nil && l.Order != old.Order {
+	if fq := z.fair; fq != nil && l.Order != old.Order {
 		fq.setConfig(fq.cfg, l.Order)
 		z.fairChanged()
 	}
@@ -712,14 +728,14 @@ func (z *Zone) SetFair(f Fair) {
 	defer z.mu.Unlock()
 	ks := &z.def
 	switch {
-	case !f.On() && ks.fair == nil:
+	case !f.On() && z.fair == nil:
 		return
 	case !f.On():
 		z.fairOff(ks)
-	case ks.fair == nil:
+	case z.fair == nil:
 		z.fairOn(ks, f)
 	default:
-		ks.fair.setConfig(f, z.limits.Order)
+		z.fair.setConfig(f, z.limits.Order)
 	}
 	z.fairChanged()
 	z.grantAll() // a higher fair_max, or waiters that were not eligible
@@ -728,7 +744,7 @@ func (z *Zone) SetFair(f Fair) {
 // fairOn moves the waiters of ks into a new fair queue. Lock held.
 func (z *Zone) fairOn(ks *keyState, f Fair) {
 	fq := newFairQueue(f, z.limits.Order)
-	ks.fair = fq
+	z.fair = fq
 	for _, l := range ks.levels {
 		for l.head != nil {
 			w := l.head
@@ -743,7 +759,7 @@ func (z *Zone) fairOn(ks *keyState, f Fair) {
 // fairOff moves the waiters of ks's fair queue back to the lists of ks,
 // in arrival order within each priority. Lock held.
 func (z *Zone) fairOff(ks *keyState) {
-	fq := ks.fair
+	fq := z.fair
 	var ws []*Waiter
 	for _, t := range fq.tenants {
 		for _, tl := range t.levels {
@@ -758,7 +774,7 @@ func (z *Zone) fairOff(ks *keyState) {
 		}
 		return cmp.Compare(a.seq, b.seq)
 	})
-	ks.fair = nil
+	z.fair = nil
 	for _, w := range ws {
 		w.prev, w.next, w.lvl, w.tn = nil, nil, nil, nil
 		ks.level(w.Priority).push(w)
@@ -828,7 +844,7 @@ func (z *Zone) SnapshotTenants(now time.Time, maxWaiters, maxTenants int) Snapsh
 		Counters: z.stats,
 		Keys:     len(z.keys),
 	}
-	if fq := z.def.fair; fq != nil {
+	if fq := z.fair; fq != nil {
 		s.Fair = fq.cfg
 		s.Fair.Weights = maps.Clone(fq.cfg.Weights)
 		s.Tenants = fq.held()
@@ -854,10 +870,7 @@ func (z *Zone) SnapshotTenants(now time.Time, maxWaiters, maxTenants int) Snapsh
 		}
 		return true
 	}
-	z.def.each(z.limits.Order, visit)
-	for _, ks := range z.keys {
-		ks.each(z.limits.Order, visit)
-	}
+	z.eachWaiter(visit)
 	return s
 }
 
