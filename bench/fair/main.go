@@ -49,6 +49,7 @@ type config struct {
 	budget               time.Duration
 	out, svg, jsonOut    string
 	pprofDir             string
+	sampleIndex          bool
 	workDir              string
 	args                 string // the flags given, for the report
 	start                time.Time
@@ -84,6 +85,7 @@ func main() {
 	flag.StringVar(&c.out, "out", "", "also write the report to this file")
 	flag.StringVar(&c.svg, "svg", "", "draw the light tenants' wait CDFs into this SVG file")
 	flag.StringVar(&c.jsonOut, "json", "", "write the results as JSON to this file")
+	flag.BoolVar(&c.sampleIndex, "index", true, "sample the zone list of the admin API every 200 ms, for the zone's fairness_index (every Caddy run, so that all pay the same)")
 	flag.StringVar(&c.pprofDir, "pprof", "", "save a CPU profile of Caddy over each run's window into this directory")
 	only := flag.String("systems", "", "only these systems (comma-separated of fifo, fair, fair-w3, haproxy)")
 	flag.Parse()
@@ -294,21 +296,28 @@ func (c *config) run(s system, round int) (r runResult) {
 	be.window(int64(mStart.Sub(base)), int64(mEnd.Sub(base)))
 	var idx []float64
 	var wg sync.WaitGroup
-	if p.admin != "" && strings.HasPrefix(s.key, "fair") {
+	if c.sampleIndex && p.admin != "" {
 		wg.Add(1)
-		go func() { // the zone's own fairness_index, every 100 ms in the window
+		go func() { // the zone's own fairness_index, every 200 ms in the window
 			defer wg.Done()
 			time.Sleep(time.Until(mStart))
 			for time.Now().Before(mEnd) {
 				var v struct {
-					Fair struct {
-						Index float64 `json:"fairness_index"`
-					} `json:"fair"`
+					Zones []struct {
+						Zone string
+						Fair *struct {
+							Index float64 `json:"fairness_index"`
+						} `json:"fair"`
+					} `json:"zones"`
 				}
-				if b, err := benchkit.Get(httpc, "http://"+p.admin+"/connection_limit/bench"); err == nil && json.Unmarshal(b, &v) == nil {
-					idx = append(idx, v.Fair.Index)
+				if b, err := benchkit.Get(httpc, "http://"+p.admin+"/connection_limit/"); err == nil && json.Unmarshal(b, &v) == nil {
+					for _, z := range v.Zones {
+						if z.Zone == "bench" && z.Fair != nil {
+							idx = append(idx, z.Fair.Index)
+						}
+					}
 				}
-				time.Sleep(100 * time.Millisecond)
+				time.Sleep(200 * time.Millisecond)
 			}
 		}()
 	}
