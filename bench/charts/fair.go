@@ -25,13 +25,15 @@ type FairLine struct {
 
 // fairStyle is how each of bench/fair's systems is drawn: connection_limit
 // in one line in the colour of connection_limit elsewhere, HAProxy in its
-// own, fair_share in green, its weighted variant dashed.
+// own (dashed), fair_share in green, its weighted variant dashed.
 func fairStyle(key string) (system, bool) {
 	switch key {
 	case "fifo":
 		return systemOf("connlimit"), true
-	case "haproxy":
-		return systemOf("haproxy"), true
+	case "haproxy": // dashed: in one FIFO line, it lies on connection_limit's
+		st := systemOf("haproxy")
+		st.dashes = []vg.Length{vg.Points(4), vg.Points(3)}
+		return st, true
 	case "fair":
 		return system{color: rgb(0x009E73)}, true
 	case "fair-w3":

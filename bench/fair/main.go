@@ -88,7 +88,14 @@ func main() {
 	flag.BoolVar(&c.sampleIndex, "index", true, "sample the zone list of the admin API every 200 ms, for the zone's fairness_index (every Caddy run, so that all pay the same)")
 	flag.StringVar(&c.pprofDir, "pprof", "", "save a CPU profile of Caddy over each run's window into this directory")
 	only := flag.String("systems", "", "only these systems (comma-separated of fifo, fair, fair-w3, haproxy)")
+	redraw := flag.String("redraw", "", "draw the chart (-svg) from the results (-json) of an earlier run, and run nothing")
 	flag.Parse()
+	if *redraw != "" {
+		if err := drawFrom(*redraw, c.svg); err != nil {
+			fatalf("%v", err)
+		}
+		return
+	}
 	if *only != "" {
 		var keep []system
 		for _, s := range systems {
@@ -176,14 +183,38 @@ func main() {
 		}
 	}
 	if c.svg != "" {
-		b, err := charts.FairWaits(rep.chart(c))
-		if err == nil {
-			err = os.WriteFile(c.svg, b, 0o644)
-		}
-		if err != nil {
-			fatalf("drawing %s: %v", c.svg, err)
+		if err := draw(rep, c.svg); err != nil {
+			fatalf("%v", err)
 		}
 	}
+}
+
+// draw writes the chart of rep's light tenants' waits to file.
+func draw(rep *report, file string) error {
+	b, err := charts.FairWaits(rep.chart())
+	if err == nil {
+		err = os.WriteFile(file, b, 0o644)
+	}
+	if err != nil {
+		return fmt.Errorf("drawing %s: %v", file, err)
+	}
+	return nil
+}
+
+// drawFrom draws the chart from the results an earlier run wrote (-json).
+func drawFrom(results, file string) error {
+	if file == "" {
+		return fmt.Errorf("-redraw needs -svg")
+	}
+	b, err := os.ReadFile(results)
+	if err != nil {
+		return err
+	}
+	var rep report
+	if err := json.Unmarshal(b, &rep); err != nil {
+		return fmt.Errorf("%s: %v", results, err)
+	}
+	return draw(&rep, file)
 }
 
 func fatalf(f string, a ...any) {

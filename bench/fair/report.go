@@ -16,7 +16,7 @@ import (
 // report is the runs, summed up per system, and the issue's figures.
 type report struct {
 	Date, Commit, Machine, HAProxy string
-	Settings                       string
+	Settings, Command              string
 	Tenants                        []string
 	Runs                           []runResult
 	Systems                        []summary
@@ -40,6 +40,7 @@ type summary struct {
 	CPU                                    float64 // the proxy's µs per connection, median over rounds
 	ZoneIndex                              float64 // the zone's fairness_index, mean of samples; -1: none
 	Failed                                 int64
+	LightWaits                             charts.Quantiles // for the chart
 	lightWaits                             []int64
 }
 
@@ -58,7 +59,8 @@ func summarise(c *config, runs []runResult) *report {
 		Machine: fmt.Sprintf("%d CPUs, %s", runtime.NumCPU(), cpuModel()), HAProxy: strings.TrimSpace(hvs),
 		Settings: fmt.Sprintf("max %d, hold %s, H %d clients, %d light tenants × %d clients, %d round(s) of %s + %s warm-up",
 			c.limit, c.hold, c.heavy, c.light, c.perL, c.rounds, c.duration, c.warmup),
-		Runs: runs,
+		Command: command(c),
+		Runs:    runs,
 	}
 	for _, t := range c.tenants(false) {
 		rep.Tenants = append(rep.Tenants, t.name)
@@ -96,6 +98,7 @@ func summarise(c *config, runs []runResult) *report {
 			continue
 		}
 		slices.Sort(sum.lightWaits)
+		sum.LightWaits = charts.Summarise(sum.lightWaits)
 		slices.Sort(heavy)
 		for i := range held {
 			held[i] /= float64(sum.Runs)
@@ -259,7 +262,7 @@ func (r *report) markdown(c *config) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "# fair_share benchmark\n\n")
 	fmt.Fprintf(&b, "%s, connlimit %s, %s; %s. Settings: %s. Command: `%s`.\n\n",
-		r.Date, r.Commit, r.Machine, r.HAProxy, r.Settings, command(c))
+		r.Date, r.Commit, r.Machine, r.HAProxy, r.Settings, r.Command)
 	b.WriteString("| figure | goal | value | met |\n|---|---|---|---|\n")
 	for _, g := range r.Goals {
 		met := "yes"
@@ -319,18 +322,17 @@ func (r *report) markdown(c *config) string {
 }
 
 // chart is the light tenants' wait CDFs.
-func (r *report) chart(c *config) charts.FairChart {
+func (r *report) chart() charts.FairChart {
 	ch := charts.FairChart{
 		Title:  "fair_share: the light tenants' wait behind a heavy tenant",
 		XLabel: "wait, client connects → backend has the connection (ms, log scale)",
 		Caption: []string{
-			fmt.Sprintf("Fraction of the light tenants' connections (L1–L%d, %d clients each) that waited at most x, while H runs %d clients in a closed loop; max_connections %d, the backend holds each connection %s; all rounds pooled.",
-				c.light, c.perL, c.heavy, c.limit, c.hold),
-			fmt.Sprintf("Run: connlimit %s, %s, on %s; %s. Command: %s.", r.Commit, r.Date, r.Machine, r.HAProxy, command(c)),
+			"Fraction of the light tenants' connections that waited at most x, all rounds pooled. Settings: " + r.Settings + ".",
+			fmt.Sprintf("Run: connlimit %s, %s, on %s; %s. Command: %s.", r.Commit, r.Date, r.Machine, r.HAProxy, r.Command),
 		},
 	}
 	for _, s := range r.Systems {
-		ch.Lines = append(ch.Lines, charts.FairLine{Key: s.Key, Label: s.Label, Waits: charts.Summarise(s.lightWaits)})
+		ch.Lines = append(ch.Lines, charts.FairLine{Key: s.Key, Label: s.Label, Waits: s.LightWaits})
 	}
 	return ch
 }
