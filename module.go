@@ -51,7 +51,7 @@ var zones = engine.NewRegistry(newZoneMetrics)
 // `{l4.conn.remote_ip}` | The client's IP address as this handler sees the connection: behind a proxy_protocol handler, the real client
 // `{l4.conn.remote_port}` | The client's port, likewise
 // `{l4.connection_limit.waited_ms}` | Milliseconds the connection waited (0 if admitted at once)
-// `{l4.connection_limit.position}` | Its place in line when it started waiting (1 = next), 0 if admitted at once
+// `{l4.connection_limit.position}` | Its place in line when it started waiting (1 = next; with fair_share, in its tenant's line), 0 if admitted at once
 // `{l4.connection_limit.reason}` | Why it was rejected: `queue_full`, `wait_timeout` or `no_waiting` (overflow handlers only)
 type Handler struct {
 	// How many connections are let through to the next handler at once

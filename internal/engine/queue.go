@@ -84,7 +84,8 @@ type Waiter struct {
 }
 
 // Position is the waiter's place in line when it started waiting (1 is
-// the next to be admitted), or 0 if it was admitted at once.
+// the next to be admitted; with a fair share, its place in its tenant's
+// line), or 0 if it was admitted at once.
 func (w *Waiter) Position() int { return w.position }
 
 // Waited is how long the waiter has been (or was) in line by now; 0 if it
