@@ -122,6 +122,7 @@ type zoneMetrics struct {
 	// made at the first FairChanged (under the zone's lock), so that zones
 	// without fair_share export no fair share series
 	tenantsWaiting, fairness prometheus.Gauge
+	toldWaiting              int // what this zone added to tenantsWaiting
 }
 
 func newZoneMetrics(zone string) engine.Observer {
@@ -165,7 +166,10 @@ func (m *zoneMetrics) FairChanged(tenantsWaiting int, index float64) {
 		m.tenantsWaiting = metricTenantsWaiting.WithLabelValues(m.zone)
 		m.fairness = metricFairnessIndex.WithLabelValues(m.zone)
 	}
-	m.tenantsWaiting.Set(float64(tenantsWaiting))
+	// Added, like active and waiting, so that handlers without a zone
+	// (which share the label "") sum; the index is the last one told.
+	m.tenantsWaiting.Add(float64(tenantsWaiting - m.toldWaiting))
+	m.toldWaiting = tenantsWaiting
 	m.fairness.Set(index)
 }
 
