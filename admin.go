@@ -26,7 +26,7 @@ func init() {
 // without a config load.
 //
 //	GET    /connection_limit/               all zones (and private handlers)
-//	GET    /connection_limit/<zone>         one zone, with its waiters
+//	GET    /connection_limit/<zone>         one zone, with its waiters (and tenants)
 //	POST   /connection_limit/<zone>/pause   admit nobody new; everyone waits
 //	POST   /connection_limit/<zone>/resume  admit again
 //	POST   /connection_limit/<zone>/limits  set limits over the config's, e.g. {"max_connections": 20}
@@ -51,6 +51,9 @@ const (
 	adminPrefix = "/connection_limit/"
 	// maxListedWaiters caps the waiters shown for one zone.
 	maxListedWaiters = 100
+	// maxListedTenants caps the tenants shown for one zone with a fair
+	// share: those that hold the most slots.
+	maxListedTenants = 100
 	// maxLimitsBody caps the body of a limits request.
 	maxLimitsBody = 4 << 10
 )
@@ -77,6 +80,30 @@ type zoneJSON struct {
 	// are then this node's (active, waiting, counters), but for the
 	// limits, which are the fleet's in force.
 	Fleet *fleetJSON `json:"fleet,omitempty"`
+	// Fair is set for a zone that shares its slots fairly between tenants.
+	Fair *fairJSON `json:"fair,omitempty"`
+}
+
+// fairJSON is a zone's fair share: its settings, and its tenants now.
+type fairJSON struct {
+	FairShare string         `json:"fair_share"`
+	Weights   map[string]int `json:"weights"`
+	FairMax   int            `json:"fair_max"` // 0: none
+	// Tenants that hold a slot or wait, those that wait, and Jain's
+	// fairness index over active ÷ weight of those that wait (1 when
+	// none does).
+	Tenants        int     `json:"tenants"`
+	TenantsWaiting int     `json:"tenants_waiting"`
+	FairnessIndex  float64 `json:"fairness_index"`
+}
+
+// tenantJSON is one tenant in the one-zone view.
+type tenantJSON struct {
+	Tenant     string  `json:"tenant"`
+	Active     int     `json:"active"`
+	Waiting    int     `json:"waiting"`
+	Weight     int     `json:"weight"`
+	OldestWait float64 `json:"oldest_wait_seconds"`
 }
 
 // fleetJSON is a fleet zone as this node sees it.
@@ -144,11 +171,16 @@ type zoneDetailJSON struct {
 	Waiters          []waiterJSON `json:"waiters"`
 	WaitersShownMax  int          `json:"waiters_shown_max"`
 	WaitersTruncated bool         `json:"waiters_truncated"`
+	// With a fair share: the tenants that hold the most slots.
+	TenantList       []tenantJSON `json:"tenants,omitempty"`
+	TenantsShownMax  int          `json:"tenants_shown_max,omitempty"`
+	TenantsTruncated bool         `json:"tenants_truncated,omitempty"`
 }
 
 type waiterJSON struct {
 	RemoteAddr string  `json:"remote_addr"`
 	Key        string  `json:"key"`
+	Tenant     string  `json:"tenant,omitempty"`
 	Priority   int     `json:"priority"`
 	Waited     float64 `json:"waited_seconds"`
 }
@@ -181,6 +213,13 @@ func zoneView(z *engine.Zone, s engine.Snapshot) zoneJSON {
 	}
 	if f := z.FleetView(); f != nil {
 		v.Fleet = fleetView(f, time.Now())
+	}
+	if f := s.Fair; f.On() {
+		v.Fair = &fairJSON{FairShare: f.Tenant, Weights: f.Weights, FairMax: f.Max,
+			Tenants: s.Tenants, TenantsWaiting: s.TenantsWaiting, FairnessIndex: s.FairIndex}
+		if v.Fair.Weights == nil {
+			v.Fair.Weights = map[string]int{}
+		}
 	}
 	if o := s.Override; !o.IsZero() {
 		v.Override = &overrideJSON{MaxConnections: o.MaxConnections, MaxWaiting: o.MaxWaiting}
@@ -232,14 +271,23 @@ func (AdminAPI) handleZone(w http.ResponseWriter, r *http.Request, name string) 
 	if err != nil {
 		return err
 	}
-	s := z.Snapshot(time.Now(), maxListedWaiters)
+	s := z.SnapshotTenants(time.Now(), maxListedWaiters, maxListedTenants)
 	v := zoneDetailJSON{zoneJSON: zoneView(z, s)}
 	v.Waiters = make([]waiterJSON, 0, len(s.Waiters))
 	for _, wi := range s.Waiters {
-		v.Waiters = append(v.Waiters, waiterJSON{RemoteAddr: wi.Remote, Key: wi.Key, Priority: wi.Priority, Waited: wi.Waited.Seconds()})
+		v.Waiters = append(v.Waiters, waiterJSON{RemoteAddr: wi.Remote, Key: wi.Key, Tenant: wi.Tenant, Priority: wi.Priority, Waited: wi.Waited.Seconds()})
 	}
 	v.WaitersShownMax = maxListedWaiters
 	v.WaitersTruncated = s.Waiting > len(s.Waiters)
+	if s.Fair.On() {
+		v.TenantList = make([]tenantJSON, 0, len(s.TenantList))
+		for _, ti := range s.TenantList {
+			v.TenantList = append(v.TenantList, tenantJSON{Tenant: ti.Tenant, Active: ti.Active, Waiting: ti.Waiting,
+				Weight: ti.Weight, OldestWait: ti.OldestWait.Seconds()})
+		}
+		v.TenantsShownMax = maxListedTenants
+		v.TenantsTruncated = s.Tenants > len(s.TenantList)
+	}
 	if st, ok, err := z.FleetStatus(r.Context()); ok {
 		if err != nil {
 			v.Fleet.StoreError = err.Error()

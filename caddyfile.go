@@ -19,6 +19,9 @@ import (
 //		order fifo|lifo
 //		zone <name>
 //		key <placeholder expression>
+//		fair_share <placeholder expression>
+//		weight <tenant value> <n>
+//		fair_max <n>
 //		priority <n>
 //		keep_half_closed
 //		release return|close_write
@@ -33,7 +36,9 @@ import (
 // max_connections is required, on the first line or in the block (not both).
 // max_waiting: 0 (default) no bound, -1 nobody waits. wait_timeout: 0
 // (default) no timeout. order and release take their values in any case,
-// as in JSON.
+// as in JSON. weight may be given once per tenant value (at least 1; every
+// other tenant weighs 1); weight and fair_max (at least 1) need fair_share,
+// which cannot go with key, nor (yet) with store.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the handler name
 	seen := make(map[string]bool)
@@ -84,6 +89,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		name := d.Val()
+		if name == "weight" {
+			if err := h.weightCaddyfile(d, intArg); err != nil {
+				return err
+			}
+			if err := noMore(name); err != nil {
+				return err
+			}
+			continue
+		}
 		if err := once(name); err != nil {
 			return err
 		}
@@ -95,6 +109,15 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.MaxWaiting, err = intArg(name, -1)
 		case "priority":
 			h.Priority, err = intArg(name, -int(^uint(0)>>1)-1)
+		case "fair_max":
+			var n int
+			n, err = intArg(name, 1)
+			h.FairMax = &n
+		case "fair_share":
+			if !d.NextArg() {
+				return d.Errf("connection_limit: option '%s' needs a value", name)
+			}
+			h.FairShare = d.Val()
 		case "wait_timeout":
 			if !d.NextArg() {
 				return d.Errf("connection_limit: option '%s' needs a value", name)
@@ -165,6 +188,36 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if h.MaxConnections == 0 {
 		return d.Err("connection_limit: max_connections is required")
 	}
+	switch {
+	case h.FairShare == "" && len(h.Weights) > 0:
+		return d.Err("connection_limit: option 'weight' needs fair_share, which names each connection's tenant")
+	case h.FairShare == "" && h.FairMax != nil:
+		return d.Err("connection_limit: option 'fair_max' needs fair_share, which names each connection's tenant")
+	case h.FairShare != "" && h.Key != "":
+		return d.Err("connection_limit: options 'fair_share' and 'key' cannot be used together: key gives each key value a max_connections of its own, fair_share shares one between tenants")
+	case h.FairShare != "" && h.StoreRaw != nil:
+		return d.Err("connection_limit: option 'fair_share' is not yet supported on a fleet zone (store)")
+	}
+	return nil
+}
+
+// weightCaddyfile reads `weight <tenant value> <n>`.
+func (h *Handler) weightCaddyfile(d *caddyfile.Dispenser, intArg func(string, int) (int, error)) error {
+	if !d.NextArg() {
+		return d.Err("connection_limit: option 'weight' needs a tenant value and a weight")
+	}
+	tenant := d.Val()
+	if _, dup := h.Weights[tenant]; dup {
+		return d.Errf("connection_limit: option 'weight': tenant '%s' is given twice", tenant)
+	}
+	n, err := intArg("weight", 1)
+	if err != nil {
+		return err
+	}
+	if h.Weights == nil {
+		h.Weights = make(map[string]int)
+	}
+	h.Weights[tenant] = n
 	return nil
 }
 

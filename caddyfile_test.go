@@ -89,6 +89,15 @@ func TestCaddyfileAdaptsToJSON(t *testing.T) {
 					release close_write
 				}`,
 			`{"handler":"connection_limit","max_connections":1,"zone":"per_ip","key":"{l4.conn.remote_ip}","priority":10,"keep_half_closed":true,"release":"close_write"}`},
+		{"fair share", `connection_limit 20 {
+					zone postgres
+					fair_share {l4.tls.server_name}
+					weight big.example.com 3
+					weight "" 2
+					weight small.example.com 1
+					fair_max 10
+				}`,
+			`{"handler":"connection_limit","max_connections":20,"zone":"postgres","fair_share":"{l4.tls.server_name}","weights":{"big.example.com":3,"":2,"small.example.com":1},"fair_max":10}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, err := adaptCaddyfile(t, caddyfileFor("", "127.0.0.1:5000", tc.route))
@@ -161,6 +170,63 @@ func TestCaddyfileErrors(t *testing.T) {
 		{`connection_limit 1 {
 					priority high
 				}`, "'priority': 'high' is not an integer"},
+		{`connection_limit 1 {
+					fair_share
+				}`, "'fair_share' needs a value"},
+		{`connection_limit 1 {
+					fair_share {l4.conn.remote_ip}
+					fair_share {l4.tls.server_name}
+				}`, "duplicate option 'fair_share'"},
+		{`connection_limit 1 {
+					fair_share {l4.conn.remote_ip}
+					key {l4.conn.remote_ip}
+				}`, "options 'fair_share' and 'key' cannot be used together"},
+		{`connection_limit 1 {
+					fair_share {l4.conn.remote_ip}
+					weight
+				}`, "'weight' needs a tenant value and a weight"},
+		{`connection_limit 1 {
+					fair_share {l4.conn.remote_ip}
+					weight 10.0.0.1
+				}`, "'weight' needs a value"},
+		{`connection_limit 1 {
+					fair_share {l4.conn.remote_ip}
+					weight 10.0.0.1 0
+				}`, "'weight' must be at least 1, got 0"},
+		{`connection_limit 1 {
+					fair_share {l4.conn.remote_ip}
+					weight 10.0.0.1 heavy
+				}`, "'weight': 'heavy' is not an integer"},
+		{`connection_limit 1 {
+					fair_share {l4.conn.remote_ip}
+					weight 10.0.0.1 2 3
+				}`, "option 'weight': unexpected argument '3'"},
+		{`connection_limit 1 {
+					fair_share {l4.conn.remote_ip}
+					weight 10.0.0.1 2
+					weight 10.0.0.1 3
+				}`, "'weight': tenant '10.0.0.1' is given twice"},
+		{`connection_limit 1 {
+					weight 10.0.0.1 2
+				}`, "'weight' needs fair_share"},
+		{`connection_limit 1 {
+					fair_share {l4.conn.remote_ip}
+					fair_max 0
+				}`, "'fair_max' must be at least 1, got 0"},
+		{`connection_limit 1 {
+					fair_share {l4.conn.remote_ip}
+					fair_max
+				}`, "'fair_max' needs a value"},
+		{`connection_limit 1 {
+					fair_max 3
+				}`, "'fair_max' needs fair_share"},
+		{`connection_limit 1 {
+					zone fleet
+					fair_share {l4.conn.remote_ip}
+					store redis {
+						address 127.0.0.1:1
+					}
+				}`, "option 'fair_share' is not yet supported on a fleet zone (store)"},
 	} {
 		_, err := adaptCaddyfile(t, caddyfileFor("", "127.0.0.1:5000", tc.route))
 		if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "Caddyfile:") {

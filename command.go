@@ -55,7 +55,8 @@ connection_limit zones are doing.
 
   caddy connection-limit [status]      one line per zone
   caddy connection-limit status <zone> the zone, its settings and its
-                                       longest waiters
+                                       longest waiters (with fair_share,
+                                       its tenants too)
   caddy connection-limit pause <zone>  admit nobody new to the zone: new
                                        and waiting connections wait
   caddy connection-limit resume <zone> admit again, at once
@@ -510,8 +511,15 @@ func renderZone(prev, cur *sample, maxWaiters int) []string {
 			z.Zone, z.MaxConnections, maxWaitingText(z.MaxWaiting), waitTimeoutText(z.WaitTimeout), z.Order),
 		"",
 	}
+	if f := z.Fair; f != nil {
+		lines = append(lines[:1], fairLine(f), "")
+	}
 	lines = append(lines, zoneTable(prev, cur, cur.zones)...)
 	lines = append(lines, "")
+	if z.Fair != nil {
+		lines = append(lines, tenantLines(&z)...)
+		lines = append(lines, "")
+	}
 	if z.Waiting == 0 {
 		return append(lines, "nobody is waiting")
 	}
@@ -522,9 +530,14 @@ func renderZone(prev, cur *sample, maxWaiters int) []string {
 	}
 	lines = append(lines, fmt.Sprintf("longest waiters (%d of %d waiting):", len(ws), z.Waiting))
 	rows := [][]string{{"WAITED", "REMOTE ADDRESS", "KEY", "PRIORITY"}}
+	if z.Fair != nil {
+		rows[0][2] = "TENANT"
+	}
 	for _, w := range ws {
 		key := w.Key
-		if key == "" {
+		if z.Fair != nil {
+			key = tenantText(w.Tenant)
+		} else if key == "" {
 			key = "-"
 		}
 		rows = append(rows, []string{formatWait(w.Waited), w.RemoteAddr, key, strconv.Itoa(w.Priority)})
@@ -534,6 +547,57 @@ func renderZone(prev, cur *sample, maxWaiters int) []string {
 		lines = append(lines, fmt.Sprintf("(the admin API lists the first %d waiters in admission order; longer waiters may be beyond them)", z.WaitersShownMax))
 	}
 	return lines
+}
+
+// fairLine is a zone's fair share settings and its tenants' fairness.
+func fairLine(f *fairJSON) string {
+	line := "fair_share " + f.FairShare
+	if len(f.Weights) > 0 {
+		ts := make([]string, 0, len(f.Weights))
+		for t := range f.Weights {
+			ts = append(ts, t)
+		}
+		sort.Strings(ts)
+		ws := make([]string, len(ts))
+		for i, t := range ts {
+			ws[i] = fmt.Sprintf("%s=%d", tenantText(t), f.Weights[t])
+		}
+		line += ", weights " + strings.Join(ws, " ")
+	}
+	if f.FairMax > 0 {
+		line += fmt.Sprintf(", fair_max %d", f.FairMax)
+	}
+	return line + fmt.Sprintf("; %d tenants waiting, fairness index %.2f", f.TenantsWaiting, f.FairnessIndex)
+}
+
+// tenantLines is the table of a zone's tenants, those that hold the most
+// slots first.
+func tenantLines(z *zoneInfo) []string {
+	if z.Fair.Tenants == 0 {
+		return []string{"no tenant holds a slot or waits"}
+	}
+	lines := []string{fmt.Sprintf("tenants (%d of %d, by slots held):", len(z.TenantList), z.Fair.Tenants)}
+	rows := [][]string{{"TENANT", "ACTIVE", "WAITING", "WEIGHT", "OLDEST WAIT"}}
+	for _, t := range z.TenantList {
+		oldest := "-"
+		if t.Waiting > 0 {
+			oldest = formatWait(t.OldestWait)
+		}
+		rows = append(rows, []string{tenantText(t.Tenant), strconv.Itoa(t.Active), strconv.Itoa(t.Waiting), strconv.Itoa(t.Weight), oldest})
+	}
+	lines = append(lines, alignColumns(rows)...)
+	if z.TenantsTruncated {
+		lines = append(lines, fmt.Sprintf("(the admin API lists the %d tenants that hold the most slots)", z.TenantsShownMax))
+	}
+	return lines
+}
+
+// tenantText shows the empty tenant value as "(empty)".
+func tenantText(t string) string {
+	if t == "" {
+		return "(empty)"
+	}
+	return t
 }
 
 func (z *zoneInfo) nameCell(zones []zoneInfo, i int) string {

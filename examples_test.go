@@ -25,6 +25,7 @@ func TestExamplesRun(t *testing.T) {
 		{"Caddyfile", "127.0.0.1:5433", "hello from the backend"},
 		{"overflow.json", "127.0.0.1:5434", "hello from the backend"},
 		{"per-ip.Caddyfile", "127.0.0.1:5435", "hello from the backend"},
+		{"fair.Caddyfile", "127.0.0.1:5436", "hello from the backend"},
 		{"http-listener-wrapper.Caddyfile", "127.0.0.1:8080", "hello from Caddy's HTTP server"},
 	} {
 		t.Run(tc.file, func(t *testing.T) {

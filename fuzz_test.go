@@ -289,6 +289,7 @@ func FuzzCaddyfile(f *testing.F) {
 		"connection_limit 1 {\n\toverflow {\n\t\tconnection_limit 1 {\n\t\t\tzone same\n\t\t}\n\t\techo\n\t}\n\tzone same\n}",
 		"connection_limit 2 {\n\toverflow {\n\t\tconnection_limit 1 {\n\t\t\tzone same\n\t\t}\n\t}\n\tzone same\n}",
 		"connection_limit 1 {\n\tkey {l4.conn.remote_ip}:{l4.conn.remote_port}\n\tmax_waiting 0\n\twait_timeout 0\n}",
+		"connection_limit 4 {\n\tfair_share {l4.conn.remote_ip}-{l4.tls.server_name}\n\tweight \"\" 9007199254740992\n\tweight \"a b\" 1\n\tfair_max 4\n}",
 	} {
 		f.Add(s)
 	}
@@ -450,6 +451,19 @@ func jsonHandlerSeeds(tb testing.TB) [][]byte {
 		`[{"handler":"connection_limit","max_connections":1,"zone":"z"},{"handler":"connection_limit","max_connections":2,"zone":"z"}]`,
 		`[{"handler":"connection_limit","max_connections":1,"zone":"z"},{"handler":"connection_limit","max_connections":1,"zone":"z","priority":5}]`,
 		`[{"handler":"connection_limit","max_connections":1,"zone":"z","order":"fifo"},{"handler":"connection_limit","max_connections":1,"zone":"z","order":"lifo"}]`,
+		`{"handler":"connection_limit","max_connections":3,"fair_share":"{l4.conn.remote_ip}","weights":{"127.0.0.2":3,"":1},"fair_max":2}`,
+		`{"handler":"connection_limit","max_connections":3,"fair_share":"{l4.conn.remote_ip}","weights":{"a":0}}`,
+		`{"handler":"connection_limit","max_connections":3,"fair_share":"{l4.conn.remote_ip}","weights":{"a":"3"}}`,
+		`{"handler":"connection_limit","max_connections":3,"fair_share":"{l4.conn.remote_ip}","weights":[3]}`,
+		`{"handler":"connection_limit","max_connections":3,"fair_share":"{l4.conn.remote_ip}","fair_max":0}`,
+		`{"handler":"connection_limit","max_connections":3,"fair_share":"{l4.conn.remote_ip}","fair_max":-1}`,
+		`{"handler":"connection_limit","max_connections":3,"fair_share":"{l4.conn.remote_ip}","fair_max":null}`,
+		`{"handler":"connection_limit","max_connections":3,"weights":{"a":2},"fair_max":1}`,
+		`{"handler":"connection_limit","max_connections":3,"fair_share":"{l4.conn.remote_ip}","key":"{l4.conn.remote_ip}"}`,
+		`{"handler":"connection_limit","max_connections":3,"fair_share":"{l4.conn.remote_ip}","zone":"f","store":{"backend":"redis","address":"127.0.0.1:1"}}`,
+		`[{"handler":"connection_limit","max_connections":1,"zone":"z","fair_share":"{a}"},{"handler":"connection_limit","max_connections":1,"zone":"z","fair_share":"{b}"}]`,
+		`[{"handler":"connection_limit","max_connections":1,"zone":"z","fair_share":"{a}","weights":{"x":2}},{"handler":"connection_limit","max_connections":1,"zone":"z","fair_share":"{a}"}]`,
+		`[{"handler":"connection_limit","max_connections":1,"zone":"z","fair_share":"{a}","fair_max":1},{"handler":"connection_limit","max_connections":1,"zone":"z","fair_share":"{a}","priority":3,"fair_max":1}]`,
 	} {
 		seeds = append(seeds, []byte(s))
 	}

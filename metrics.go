@@ -61,6 +61,16 @@ var (
 		Buckets: []float64{0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300},
 	}, []string{"zone"})
 
+	// Zones with fair_share: bounded in cardinality, no tenant labels.
+	metricTenantsWaiting = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "tenants_waiting",
+		Help: "Tenants (fair_share) with at least one connection waiting.",
+	}, []string{"zone"})
+	metricFairnessIndex = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "layer4_connection_limit", Name: "fairness_index",
+		Help: "Jain's fairness index over slots held ÷ weight of the tenants (fair_share) that wait: 1 when they hold equal shares, 1/n when one holds all; 1 when none waits.",
+	}, []string{"zone"})
+
 	// Fleet zones (a store): the store as this node sees it, and the
 	// fleet's counts as it last learned them.
 	metricStoreReachable = prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -86,7 +96,7 @@ var (
 	}, []string{"zone"})
 
 	allCollectors = []prometheus.Collector{metricActive, metricWaiting, metricAdmitted, metricRejected, metricAbandoned,
-		metricMax, metricMaxWaiting, metricPaused, metricOverridden, metricWait,
+		metricMax, metricMaxWaiting, metricPaused, metricOverridden, metricWait, metricTenantsWaiting, metricFairnessIndex,
 		metricStoreReachable, metricStoreErrors, metricStoreSeconds, metricFleetActive, metricFleetWaiting,
 		fleetCollector{}}
 )
@@ -122,6 +132,10 @@ type zoneMetrics struct {
 	rejected        [len(store.Reasons) + 1]prometheus.Counter
 	abandoned       prometheus.Counter
 	wait            prometheus.Observer
+	// made at the first FairChanged (under the zone's lock), so that zones
+	// without fair_share export no fair share series
+	tenantsWaiting, fairness prometheus.Gauge
+	toldWaiting              int // what this zone added to tenantsWaiting
 }
 
 func newZoneMetrics(zone string) engine.Observer {
@@ -169,6 +183,19 @@ func (m *zoneMetrics) Paused(p bool) {
 	} else {
 		m.paused.Set(0)
 	}
+}
+
+// FairChanged implements engine.FairObserver.
+func (m *zoneMetrics) FairChanged(tenantsWaiting int, index float64) {
+	if m.tenantsWaiting == nil {
+		m.tenantsWaiting = metricTenantsWaiting.WithLabelValues(m.zone)
+		m.fairness = metricFairnessIndex.WithLabelValues(m.zone)
+	}
+	// Added, like active and waiting, so that handlers without a zone
+	// (which share the label "") sum; the index is the last one told.
+	m.tenantsWaiting.Add(float64(tenantsWaiting - m.toldWaiting))
+	m.toldWaiting = tenantsWaiting
+	m.fairness.Set(index)
 }
 
 // OverrideEnded logs that a config load ended the limits set through the
@@ -278,5 +305,6 @@ func (fleetCollector) Collect(ch chan<- prometheus.Metric) {
 // Interface guards
 var (
 	_ engine.FleetObserver = (*zoneMetrics)(nil)
+	_ engine.FairObserver  = (*zoneMetrics)(nil)
 	_ prometheus.Collector = fleetCollector{}
 )

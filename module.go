@@ -51,7 +51,7 @@ var zones = engine.NewRegistry(newZoneMetrics)
 // `{l4.conn.remote_ip}` | The client's IP address as this handler sees the connection: behind a proxy_protocol handler, the real client
 // `{l4.conn.remote_port}` | The client's port, likewise
 // `{l4.connection_limit.waited_ms}` | Milliseconds the connection waited (0 if admitted at once)
-// `{l4.connection_limit.position}` | Its place in line when it started waiting (1 = next), 0 if admitted at once
+// `{l4.connection_limit.position}` | Its place in line when it started waiting (1 = next; with fair_share, in its tenant's line), 0 if admitted at once
 // `{l4.connection_limit.reason}` | Why it was rejected: `queue_full`, `wait_timeout` or `no_waiting` (overflow handlers only)
 type Handler struct {
 	// How many connections are let through to the next handler at once
@@ -78,8 +78,9 @@ type Handler struct {
 	// Handlers with the same zone share one count and one waiting list,
 	// across routes, servers and config reloads. Every handler of a zone in
 	// one config must have the same max_connections, max_waiting,
-	// wait_timeout and order; the settings of the newest config apply to
-	// everyone in the zone. Without a zone, each handler counts alone.
+	// wait_timeout, order, fair_share, weights and fair_max; the settings
+	// of the newest config apply to everyone in the zone. Without a zone,
+	// each handler counts alone.
 	Zone string `json:"zone,omitempty"`
 
 	// Shares the zone with every Caddy process whose handlers name the
@@ -95,6 +96,24 @@ type Handler struct {
 	// max_connections and max_waiting then apply per key value. An empty
 	// value is one key of its own.
 	Key string `json:"key,omitempty"`
+
+	// Shares the zone's slots fairly between tenants, named by this
+	// placeholder expression, for example {l4.conn.remote_ip} or
+	// {l4.tls.server_name}: a freed slot goes to the waiting tenant that
+	// holds the fewest slots for its weight. max_connections and
+	// max_waiting stay zone-wide; an empty value is one tenant of its own.
+	// Not with key. Default: none, one waiting list in the zone's order.
+	FairShare string `json:"fair_share,omitempty"`
+
+	// The weight of each tenant named here (by its fair_share value), at
+	// least 1: a tenant of weight 3 gets three times the slots of one of
+	// weight 1 when both wait. Needs fair_share. Default: every tenant 1.
+	Weights map[string]int `json:"weights,omitempty"`
+
+	// The most slots one tenant may hold at once, even when nobody else
+	// waits; at least 1. Needs fair_share. Default: none (up to
+	// max_connections).
+	FairMax *int `json:"fair_max,omitempty"`
 
 	// Within a zone, waiters with a higher priority are admitted before any
 	// waiter with a lower one; equal priorities keep the order. Default 0.
@@ -151,6 +170,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	fair, err := h.fair()
+	if err != nil {
+		return err
+	}
 	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
 		return fmt.Errorf("registering metrics: %v", err)
 	}
@@ -179,7 +202,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	// The config's context identifies the config: handlers of one config
 	// that share a zone must agree on its settings.
-	h.zone, h.leave, err = zones.Use(h.Zone, ctx.Context, limits, fleet)
+	h.zone, h.leave, err = zones.UseFair(h.Zone, ctx.Context, limits, fair, fleet)
 	if err != nil {
 		return err
 	}
@@ -210,6 +233,27 @@ func (h *Handler) limits() (engine.Limits, error) {
 		return l, fmt.Errorf("zone: %q must not contain '/', '?', '#', '%%' or surrounding spaces (it names the zone in the admin API)", h.Zone)
 	}
 	return l, l.Validate()
+}
+
+// fair checks the fair share options and returns the fair share they give.
+func (h *Handler) fair() (engine.Fair, error) {
+	f := engine.Fair{Tenant: h.FairShare, Weights: h.Weights}
+	if h.FairMax != nil {
+		if *h.FairMax < 1 {
+			return f, fmt.Errorf("fair_max must be at least 1, got %d (leave it out for no cap)", *h.FairMax)
+		}
+		f.Max = *h.FairMax
+	}
+	if err := f.Validate(); err != nil {
+		return f, err
+	}
+	if h.FairShare != "" && h.Key != "" {
+		return f, fmt.Errorf("fair_share and key cannot be used together: key gives each key value a max_connections of its own, fair_share shares one max_connections between tenants")
+	}
+	if h.FairShare != "" && h.StoreRaw != nil {
+		return f, fmt.Errorf("fair_share is not yet supported on a fleet zone (store)")
+	}
+	return f, nil
 }
 
 // Cleanup leaves the zone. Connections of this handler that still wait or
@@ -252,6 +296,9 @@ func (h *Handler) Handle(cx *layer4.Connection, next layer4.Handler) error {
 	w := a.waiter()
 	if h.Key != "" {
 		w.Key = repl.ReplaceAll(h.Key, "")
+	}
+	if h.FairShare != "" {
+		w.Tenant = repl.ReplaceAll(h.FairShare, "")
 	}
 	w.Priority = h.Priority
 	w.Remote = cx.RemoteAddr()

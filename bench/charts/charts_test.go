@@ -435,3 +435,49 @@ func TestCaptionSaysWhatDisturbedTheRun(t *testing.T) {
 		t.Error("CPU chart should say its profile runs were skipped")
 	}
 }
+
+// bench/fair's chart: one CDF per system, in its colour, the weighted
+// variant dashed; a system without samples is left out.
+func TestFairWaits(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	sample := func(median float64) Quantiles {
+		v := make([]int64, 500)
+		for i := range v {
+			v[i] = int64(median * math.Exp(rng.NormFloat64()*0.5))
+		}
+		slices.Sort(v)
+		return Summarise(v)
+	}
+	c := FairChart{Title: "fair_share: waits", XLabel: "wait (ms, log scale)", Caption: []string{"Run: connlimit abc1234."},
+		Lines: []FairLine{
+			{Key: "fifo", Label: "one FIFO line", Waits: sample(230e6)},
+			{Key: "fair", Label: "fair_share", Waits: sample(3e6)},
+			{Key: "fair-w3", Label: "fair_share, H weight 3", Waits: sample(8e6)},
+			{Key: "haproxy", Label: "HAProxy", Waits: sample(225e6)},
+			{Key: "nonesuch", Label: "unknown", Waits: sample(1e6)},
+		}}
+	b, err := FairWaits(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := parseSVG(t, b)
+	for _, want := range []string{"fair_share: waits", "wait (ms, log scale)", "one FIFO line", "fair_share, H weight 3", "HAProxy", "Run: connlimit abc1234."} {
+		if !d.hasText(want) {
+			t.Errorf("no text %q; texts: %q", want, d.texts)
+		}
+	}
+	if d.hasText("unknown") {
+		t.Error("a line of an unknown system is drawn")
+	}
+	for _, key := range []string{"fifo", "haproxy"} {
+		if n := d.strokes[hex(systemOf(map[string]string{"fifo": "connlimit", "haproxy": "haproxy"}[key]))]; n < 2 {
+			t.Errorf("%s: %d elements in its colour", key, n)
+		}
+	}
+	if n := d.strokes["#009e73"]; n < 4 {
+		t.Errorf("fair_share lines: %d elements in green, want 4 (two swatches, two lines)", n)
+	}
+	if _, err := FairWaits(FairChart{Lines: []FairLine{{Key: "fifo"}}}); !errors.Is(err, ErrNoData) {
+		t.Errorf("no samples: %v, want ErrNoData", err)
+	}
+}

@@ -76,27 +76,8 @@ func procThreads(pid int) int {
 	return len(d)
 }
 
-// cpuTotals reads the aggregate "cpu" line of /proc/stat: idle (idle +
-// iowait) and total jiffies.
-func cpuTotals() (idle, total uint64) {
-	b, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		return 0, 0
-	}
-	line, _, _ := strings.Cut(string(b), "\n")
-	f := strings.Fields(line)
-	for i, s := range f[1:] {
-		v, _ := strconv.ParseUint(s, 10, 64)
-		if i >= 8 { // guest and guest_nice are already in user and nice
-			break
-		}
-		total += v
-		if i == 3 || i == 4 {
-			idle += v
-		}
-	}
-	return idle, total
-}
+// cpuTotals reads the machine's idle and total jiffies (/proc/stat).
+func cpuTotals() (idle, total uint64) { return benchkit.CPUTotals() }
 
 // waitIdle waits (at most maxWait) until the machine is idle: less than
 // maxBusy of all CPUs busy over a 200 ms window. It returns the busy
@@ -156,20 +137,7 @@ func allProcCPU() map[int]procSample {
 }
 
 // listening reports whether a TCP socket listens on 127.0.0.1:port.
-func listening(port int) bool {
-	b, err := os.ReadFile("/proc/net/tcp")
-	if err != nil {
-		return false
-	}
-	want := fmt.Sprintf("0100007F:%04X", port)
-	for _, line := range strings.Split(string(b), "\n")[1:] {
-		f := strings.Fields(line)
-		if len(f) > 3 && f[1] == want && f[3] == "0A" {
-			return true
-		}
-	}
-	return false
-}
+func listening(port int) bool { return benchkit.Listening(port) }
 
 func cpuModel() string {
 	b, _ := os.ReadFile("/proc/cpuinfo")

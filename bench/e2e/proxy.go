@@ -256,22 +256,8 @@ func caddyConfig(spec procSpec, listen, admin string) []byte {
 }
 
 func haproxyConfig(spec procSpec, listen, sock string) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "global\n    maxconn %d\n", spec.maxConn)
-	if spec.nbthread > 0 {
-		fmt.Fprintf(&b, "    nbthread %d\n", spec.nbthread)
-	}
-	fmt.Fprintf(&b, "    stats socket %s level admin\n", sock)
-	b.WriteString(`defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 600s
-    timeout server 600s
-    timeout queue 600s
-`)
-	fmt.Fprintf(&b, "frontend fe\n    bind %s\n    maxconn %d\n    default_backend be\n", listen, spec.maxConn)
-	fmt.Fprintf(&b, "backend be\n    server s1 %s maxconn %d\n", spec.backend, spec.limit)
-	return b.String()
+	return benchkit.HAProxyTCP{Listen: listen, Server: spec.backend, MaxConn: spec.maxConn,
+		ServerMaxConn: spec.limit, NbThread: spec.nbthread, StatsSocket: sock}.Config()
 }
 
 var httpc = &http.Client{Timeout: 60 * time.Second}

@@ -65,8 +65,14 @@ type Waiter struct {
 	Priority int
 	// Remote names the client in snapshots (optional).
 	Remote fmt.Stringer
+	// Tenant is the connection's tenant in a zone with a fair share
+	// (SetFair): the zone's slots are shared fairly between tenants. The
+	// empty tenant is one tenant of its own. Ignored by other zones.
+	Tenant string
 
 	ks         *keyState
+	tn         *tenant // its tenant, in a zone with a fair share (fair.go)
+	seq        uint64  // arrival order among a fair zone's waiters
 	lvl        *level
 	prev, next *Waiter
 	waker      Waker
@@ -79,7 +85,8 @@ type Waiter struct {
 }
 
 // Position is the waiter's place in line when it started waiting (1 is
-// the next to be admitted), or 0 if it was admitted at once.
+// the next to be admitted; with a fair share, its place in its tenant's
+// line), or 0 if it was admitted at once.
 func (w *Waiter) Position() int { return w.position }
 
 // Waited is how long the waiter has been (or was) in line by now; 0 if it
@@ -97,6 +104,7 @@ type level struct {
 	prio       int
 	head, tail *Waiter
 	n          int
+	tl         *tenantLevel // the tenant's list this is, in a fair zone; else nil
 }
 
 func (l *level) push(w *Waiter) {
@@ -194,6 +202,8 @@ func (ks *keyState) next(order Order) *Waiter {
 }
 
 // each calls f for every waiter in admission order until f returns false.
+// (A zone with a fair share keeps the default key's waiters in its fair
+// queue instead: see Zone.eachWaiter.)
 func (ks *keyState) each(order Order, f func(*Waiter) bool) bool {
 	for _, l := range ks.levels {
 		if order == LIFO {

@@ -196,3 +196,123 @@ func runStress(t *testing.T, cfg stressConfig) {
 		t.Errorf("the run did not exercise both admissions and rejections: %+v", c)
 	}
 }
+
+// TestFairStress: many goroutines of several tenants on one zone with a
+// fair share whose weights and fair_max change, under -race: the zone
+// never holds more than max_connections, no tenant more than the largest
+// fair_max, and every attempt ends once.
+func TestFairStress(t *testing.T) {
+	const maxConns, maxFair = 6, 3
+	tenants := []string{"", "a", "b", "c", "d", "e", "f", "g"}
+	randFair := func() Fair {
+		f := Fair{Tenant: "{t}", Max: 2 + rand.IntN(maxFair-1)}
+		if rand.IntN(2) == 0 {
+			f.Weights = map[string]int{tenants[rand.IntN(len(tenants))]: 1 + rand.IntN(5)}
+		}
+		return f
+	}
+	z, _ := newFairZone(t, Limits{MaxConnections: maxConns, WaitTimeout: 20 * time.Millisecond}, randFair())
+	held := make([]atomic.Int32, len(tenants))
+	var total atomic.Int32
+	var attempts, ended, failures atomic.Int64
+	fail := func(format string, args ...any) {
+		if failures.Add(1) <= 10 {
+			t.Errorf(format, args...)
+		}
+	}
+	hold := func(w *Waiter, ti int) {
+		if n := held[ti].Add(1); n > maxFair {
+			fail("tenant %q holds %d slots, fair_max is at most %d", tenants[ti], n, maxFair)
+		}
+		if n := total.Add(1); n > maxConns {
+			fail("%d hold a slot, max_connections is %d", n, maxConns)
+		}
+		if rand.IntN(3) == 0 {
+			time.Sleep(time.Duration(rand.IntN(300)) * time.Microsecond)
+		}
+		total.Add(-1)
+		held[ti].Add(-1)
+		if !z.Free(w) {
+			fail("Free(admitted) = false")
+		}
+	}
+	done := make(chan struct{})
+	controlDone := make(chan struct{})
+	go func() {
+		defer close(controlDone)
+		for {
+			select {
+			case <-done:
+				z.SetPaused(false)
+				return
+			case <-time.After(time.Duration(500+rand.IntN(2000)) * time.Microsecond):
+			}
+			switch rand.IntN(4) {
+			case 0:
+				z.SetPaused(!isPaused(z))
+			case 1:
+				z.SetLimits(Limits{MaxConnections: maxConns, MaxWaiting: []int{0, 50, 500}[rand.IntN(3)],
+					WaitTimeout: 20 * time.Millisecond, Order: Order(rand.IntN(2))})
+			default:
+				z.SetFair(randFair())
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	for i := range 2000 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			time.Sleep(time.Duration(rand.IntN(300)) * time.Millisecond)
+			w := &Waiter{}
+			sig := NewSignal()
+			// Tenant a is heavy: a third of all connections.
+			ti := i % len(tenants)
+			if i%3 == 0 {
+				ti = 1
+			}
+			for range 1 + rand.IntN(3) {
+				*w = Waiter{Tenant: tenants[ti], Priority: []int{0, 0, 0, 1}[rand.IntN(4)]}
+				attempts.Add(1)
+				out, _ := z.Acquire(w, sig, time.Now())
+				if out == Queued {
+					var leave chan struct{}
+					if rand.IntN(4) == 0 {
+						l := make(chan struct{})
+						leave = l
+						timer := time.AfterFunc(time.Duration(rand.IntN(10000))*time.Microsecond, func() { close(l) })
+						defer timer.Stop()
+					}
+					out, _ = z.Wait(w, sig, leave)
+				}
+				ended.Add(1)
+				if out == Admitted {
+					hold(w, ti)
+				}
+				select {
+				case <-sig:
+				default:
+				}
+			}
+		}()
+	}
+	allDone := make(chan struct{})
+	go func() { wg.Wait(); close(allDone) }()
+	select {
+	case <-allDone:
+	case <-time.After(90 * time.Second):
+		panic(fmt.Sprintf("fair stress test stuck: %+v", z.SnapshotTenants(time.Now(), 20, 20)))
+	}
+	close(done)
+	<-controlDone
+	mustCounts(t, z, 0, 0)
+	s := z.Snapshot(time.Now(), 0)
+	if s.Tenants != 0 || s.TenantsWaiting != 0 {
+		t.Errorf("%d tenants (%d waiting) left at the end", s.Tenants, s.TenantsWaiting)
+	}
+	c := s.Counters
+	if got := c.Admitted + c.RejectedTotal() + c.Abandoned; got != uint64(attempts.Load()) || ended.Load() != attempts.Load() {
+		t.Errorf("admitted+rejected+abandoned %d, ended %d, attempts %d", got, ended.Load(), attempts.Load())
+	}
+	t.Logf("%d attempts: admitted %d, rejected %v, abandoned %d", attempts.Load(), c.Admitted, c.Rejected, c.Abandoned)
+}

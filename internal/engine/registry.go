@@ -40,6 +40,7 @@ type zoneUser struct {
 	owner     any
 	gen       uint64
 	limits    Limits
+	fair      Fair
 	fleet     *Fleet // nil: the zone counts in this process alone
 	refs      int
 	confirmed bool
@@ -65,11 +66,24 @@ func (r *Registry) observer(name string) Observer {
 // cleaned up; later calls change nothing). Two handlers of one config
 // that name the same zone with different limits or stores are an error.
 func (r *Registry) Use(name string, owner any, l Limits, fleet *Fleet) (*Zone, func(), error) {
+	return r.UseFair(name, owner, l, Fair{}, fleet)
+}
+
+// UseFair is Use for a zone that may share its slots fairly between
+// tenants (fair; zero: not). Handlers of one config that name the same
+// zone must give the same fair share too.
+func (r *Registry) UseFair(name string, owner any, l Limits, fair Fair, fleet *Fleet) (*Zone, func(), error) {
 	if err := l.Validate(); err != nil {
+		return nil, nil, err
+	}
+	if err := fair.Validate(); err != nil {
 		return nil, nil, err
 	}
 	if fleet != nil && name == "" {
 		return nil, nil, fmt.Errorf("store: needs a zone: its name names the fleet's shared state")
+	}
+	if fleet != nil && fair.On() {
+		return nil, nil, errFairFleet
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -77,7 +91,8 @@ func (r *Registry) Use(name string, owner any, l Limits, fleet *Fleet) (*Zone, f
 	r.gen++
 	if name == "" {
 		e := &zoneEntry{zone: NewZone("", l, r.observer(""))}
-		u := &zoneUser{owner: owner, gen: r.gen, limits: l, refs: 1, confirmed: true}
+		e.zone.SetFair(fair)
+		u := &zoneUser{owner: owner, gen: r.gen, limits: l, fair: fair, refs: 1, confirmed: true}
 		e.users = append(e.users, u)
 		r.private = append(r.private, e)
 		return e.zone, r.leaver(e, u), nil
@@ -92,8 +107,12 @@ func (r *Registry) Use(name string, owner any, l Limits, fleet *Fleet) (*Zone, f
 			continue
 		}
 		if u.limits != l {
-			return nil, nil, fmt.Errorf("zone %q is configured twice in one config with different settings (%s); every handler of a zone must have the same max_connections, max_waiting, wait_timeout and order",
-				name, limitsDiff(u.limits, l))
+			return nil, nil, fmt.Errorf("zone %q is configured twice in one config with different settings (%s); %s",
+				name, limitsDiff(u.limits, l), sameSettings)
+		}
+		if d := u.fair.Differs(fair); d != "" {
+			return nil, nil, fmt.Errorf("zone %q is configured twice in one config with different settings (%s); %s",
+				name, d, sameSettings)
 		}
 		if d := fleetDiff(u.fleet, fleet); d != "" {
 			return nil, nil, fmt.Errorf("zone %q is configured twice in one config with different store settings (%s); every handler of a zone must give the same store",
@@ -102,9 +121,9 @@ func (r *Registry) Use(name string, owner any, l Limits, fleet *Fleet) (*Zone, f
 		u.refs++
 		return e.zone, r.leaver(e, u), nil
 	}
-	u := &zoneUser{owner: owner, gen: r.gen, limits: l, fleet: fleet, refs: 1, confirmed: len(e.users) == 0}
+	u := &zoneUser{owner: owner, gen: r.gen, limits: l, fair: fair, fleet: fleet, refs: 1, confirmed: len(e.users) == 0}
 	if u.confirmed {
-		if err := e.zone.setFleet(fleet); err != nil {
+		if err := e.zone.settle(fleet, fair); err != nil {
 			r.sweep()
 			return nil, nil, err
 		}
@@ -112,6 +131,27 @@ func (r *Registry) Use(name string, owner any, l Limits, fleet *Fleet) (*Zone, f
 	}
 	e.users = append(e.users, u)
 	return e.zone, r.leaver(e, u), nil
+}
+
+// sameSettings ends the error of a zone configured twice in one config.
+const sameSettings = "every handler of a zone must have the same max_connections, max_waiting, wait_timeout, order, fair_share, weights and fair_max"
+
+// errFairFleet: the fleet's store does not share tenants yet.
+var errFairFleet = fmt.Errorf("fair_share is not yet supported on a fleet zone (store)")
+
+// settle puts a config's fleet and fair share in force: a fair share is
+// turned off before the zone joins a fleet, and on after it left one.
+func (z *Zone) settle(fleet *Fleet, fair Fair) error {
+	if !fair.On() {
+		z.SetFair(fair)
+	}
+	if err := z.setFleet(fleet); err != nil {
+		return err
+	}
+	if fair.On() {
+		z.SetFair(fair)
+	}
+	return nil
 }
 
 func limitsDiff(a, b Limits) string {
@@ -182,7 +222,7 @@ func (r *Registry) leave(e *zoneEntry, u *zoneUser) {
 			newest = v
 		}
 	}
-	if err := e.zone.setFleet(newest.fleet); err != nil {
+	if err := e.zone.settle(newest.fleet, newest.fair); err != nil {
 		// Its store was provisioned with its config, and opens without
 		// I/O: should it fail, the zone counts here alone, and says why.
 		if fo, ok := e.zone.obs.(FleetObserver); ok {

@@ -1,6 +1,9 @@
 package engine
 
 import (
+	"cmp"
+	"maps"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,6 +42,14 @@ type Observer interface {
 	Paused(p bool)
 }
 
+// FairObserver is an Observer that is also told of a fair share's state
+// (SetFair) whenever it changes: how many tenants wait, and Jain's
+// fairness index over active ÷ weight of those tenants (1 when none
+// waits). Like the Observer, it is called with the zone's lock held.
+type FairObserver interface {
+	FairChanged(tenantsWaiting int, index float64)
+}
+
 // Counters are the cumulative counts of a zone.
 type Counters struct {
 	Admitted  uint64
@@ -60,6 +71,7 @@ func (c Counters) RejectedTotal() uint64 {
 type Zone struct {
 	name string
 	obs  Observer
+	fobs FairObserver // obs, if it is one
 
 	// shared tells, without the lock, that fleet is set.
 	shared atomic.Bool
@@ -71,11 +83,19 @@ type Zone struct {
 	override Override
 	paused   bool
 	def      keyState
-	keys     map[string]*keyState // key values other than ""
-	spare    []*keyState          // freed key states, for reuse
-	active   int                  // over all keys
-	waiting  int                  // over all keys
-	stats    Counters
+	// fair, when set, holds the default key's waiters instead of its
+	// levels: the zone shares its slots fairly between tenants (fair.go).
+	// (Kept here, not in keyState, which stays one cache line.)
+	fair    *fairQueue
+	keys    map[string]*keyState // key values other than ""
+	spare   []*keyState          // freed key states, for reuse
+	active  int                  // over all keys
+	waiting int                  // over all keys
+	stats   Counters
+	// the fair share's state as last told to fobs
+	fairTold      bool
+	fairWaiting   int
+	fairIndexTold float64
 }
 
 // sharer is the fleet's side of a zone that several processes share
@@ -119,7 +139,8 @@ func NewZone(name string, l Limits, obs Observer) *Zone {
 		obs = nopObserver{}
 	}
 	obs.LimitsChanged(l, false)
-	return &Zone{name: name, limits: l, config: l, obs: obs}
+	fobs, _ := obs.(FairObserver)
+	return &Zone{name: name, limits: l, config: l, obs: obs, fobs: fobs}
 }
 
 func (z *Zone) keyState(key string, create bool) *keyState {
@@ -182,8 +203,31 @@ func (z *Zone) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
 	if w.state != stateIdle {
 		panic("connlimit: Waiter reused")
 	}
+	if z.fair != nil {
+		return z.acquireFair(w, wake, now)
+	}
 	ks := z.keyState(w.Key, true)
 	if !z.paused && ks.active < z.localSlots(ks) {
+		z.admit(w, ks)
+		return Admitted, ReasonNone
+	}
+	if r := z.full(ks); r != ReasonNone {
+		z.reject(w, ks, r)
+		return Rejected, r
+	}
+	z.enqueue(w, ks, wake, now)
+	return Queued, ReasonNone
+}
+
+// acquireFair is acquire in a zone with a fair share: every connection
+// counts in the default key, whatever its Key. An arrival is admitted at
+// once while a slot is free, its tenant is below fair_max and no eligible
+// waiter waits. Lock held.
+func (z *Zone) acquireFair(w *Waiter, wake Waker, now time.Time) (Outcome, Reason) {
+	ks := &z.def
+	fq := z.fair
+	w.tn = fq.tenant(w.Tenant)
+	if !z.paused && ks.active < z.localSlots(ks) && fq.eligible(w.tn) && !fq.anyEligible() {
 		z.admit(w, ks)
 		return Admitted, ReasonNone
 	}
@@ -201,6 +245,10 @@ func (z *Zone) admit(w *Waiter, ks *keyState) {
 	w.state = stateActive
 	ks.active++
 	z.active++
+	if w.tn != nil {
+		z.fair.activeDelta(w.tn, 1)
+		z.fairChanged()
+	}
 	z.stats.Admitted++
 	z.obs.ActiveDelta(1)
 	z.obs.Admitted(0)
@@ -223,6 +271,7 @@ func (z *Zone) reject(w *Waiter, ks *keyState, r Reason) {
 	z.stats.Rejected[r]++
 	z.obs.Rejected(r)
 	z.tidy(ks)
+	z.tidyTenant(w)
 }
 
 // enqueue puts w in the waiting list of ks. Lock held.
@@ -230,9 +279,15 @@ func (z *Zone) enqueue(w *Waiter, ks *keyState, wake Waker, now time.Time) {
 	w.ks = ks
 	w.waker = wake
 	w.enqueued = now
-	w.position = ks.ahead(w.Priority, z.limits.Order) + 1
 	w.state = stateWaiting
-	ks.level(w.Priority).push(w)
+	if w.tn != nil {
+		w.position = w.tn.ahead(w.Priority, z.limits.Order) + 1
+		z.fair.push(w)
+		z.fairChanged()
+	} else {
+		w.position = ks.ahead(w.Priority, z.limits.Order) + 1
+		ks.level(w.Priority).push(w)
+	}
 	ks.waiting++
 	z.waiting++
 	z.obs.WaitingDelta(1)
@@ -261,7 +316,12 @@ func (z *Zone) deadline(w *Waiter) time.Time {
 
 // unlink takes w out of its waiting list. Lock held.
 func (z *Zone) unlink(w *Waiter) {
-	w.lvl.remove(w)
+	if w.lvl.tl != nil {
+		z.fair.remove(w)
+		z.fairChanged()
+	} else {
+		w.lvl.remove(w)
+	}
 	w.ks.waiting--
 	z.waiting--
 	z.obs.WaitingDelta(-1)
@@ -314,6 +374,7 @@ func (z *Zone) poll(w *Waiter, now time.Time) (Outcome, Reason, time.Time) {
 			z.stats.Rejected[ReasonWaitTimeout]++
 			z.obs.Rejected(ReasonWaitTimeout)
 			z.tidy(ks)
+			z.tidyTenant(w)
 			return Rejected, ReasonWaitTimeout, time.Time{}
 		}
 		w.waker.Arm(d)
@@ -386,7 +447,7 @@ func (z *Zone) abandon(w *Waiter) bool {
 	case stateWaiting:
 		z.unlink(w)
 	case stateGranted:
-		z.freeSlot(ks)
+		z.freeSlot(w)
 	default:
 		return false
 	}
@@ -394,6 +455,7 @@ func (z *Zone) abandon(w *Waiter) bool {
 	z.stats.Abandoned++
 	z.obs.Abandoned()
 	z.tidy(ks)
+	z.tidyTenant(w)
 	return true
 }
 
@@ -418,25 +480,48 @@ func (z *Zone) free(w *Waiter) bool {
 	}
 	w.state = stateFreed
 	ks := w.ks
-	z.freeSlot(ks)
+	z.freeSlot(w)
 	z.tidy(ks)
+	z.tidyTenant(w)
 	return true
 }
 
-// freeSlot gives back one slot of ks and grants free slots to waiters.
-// Lock held.
-func (z *Zone) freeSlot(ks *keyState) {
+// freeSlot gives back the slot w holds, and grants free slots to
+// waiters. Lock held.
+func (z *Zone) freeSlot(w *Waiter) {
+	ks := w.ks
 	ks.active--
 	z.active--
 	z.obs.ActiveDelta(-1)
+	if t := w.tn; t != nil && t.fq == z.fair {
+		z.fair.activeDelta(t, -1)
+		z.fairChanged()
+	}
 	z.grant(ks)
 }
 
 // grant hands the free slots of ks this process may fill on its own to
 // its waiters, in admission order. Lock held.
 func (z *Zone) grant(ks *keyState) {
+	if z.fair != nil && ks == &z.def {
+		z.grantFair(ks)
+		return
+	}
 	for !z.paused && ks.waiting > 0 && ks.active < z.localSlots(ks) {
 		z.grantTo(ks.next(z.limits.Order))
+	}
+}
+
+// grantFair is grant in a zone with a fair share: each free slot goes to
+// the next waiter of the eligible tenant with the smallest active ÷
+// weight, in the highest priority that has one. Lock held.
+func (z *Zone) grantFair(ks *keyState) {
+	for !z.paused && ks.active < z.localSlots(ks) {
+		w := z.fair.next()
+		if w == nil {
+			return
+		}
+		z.grantTo(w)
 	}
 }
 
@@ -447,6 +532,10 @@ func (z *Zone) grantTo(w *Waiter) {
 	w.ks.active++
 	z.active++
 	z.obs.ActiveDelta(1)
+	if w.tn != nil {
+		z.fair.activeDelta(w.tn, 1)
+		z.fairChanged()
+	}
 	w.waker.Wake()
 }
 
@@ -464,6 +553,31 @@ func (z *Zone) ungrant(w *Waiter) {
 	z.obs.WaitingDelta(1)
 }
 
+// tidyTenant forgets the tenant of w, in a zone with a fair share, if it
+// holds nothing and waits for nothing. Lock held.
+func (z *Zone) tidyTenant(w *Waiter) {
+	if w.tn != nil && z.fair != nil {
+		z.fair.tidy(w.tn)
+	}
+}
+
+// fairChanged tells the FairObserver the fair share's state, if it
+// changed. Lock held.
+func (z *Zone) fairChanged() {
+	if z.fobs == nil {
+		return
+	}
+	n, j := 0, 1.0
+	if fq := z.fair; fq != nil {
+		n, j = fq.nWaiting, fq.index()
+	}
+	if z.fairTold && n == z.fairWaiting && j == z.fairIndexTold {
+		return
+	}
+	z.fairTold, z.fairWaiting, z.fairIndexTold = true, n, j
+	z.fobs.FairChanged(n, j)
+}
+
 // grantAll runs grant over every key with waiters. Lock held.
 func (z *Zone) grantAll() {
 	z.grant(&z.def)
@@ -475,7 +589,19 @@ func (z *Zone) grantAll() {
 // wakeAll wakes every waiter, so that each re-reads its deadline. Lock held.
 func (z *Zone) wakeAll() {
 	f := func(w *Waiter) bool { w.waker.Wake(); return true }
-	z.def.each(z.limits.Order, f)
+	z.eachWaiter(f)
+}
+
+// eachWaiter calls f for every waiter, in admission order within each key
+// value; with a fair share, the default key's in arrival order within
+// each priority (which tenant is next depends on the slots they hold).
+// Lock held.
+func (z *Zone) eachWaiter(f func(*Waiter) bool) {
+	if z.fair != nil {
+		z.fair.each(f)
+	} else {
+		z.def.each(z.limits.Order, f)
+	}
 	for _, ks := range z.keys {
 		ks.each(z.limits.Order, f)
 	}
@@ -589,6 +715,10 @@ func (z *Zone) inForce(l Limits) {
 	old := z.limits
 	z.limits = l
 	z.obs.LimitsChanged(l, !z.override.IsZero())
+	if fq := z.fair; fq != nil && l.Order != old.Order {
+		fq.setConfig(fq.cfg, l.Order)
+		z.fairChanged()
+	}
 	if l.WaitTimeout != old.WaitTimeout {
 		z.wakeAll()
 	}
@@ -619,10 +749,79 @@ func (z *Zone) setPaused(p bool) {
 	}
 }
 
+// SetFair puts a fair share among tenants in force (f.On()), changes its
+// weights and fair_max, or turns it off, for those who wait too. Turning
+// it on puts the waiters there are in their tenant's lists (Waiter.Tenant:
+// "" for those that came without one), in their order; turning it off puts
+// every waiter back in one line per priority, in arrival order.
+// Connections that hold a slot when it is turned on count in the zone but
+// for no tenant. A fair share counts every connection in the default key,
+// whatever its Key; the handler never gives both. It must not be set on a
+// fleet zone. f must be valid (Fair.Validate).
+func (z *Zone) SetFair(f Fair) {
+	f.Weights = maps.Clone(f.Weights) // the caller keeps its own
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	ks := &z.def
+	switch {
+	case !f.On() && z.fair == nil:
+		return
+	case !f.On():
+		z.fairOff(ks)
+	case z.fair == nil:
+		z.fairOn(ks, f)
+	default:
+		z.fair.setConfig(f, z.limits.Order)
+	}
+	z.fairChanged()
+	z.grantAll() // a higher fair_max, or waiters that were not eligible
+}
+
+// fairOn moves the waiters of ks into a new fair queue. Lock held.
+func (z *Zone) fairOn(ks *keyState, f Fair) {
+	fq := newFairQueue(f, z.limits.Order)
+	z.fair = fq
+	for _, l := range ks.levels {
+		for l.head != nil {
+			w := l.head
+			l.remove(w)
+			w.tn = fq.tenant(w.Tenant)
+			fq.push(w)
+		}
+	}
+	ks.levels = nil
+}
+
+// fairOff moves the waiters of ks's fair queue back to the lists of ks,
+// in arrival order within each priority. Lock held.
+func (z *Zone) fairOff(ks *keyState) {
+	fq := z.fair
+	var ws []*Waiter
+	for _, t := range fq.tenants {
+		for _, tl := range t.levels {
+			for w := tl.head; w != nil; w = w.next {
+				ws = append(ws, w)
+			}
+		}
+	}
+	slices.SortFunc(ws, func(a, b *Waiter) int {
+		if a.Priority != b.Priority {
+			return cmp.Compare(b.Priority, a.Priority)
+		}
+		return cmp.Compare(a.seq, b.seq)
+	})
+	z.fair = nil
+	for _, w := range ws {
+		w.prev, w.next, w.lvl, w.tn = nil, nil, nil, nil
+		ks.level(w.Priority).push(w)
+	}
+}
+
 // WaiterInfo describes one waiter in a Snapshot.
 type WaiterInfo struct {
 	Remote   string
 	Key      string
+	Tenant   string // with a fair share
 	Priority int
 	Waited   time.Duration
 }
@@ -644,12 +843,30 @@ type Snapshot struct {
 	// keeps state for: those that hold a slot or wait.
 	Keys int
 	// Waiters holds up to the number asked for, in admission order within
-	// each key value (keys in no particular order).
+	// each key value (keys in no particular order); with a fair share, in
+	// arrival order within each priority.
 	Waiters []WaiterInfo
+	// Fair is the fair share in force (zero: none). Then Tenants is how
+	// many tenants hold a slot or wait, TenantsWaiting how many wait, and
+	// FairIndex Jain's fairness index over active ÷ weight of those that
+	// wait (1 when none does).
+	Fair           Fair
+	Tenants        int
+	TenantsWaiting int
+	FairIndex      float64
+	// TenantList holds up to the number of tenants asked for, those that
+	// hold the most slots first.
+	TenantList []TenantInfo
 }
 
 // Snapshot returns the zone's counts and up to maxWaiters of its waiters.
 func (z *Zone) Snapshot(now time.Time, maxWaiters int) Snapshot {
+	return z.SnapshotTenants(now, maxWaiters, 0)
+}
+
+// SnapshotTenants is Snapshot, and with a fair share up to maxTenants of
+// its tenants too.
+func (z *Zone) SnapshotTenants(now time.Time, maxWaiters, maxTenants int) Snapshot {
 	z.mu.Lock()
 	defer z.mu.Unlock()
 	s := Snapshot{
@@ -663,12 +880,25 @@ func (z *Zone) Snapshot(now time.Time, maxWaiters int) Snapshot {
 		Counters: z.stats,
 		Keys:     len(z.keys),
 	}
+	if fq := z.fair; fq != nil {
+		s.Fair = fq.cfg
+		s.Fair.Weights = maps.Clone(fq.cfg.Weights)
+		s.Tenants = fq.held()
+		s.TenantsWaiting = fq.nWaiting
+		s.FairIndex = fq.index()
+		if maxTenants > 0 {
+			s.TenantList = fq.tenantsByActive(now, maxTenants)
+		}
+	}
 	visit := func(w *Waiter) bool {
 		if d := now.Sub(w.enqueued); d > s.OldestWait {
 			s.OldestWait = d
 		}
 		if len(s.Waiters) < maxWaiters {
 			wi := WaiterInfo{Key: w.Key, Priority: w.Priority, Waited: now.Sub(w.enqueued)}
+			if w.tn != nil {
+				wi.Tenant = w.Tenant
+			}
 			if w.Remote != nil {
 				wi.Remote = w.Remote.String()
 			}
@@ -676,10 +906,7 @@ func (z *Zone) Snapshot(now time.Time, maxWaiters int) Snapshot {
 		}
 		return true
 	}
-	z.def.each(z.limits.Order, visit)
-	for _, ks := range z.keys {
-		ks.each(z.limits.Order, visit)
-	}
+	z.eachWaiter(visit)
 	return s
 }
 

@@ -138,3 +138,82 @@ func Get(c *http.Client, url string) ([]byte, error) {
 	}
 	return b, nil
 }
+
+// DialFrom connects to addr from the source address ip (127.0.0.x), the
+// kernel picking the port at connect time: a client of one tenant, when
+// the proxy tells tenants apart by address.
+func DialFrom(ip net.IP, addr string, deadline time.Time) (net.Conn, error) {
+	nd := net.Dialer{Deadline: deadline, LocalAddr: &net.TCPAddr{IP: ip}, Control: bindNoPort}
+	return nd.Dial("tcp4", addr)
+}
+
+// HAProxyTCP is an HAProxy configuration in TCP mode in front of one
+// server that takes at most ServerMaxConn connections at once: the others
+// wait in HAProxy's queue (FIFO), without a queue timeout to speak of.
+type HAProxyTCP struct {
+	Listen, Server string
+	MaxConn        int // global and frontend maxconn
+	ServerMaxConn  int
+	NbThread       int    // 0: HAProxy's default
+	StatsSocket    string // "" for none
+}
+
+// Config is the configuration file's text.
+func (h HAProxyTCP) Config() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "global\n    maxconn %d\n", h.MaxConn)
+	if h.NbThread > 0 {
+		fmt.Fprintf(&b, "    nbthread %d\n", h.NbThread)
+	}
+	if h.StatsSocket != "" {
+		fmt.Fprintf(&b, "    stats socket %s level admin\n", h.StatsSocket)
+	}
+	b.WriteString(`defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+    timeout queue 600s
+`)
+	fmt.Fprintf(&b, "frontend fe\n    bind %s\n    maxconn %d\n    default_backend be\n", h.Listen, h.MaxConn)
+	fmt.Fprintf(&b, "backend be\n    server s1 %s maxconn %d\n", h.Server, h.ServerMaxConn)
+	return b.String()
+}
+
+// CPUTotals reads the aggregate "cpu" line of /proc/stat: idle (idle +
+// iowait) and total jiffies.
+func CPUTotals() (idle, total uint64) {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line)
+	for i, s := range f[1:] {
+		v, _ := strconv.ParseUint(s, 10, 64)
+		if i >= 8 { // guest and guest_nice are already in user and nice
+			break
+		}
+		total += v
+		if i == 3 || i == 4 {
+			idle += v
+		}
+	}
+	return idle, total
+}
+
+// Listening reports whether a TCP socket listens on 127.0.0.1:port.
+func Listening(port int) bool {
+	b, err := os.ReadFile("/proc/net/tcp")
+	if err != nil {
+		return false
+	}
+	want := fmt.Sprintf("0100007F:%04X", port)
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) > 3 && f[1] == want && f[3] == "0A" {
+			return true
+		}
+	}
+	return false
+}
