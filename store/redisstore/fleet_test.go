@@ -507,9 +507,9 @@ func TestRedisFleetReapsANodeThatStoppedRenewing(t *testing.T) {
 
 // Register repairs a node's counts: its held slots replace the store's,
 // its tickets the store still has keep their places and the others join
-// the end of the line, its undelivered
-// grants are dropped (their tickets are re-queued) and grants carry the
-// epoch of the registration they were made under.
+// the end of the line, its undelivered grants are dropped (their tickets
+// are re-queued) and grants carry the epoch of the registration they were
+// made under.
 func TestRedisFleetRegisterRepairs(t *testing.T) {
 	r := testkit.StartRedis(t, testkit.RedisConfig{})
 	a := newFleet(t, r, testZone, "A")
