@@ -57,6 +57,8 @@ var (
 	fleetLeave      = fleetRedisScript("leave")
 	fleetRenew      = fleetRedisScript("renew")
 	fleetRegister   = fleetRedisScript("register")
+	fleetRegTickets = fleetRedisScript("register_tickets")
+	fleetRegSweep   = fleetRedisScript("register_sweep")
 	fleetSetLimits  = fleetRedisScript("set_limits")
 	fleetSetPaused  = fleetRedisScript("set_paused")
 	fleetStatus     = fleetRedisScript("status")
@@ -404,8 +406,22 @@ func (s *redisFleet) Renew(ctx context.Context, counts store.NodeState) (store.S
 	return st, nil
 }
 
+// registerChunk is how many tickets one call of a registration names (or
+// sweeps): a node with tens of thousands of waiters registers in several
+// calls, each of which keeps Redis busy for a few ms, so that other nodes
+// and zones are not held up behind it.
+const registerChunk = 250
+
+// appendTickets appends each ticket's id, priority and key value to args.
+func appendTickets(args []any, ts []store.Ticket) []any {
+	for _, t := range ts {
+		args = append(args, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key)
+	}
+	return args
+}
+
 func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.State, error) {
-	args := make([]any, 0, 11+2*len(st.Held)+3*len(st.Waiting))
+	args := make([]any, 0, 12+2*len(st.Held)+3*min(len(st.Waiting), registerChunk))
 	args = append(args, s.node, s.lease.Milliseconds(), st.Active, st.Waiters, fleetReapLimit)
 	if st.Limits.MaxConnections != 0 {
 		if err := st.Limits.Validate(); err != nil {
@@ -440,16 +456,56 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 			args = append(args, k, c)
 		}
 	}
-	for _, t := range st.Waiting {
-		args = append(args, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key)
+	first := st.Waiting[:min(len(st.Waiting), registerChunk)]
+	more := 0
+	if len(first) < len(st.Waiting) {
+		more = 1
 	}
+	args = appendTickets(append(args, more), first)
 	v, err := s.run(ctx, "register", fleetRegister, true, args...)
 	if err != nil {
 		return store.State{}, err
 	}
-	fs, seq, err := parseFleetState(v)
+	r, ok := v.([]any)
+	if !ok || len(r) != 17 {
+		return store.State{}, s.fail("register", fmt.Errorf("unexpected reply %v", v))
+	}
+	fs, seq, err := parseFleetState(r[:16])
 	if err != nil {
 		return store.State{}, s.fail("register", err)
+	}
+	// The tickets the store had for this node and no call named leave:
+	// the sweep runs only if some may be left.
+	stale, _ := replyInt(r[16])
+	epoch := strconv.FormatUint(fs.Epoch, 10)
+	for rest := st.Waiting[len(first):]; len(rest) > 0; {
+		chunk := rest[:min(len(rest), registerChunk)]
+		rest = rest[len(chunk):]
+		last := ""
+		if len(rest) == 0 {
+			last = strconv.FormatInt(stale, 10)
+		}
+		v, err := s.run(ctx, "register", fleetRegTickets, true, appendTickets([]any{s.node, epoch, last}, chunk)...)
+		if err != nil {
+			return store.State{}, err
+		}
+		found, ok := replyInt(v)
+		if !ok {
+			return store.State{}, s.fail("register", fmt.Errorf("unexpected reply %v", v))
+		}
+		stale -= found
+	}
+	for cursor := "0"; stale > 0; {
+		v, err := s.run(ctx, "register", fleetRegSweep, true, s.node, epoch, cursor, registerChunk)
+		if err != nil {
+			return store.State{}, err
+		}
+		if cursor, ok = v.(string); !ok {
+			return store.State{}, s.fail("register", fmt.Errorf("unexpected reply %v", v))
+		}
+		if cursor == "0" {
+			break
+		}
 	}
 	s.saw(seq)
 	s.dmu.Lock() // the in-flight list is gone with the grants it held
