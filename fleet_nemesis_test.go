@@ -465,8 +465,9 @@ func (h *nmHarness) heal(e *nmEpisode, share int) {
 	e.to = time.Now()
 	e.settle = h.lease + nmRedial
 	var back map[int]time.Time
+	var seen map[int]bool
 	if e.kind == "redis_restart_empty" {
-		back = h.rejoined(e)
+		back, seen = h.rejoined(e)
 	}
 	var lapsed []string
 	for n := range nmNodes {
@@ -477,8 +478,10 @@ func (h *nmHarness) heal(e *nmEpisode, share int) {
 		if from, past := nmLapseFrom(e, end, back[n]); past {
 			e.lapses = append(e.lapses, nmLapse{node: n, from: from, to: e.to.Add(e.settle), share: share})
 			again := ""
-			if b, ok := back[n]; ok {
+			if b, ok := back[n]; ok && seen[n] {
 				again = " (registered again " + h.at(b) + ")"
+			} else if ok {
+				again = " (not registered again by " + h.at(b) + ")"
 			}
 			lapsed = append(lapsed, fmt.Sprintf("%s from %s%s", nmName(n), h.at(from), again))
 		}
@@ -508,14 +511,15 @@ func nmLapseFrom(e *nmEpisode, expiry, back time.Time) (time.Time, bool) {
 
 // rejoined watches the store that Redis restarted empty with, from the
 // heal, until each node at risk in e has registered in it or is past its
-// lease: back[n] is when node n's registration reached the store, by this
-// process's clock, or, if it had not by the time its lease ran out (less
-// nmMargin), when the harness stopped waiting for it. A node whose renewal
-// failed just before the heal renews again only a renewal period later,
-// and may find its lease run out meanwhile (it then admits on its share).
-func (h *nmHarness) rejoined(e *nmEpisode) map[int]time.Time {
+// lease: back[n] is when node n's registration reached the store, by
+// this process's clock (seen[n]), or, if it had not by the time its lease
+// ran out (less nmMargin), when the harness stopped waiting for it. A
+// node whose renewal failed just before the heal renews again only a
+// renewal period later, and may find its lease run out meanwhile (it then
+// admits on its share).
+func (h *nmHarness) rejoined(e *nmEpisode) (back map[int]time.Time, seen map[int]bool) {
 	info := redisstore.DefaultKeyPrefix + ":{" + nmZone + "}:info"
-	back := map[int]time.Time{}
+	back, seen = map[int]time.Time{}, map[int]bool{}
 	for len(back) < len(e.expires) {
 		args := []any{"EVAL", `local t = redis.call('TIME')
 local out = {t[1], t[2]}
@@ -546,6 +550,7 @@ return out`, 1, info}
 			if len(f) == 3 && err1 == nil && err2 == nil {
 				if ms, err := strconv.ParseInt(f[2], 10, 64); err == nil {
 					back[n] = now.Add(time.Duration(ms)*time.Millisecond - redisNow)
+					seen[n] = true
 					continue
 				}
 			}
@@ -555,7 +560,7 @@ return out`, 1, info}
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	return back
+	return back, seen
 }
 
 // leaseEnd is when node n's lease in the store runs out, as Redis has
