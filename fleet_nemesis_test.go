@@ -97,12 +97,11 @@ import (
 //     for the node stopped (SIGSTOP) or cut off (both ways, one way, or
 //     reset) and for every node while Redis is down, when the fault
 //     lasted that long. A fault shorter than that declares no node past
-//     its lease: the bound is exactly max_connections. After Redis
-//     restarted empty, a node is past its lease also when its lease runs
-//     out after the heal but before it registered in the new store (read
-//     in Redis: its entry in connlimit:{nm}:info, which only a
-//     registration writes there): a node whose renewal failed tries
-//     again only a renewal period later.
+//     its lease: the bound is exactly max_connections. A node is past
+//     its lease also when its lease runs out after the heal but before
+//     its first renewal or registration after it reached the store (read
+//     in Redis: its entry in connlimit:{nm}:info): a node whose renewal
+//     failed tries again only a renewal period later.
 //     K(node) is what the node held when its lease expired: its open
 //     backend connections at the start of that window (the most over its
 //     first nmMargin). A stopped process cannot close them, and the
@@ -466,7 +465,7 @@ func (h *nmHarness) heal(e *nmEpisode, share int) {
 	e.settle = h.lease + nmRedial
 	var back map[int]time.Time
 	var seen map[int]bool
-	if e.kind == "redis_restart_empty" {
+	if share > 0 && len(e.expires) > 0 {
 		back, seen = h.rejoined(e)
 	}
 	var lapsed []string
@@ -509,17 +508,23 @@ func nmLapseFrom(e *nmEpisode, expiry, back time.Time) (time.Time, bool) {
 	return from, back.After(from)
 }
 
-// rejoined watches the store that Redis restarted empty with, from the
-// heal, until each node at risk in e has registered in it or is past its
-// lease: back[n] is when node n's registration reached the store, by
-// this process's clock (seen[n]), or, if it had not by the time its lease
-// ran out (less nmMargin), when the harness stopped waiting for it. A
-// node whose renewal failed just before the heal renews again only a
-// renewal period later, and may find its lease run out meanwhile (it then
-// admits on its share).
+// rejoined watches the store from the heal until each node at risk in e
+// has renewed or registered there again or is past its lease: back[n] is
+// when node n's renewal reached the store, by this process's clock
+// (seen[n]), or, if none had by the time its lease ran out (less
+// nmMargin), when the harness stopped waiting for it. A node whose
+// renewal failed just before the heal renews again only a renewal period
+// later, and may find its lease run out meanwhile (it then admits on its
+// share). A renewal counts from the heal on (its time in
+// connlimit:{nm}:info, by Redis' clock, not before the first look), except
+// in a store that Redis restarted empty, where any entry is new.
 func (h *nmHarness) rejoined(e *nmEpisode) (back map[int]time.Time, seen map[int]bool) {
 	info := redisstore.DefaultKeyPrefix + ":{" + nmZone + "}:info"
 	back, seen = map[int]time.Time{}, map[int]bool{}
+	healMs := int64(-1)
+	if e.kind == "redis_restart_empty" {
+		healMs = 0
+	}
 	for len(back) < len(e.expires) {
 		args := []any{"EVAL", `local t = redis.call('TIME')
 local out = {t[1], t[2]}
@@ -544,11 +549,14 @@ return out`, 1, info}
 		sec, err1 := strconv.ParseInt(v[0], 10, 64)
 		usec, err2 := strconv.ParseInt(v[1], 10, 64)
 		redisNow := time.Duration(sec)*time.Second + time.Duration(usec)*time.Microsecond
+		if healMs < 0 {
+			healMs = redisNow.Milliseconds()
+		}
 		for i, n := range nodes {
 			// "<active> <waiting> <renewed ms>", written by a registration
 			f := strings.Fields(v[i+2])
 			if len(f) == 3 && err1 == nil && err2 == nil {
-				if ms, err := strconv.ParseInt(f[2], 10, 64); err == nil {
+				if ms, err := strconv.ParseInt(f[2], 10, 64); err == nil && ms >= healMs {
 					back[n] = now.Add(time.Duration(ms)*time.Millisecond - redisNow)
 					seen[n] = true
 					continue
