@@ -2,8 +2,10 @@ package redisstore
 
 import (
 	"context"
+	"crypto/sha1"
 	"crypto/tls"
 	"embed"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -19,49 +21,70 @@ import (
 	"github.com/l4-connlimit/connlimit/store"
 )
 
-// This file is store.Store in Redis (or any server that speaks its
-// protocol and runs its Lua scripts: Valkey, KeyDB). Every
-// operation is one Lua script, run with EVALSHA (EVAL once after the server
-// lost its script cache), so each is atomic and one round trip. Times
+// This file is store.Store in Redis 7.0 or later (or any server that speaks
+// its protocol and runs Redis Functions in Lua: Valkey). Every operation is
+// one function of one library (lua/), called with FCALL, so each is atomic
+// and one round trip; the library is loaded (FUNCTION LOAD) by the first
+// call that finds the server without it. Unlike a script run with EVALSHA,
+// it is not defined anew on every call: lib.lua's functions cost Redis
+// nothing per call. Times
 // (leases, when limits were set) are Redis' own clock (TIME), never a
-// node's. The key layout and what each script does are in lua/.
+// node's. The key layout and what each operation does are in lua/.
 //
 // Redis Cluster: every key of a zone is "<prefix>:{<zone>}:<what>", so they
-// share the hash tag {<zone>} and one zone lives in one slot. A script is
-// given the zone's base key "<prefix>:{<zone>}" as KEYS[1] (the client
+// share the hash tag {<zone>} and one zone lives in one slot. A function is
+// given the zone's base key "<prefix>:{<zone>}" as its one key (the client
 // routes it by that key's slot) and derives the others from it, per node
 // and per key value, which it cannot know beforehand; they are in the same
 // slot by their hash tag. Zone names and the prefix may not contain '{' or
 // '}', which would move the tag. With Options.Cluster the client is a
-// Cluster client that routes each script (and the BRPOPLPUSH of a node's
-// grants) to the shard of the zone's slot.
+// Cluster client that routes each call (and the BRPOPLPUSH of a node's
+// grants) to the shard of the zone's slot; the library is loaded on every
+// master.
 
 //go:embed lua/*.lua
 var fleetRedisLua embed.FS
 
-func fleetRedisScript(name string) *redis.Script {
+// fleetOps are the operations of lua/, each a function of the library.
+var fleetOps = []string{"take", "give", "leave", "renew", "register", "set_limits", "set_paused", "status", "deregister"}
+
+// fleetLibrary is the store's Redis Functions library: lib.lua, then each
+// operation's file as the body of a function. Its name and its functions'
+// names carry a hash of its code, so that nodes of different builds each
+// load their own and never replace another's.
+type fleetLibrary struct {
+	name string
+	code string            // FUNCTION LOAD's argument
+	fn   map[string]string // operation -> function name
+}
+
+var fleetLib = buildFleetLibrary()
+
+func buildFleetLibrary() fleetLibrary {
 	lib, err := fleetRedisLua.ReadFile("lua/lib.lua")
 	if err != nil {
 		panic(err)
 	}
-	op, err := fleetRedisLua.ReadFile("lua/" + name + ".lua")
-	if err != nil {
-		panic(err)
+	var body strings.Builder
+	body.Write(lib)
+	for _, op := range fleetOps {
+		src, err := fleetRedisLua.ReadFile("lua/" + op + ".lua")
+		if err != nil {
+			panic(err)
+		}
+		// the operation's file runs as it would as a script of its own,
+		// with KEYS and ARGV
+		fmt.Fprintf(&body, "\nredis.register_function('%%s_%s', function(KEYS, ARGV)\nzone(KEYS[1])\n%s\nend)\n", op, src)
 	}
-	return redis.NewScript(string(lib) + "\n" + string(op))
+	sum := sha1.Sum([]byte(body.String()))
+	name := "connlimit_" + hex.EncodeToString(sum[:6])
+	l := fleetLibrary{name: name, fn: map[string]string{},
+		code: "#!lua name=" + name + "\n" + strings.ReplaceAll(body.String(), "'%s_", "'"+name+"_")}
+	for _, op := range fleetOps {
+		l.fn[op] = name + "_" + op
+	}
+	return l
 }
-
-var (
-	fleetTake       = fleetRedisScript("take")
-	fleetGive       = fleetRedisScript("give")
-	fleetLeave      = fleetRedisScript("leave")
-	fleetRenew      = fleetRedisScript("renew")
-	fleetRegister   = fleetRedisScript("register")
-	fleetSetLimits  = fleetRedisScript("set_limits")
-	fleetSetPaused  = fleetRedisScript("set_paused")
-	fleetStatus     = fleetRedisScript("status")
-	fleetDeregister = fleetRedisScript("deregister")
-)
 
 // Options say how to reach Redis and how to keep a fleet zone there.
 type Options struct {
@@ -100,7 +123,7 @@ const (
 
 type redisFleet struct {
 	zone, node string
-	keys       []string // {base}: every script's KEYS
+	keys       []string // {base}: every call's keys
 	kGrants    string
 	kInflight  string
 	lease      time.Duration
@@ -112,6 +135,11 @@ type redisFleet struct {
 	// every call sends it, so that a store that went back in time (an
 	// older snapshot, a lagging replica) says so before it grants.
 	seen atomic.Uint64
+
+	// loads counts the library's loads by this store; loadMu makes them
+	// one at a time.
+	loadMu sync.Mutex
+	loads  atomic.Uint64
 
 	pumpOnce  sync.Once
 	evictOnce sync.Once
@@ -170,8 +198,8 @@ func New(opts Options, zone, nodeID string) (store.Store, error) {
 	}
 	base := opts.KeyPrefix + ":{" + zone + "}"
 	// RESP2, no CLIENT SETINFO, no maintenance notifications: a
-	// connection costs AUTH/SELECT at most, and any Redis >= 5 (or
-	// Valkey, KeyDB) serves it. Take, Give and Leave must not run twice:
+	// connection costs AUTH/SELECT at most, and any Redis >= 7.0 (or
+	// Valkey) serves it. Take, Give and Leave must not run twice:
 	// no automatic retry (nor redirect: a Cluster client would resend on
 	// a connection error while following one); run retries itself where
 	// that is safe.
@@ -260,19 +288,33 @@ func (s *redisFleet) isClosed() bool {
 	}
 }
 
-// run runs one script. It is tried once more after a Cluster's redirect
-// or refusal (it did not run), and an idempotent one also after a
-// connection error.
-func (s *redisFleet) run(ctx context.Context, op string, sc *redis.Script, idempotent bool, args ...any) (any, error) {
+// run runs one operation's function. It is tried once more after a
+// Cluster's redirect or refusal (it did not run), after loading the library
+// if the server did not have it (it did not run either: a server that
+// restarted or failed over without it, a FUNCTION FLUSH), and an idempotent
+// one also after a connection error.
+func (s *redisFleet) run(ctx context.Context, op string, idempotent bool, args ...any) (any, error) {
 	if s.isClosed() {
 		return nil, s.fail(op, store.ErrClosed)
 	}
-	v, err := sc.Run(ctx, s.c, s.keys, args...).Result()
+	fn := fleetLib.fn[op]
+	loads := s.loads.Load()
+	v, err := s.c.FCall(ctx, fn, s.keys, args...).Result()
+	if err != nil && notLoaded(err) && ctx.Err() == nil {
+		if err = s.load(ctx, loads); err == nil {
+			v, err = s.c.FCall(ctx, fn, s.keys, args...).Result()
+		}
+	}
 	if err != nil && (notRun(err) || idempotent && retryable(err)) && ctx.Err() == nil {
 		t := time.NewTimer(s.retryPause)
 		select {
 		case <-t.C:
-			v, err = sc.Run(ctx, s.c, s.keys, args...).Result()
+			v, err = s.c.FCall(ctx, fn, s.keys, args...).Result()
+			if err != nil && notLoaded(err) && ctx.Err() == nil {
+				if err = s.load(ctx, s.loads.Load()); err == nil {
+					v, err = s.c.FCall(ctx, fn, s.keys, args...).Result()
+				}
+			}
 		case <-ctx.Done():
 			t.Stop()
 		case <-s.closed:
@@ -285,7 +327,35 @@ func (s *redisFleet) run(ctx context.Context, op string, sc *redis.Script, idemp
 	return v, nil
 }
 
-// notRun: a Cluster's reply that the script did not run there (the slot
+// notLoaded: the server does not have this build's library.
+func notLoaded(err error) bool {
+	return redis.HasErrorPrefix(err, "Function not found")
+}
+
+// load loads the library (on every master of a Cluster: the zone's may
+// have changed), unless another call did so since it saw loads: calls
+// that all found it missing load it once.
+func (s *redisFleet) load(ctx context.Context, loads uint64) error {
+	s.loadMu.Lock()
+	defer s.loadMu.Unlock()
+	if s.loads.Load() != loads {
+		return nil
+	}
+	var err error
+	if cc, ok := s.c.(*redis.ClusterClient); ok {
+		err = cc.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
+			return c.FunctionLoadReplace(ctx, fleetLib.code).Err()
+		})
+	} else {
+		err = s.c.FunctionLoadReplace(ctx, fleetLib.code).Err()
+	}
+	if err == nil {
+		s.loads.Add(1)
+	}
+	return err
+}
+
+// notRun: a Cluster's reply that the call did not run there (the slot
 // moved, is moving, or the cluster is down).
 func notRun(err error) bool {
 	for _, p := range []string{"MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN"} {
@@ -324,7 +394,7 @@ func (s *redisFleet) saw(seq uint64) {
 }
 
 func (s *redisFleet) Take(ctx context.Context, t store.Ticket) (store.Outcome, store.Reason, error) {
-	v, err := s.run(ctx, "take", fleetTake, false,
+	v, err := s.run(ctx, "take", false,
 		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key, s.seenArg())
 	if err != nil {
 		return store.Rejected, store.ReasonNone, err
@@ -356,7 +426,7 @@ func (s *redisFleet) Take(ctx context.Context, t store.Ticket) (store.Outcome, s
 }
 
 func (s *redisFleet) Give(ctx context.Context, key string) error {
-	v, err := s.run(ctx, "give", fleetGive, false, s.node, key, s.seenArg())
+	v, err := s.run(ctx, "give", false, s.node, key, s.seenArg())
 	if err == nil && v == int64(-1) {
 		return s.fail("give", store.ErrLapsed)
 	}
@@ -364,7 +434,7 @@ func (s *redisFleet) Give(ctx context.Context, key string) error {
 }
 
 func (s *redisFleet) Leave(ctx context.Context, t store.Ticket) (bool, error) {
-	v, err := s.run(ctx, "leave", fleetLeave, false,
+	v, err := s.run(ctx, "leave", false,
 		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key, s.seenArg())
 	if err != nil {
 		return false, err
@@ -385,7 +455,7 @@ func (s *redisFleet) Renew(ctx context.Context, counts store.NodeState) (store.S
 	for _, t := range counts.Acks {
 		args = append(args, grantString(t))
 	}
-	v, err := s.run(ctx, "renew", fleetRenew, true, args...)
+	v, err := s.run(ctx, "renew", true, args...)
 	if err != nil {
 		return store.State{}, err
 	}
@@ -443,7 +513,7 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 	for _, t := range st.Waiting {
 		args = append(args, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key)
 	}
-	v, err := s.run(ctx, "register", fleetRegister, true, args...)
+	v, err := s.run(ctx, "register", true, args...)
 	if err != nil {
 		return store.State{}, err
 	}
@@ -478,7 +548,7 @@ func (s *redisFleet) SetLimits(ctx context.Context, st store.Settings) error {
 	if st.FromConfig {
 		from = 1
 	}
-	_, err := s.run(ctx, "set_limits", fleetSetLimits, true, from,
+	_, err := s.run(ctx, "set_limits", true, from,
 		l.MaxConnections, l.MaxWaiting, l.WaitTimeout.Milliseconds(), l.Order.String(),
 		c.MaxConnections, c.MaxWaiting, c.WaitTimeout.Milliseconds(), c.Order.String())
 	return err
@@ -489,12 +559,12 @@ func (s *redisFleet) SetPaused(ctx context.Context, paused bool) error {
 	if paused {
 		p = 1
 	}
-	_, err := s.run(ctx, "set_paused", fleetSetPaused, true, p)
+	_, err := s.run(ctx, "set_paused", true, p)
 	return err
 }
 
 func (s *redisFleet) Status(ctx context.Context) (store.Status, error) {
-	v, err := s.run(ctx, "status", fleetStatus, true, s.node)
+	v, err := s.run(ctx, "status", true, s.node)
 	if err != nil {
 		return store.Status{}, err
 	}
@@ -506,7 +576,7 @@ func (s *redisFleet) Status(ctx context.Context) (store.Status, error) {
 }
 
 func (s *redisFleet) Deregister(ctx context.Context) error {
-	_, err := s.run(ctx, "deregister", fleetDeregister, true, s.node)
+	_, err := s.run(ctx, "deregister", true, s.node)
 	return err
 }
 

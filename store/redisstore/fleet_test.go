@@ -1026,7 +1026,7 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 			}()
 		}
 		// warm up: the BRPOPLPUSHes armed, the renewals' connections made and
-		// their script loaded
+		// the library loaded
 		time.Sleep(store.RenewEvery(a.Lease()) + 200*time.Millisecond)
 		r.ResetStats()
 		time.Sleep(3 * time.Second)
@@ -1039,10 +1039,10 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 	}
 	none := idle("idle-none", 0)
 	twenty := idle("idle-twenty", 20)
-	// what the clients sent: the commands that scripts run are counted
-	// too, by name, and told apart by the fleet's own scripts' use
-	sent := map[string]bool{"evalsha": true, "eval": true, "brpoplpush": true, "hello": true,
-		"auth": true, "select": true, "ping": true, "script|load": true}
+	// what the clients sent: the commands that functions run are counted
+	// too, by name, and told apart by the fleet's own functions' use
+	sent := map[string]bool{"fcall": true, "brpoplpush": true, "hello": true,
+		"auth": true, "select": true, "ping": true, "function|load": true}
 	total := func(m map[string]int64) (n int64) {
 		for c, v := range m {
 			if sent[c] {
@@ -1062,7 +1062,7 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 		t.Errorf("20 waiters cost %d commands in 3 s, want at most %d", total(twenty), max)
 	}
 	for cmd, n := range twenty {
-		if sent[cmd] && cmd != "evalsha" && cmd != "brpoplpush" {
+		if sent[cmd] && cmd != "fcall" && cmd != "brpoplpush" {
 			t.Errorf("an idle node sent %s %d times", cmd, n)
 		}
 	}
@@ -1187,6 +1187,10 @@ func TestRedisFleetConcurrent(t *testing.T) {
 
 // Take and give of a connection admitted at once: two round trips, one
 // after the other (serial), or from many connections at once (parallel).
+// Besides the time a pair takes it reports what it cost Redis: its CPU
+// (user and system, of the whole process: reading and writing the
+// connections too) per pair and pairs per second of one core, and the
+// time INFO commandstats gives the functions (FCALL: what they ran).
 func BenchmarkRedisFleetTakeGive(b *testing.B) {
 	r := testkit.StartRedis(b, testkit.RedisConfig{})
 	s := newFleet(b, r, testZone, "A")
@@ -1207,11 +1211,83 @@ func BenchmarkRedisFleetTakeGive(b *testing.B) {
 			}
 		}
 	}
-	b.Run("serial", func(b *testing.B) { loop(b, b.Loop) })
+	measure := func(b *testing.B, run func()) {
+		r.ResetStats()
+		cpu := r.CPU()
+		start := ids.Load()
+		run()
+		pairs := float64(ids.Load() - start)
+		used := r.CPU() - cpu
+		cts := r.CommandTimes()
+		ct := cts["fcall"]
+		if pairs == 0 || used == 0 {
+			return
+		}
+		b.ReportMetric(float64(used.Microseconds())/pairs, "redis-cpu-µs/pair")
+		b.ReportMetric(pairs/used.Seconds(), "pairs/redis-core-s")
+		b.ReportMetric(float64(ct.Usec)/pairs, "fcall-µs/pair")
+	}
+	b.Run("serial", func(b *testing.B) { measure(b, func() { loop(b, b.Loop) }) })
 	b.Run("parallel", func(b *testing.B) {
-		b.SetParallelism(8)
-		b.RunParallel(func(pb *testing.PB) { loop(b, pb.Next) })
+		b.SetParallelism(16)
+		measure(b, func() { b.RunParallel(func(pb *testing.PB) { loop(b, pb.Next) }) })
 	})
+}
+
+// The library is loaded once, by the first call that finds it missing
+// (many at once load it once), again after the server lost it (FUNCTION
+// FLUSH, a restart), and beside another build's library, which it leaves
+// alone.
+func TestRedisFleetLibrary(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	ctx := tctx(t)
+	adm := admin(t, r)
+	other := "#!lua name=connlimit_000000000000\n" +
+		"redis.register_function('connlimit_000000000000_take', function() return 'other' end)"
+	if err := adm.FunctionLoad(ctx, other).Err(); err != nil {
+		t.Fatal(err)
+	}
+	a := newFleet(t, r, testZone, "A")
+	r.ResetStats()
+	mustRegister(t, a, store.NodeState{Limits: fifo(100, 0)})
+	var wg sync.WaitGroup
+	for i := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			take(t, a, store.Ticket{ID: uint64(i + 1)}, store.Admitted)
+		}()
+	}
+	wg.Wait()
+	if n := r.CommandStats()["function|load"]; n != 1 {
+		t.Errorf("library loaded %d times, want 1", n)
+	}
+	if err := adm.FunctionFlush(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	give(t, a, "")
+	wantCounts(t, a, 19, 0)
+	if err := adm.FunctionLoad(ctx, other).Err(); err != nil {
+		t.Fatal(err)
+	}
+	r.Kill()
+	r.Restart()
+	mustRegister(t, a, store.NodeState{Held: map[string]int{"": 19}, Limits: fifo(100, 0)})
+	take(t, a, store.Ticket{ID: 100}, store.Admitted)
+	libs, err := adm.FunctionList(ctx, redis.FunctionListQuery{}).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(libs) != 1 || libs[0].Name != fleetLib.name {
+		t.Errorf("libraries after a restart: %+v, want only %s", libs, fleetLib.name)
+	}
+	if err := adm.FunctionLoad(ctx, other).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := adm.FCall(ctx, "connlimit_000000000000_take", nil).Result(); v != "other" {
+		t.Errorf("the other build's library: %v %v", v, err)
+	}
+	checkStore(t, r, testZone)
 }
 
 // In a Redis Cluster (of one node serving every slot), through a Cluster
@@ -1265,7 +1341,7 @@ func TestRedisFleetRoundTrips(t *testing.T) {
 	b := newFleet(t, r, testZone, "B")
 	mustRegister(t, a, store.NodeState{Limits: fifo(1, 0)})
 	mustRegister(t, b, store.NodeState{})
-	// load the scripts
+	// load the library
 	take(t, a, store.Ticket{ID: 1}, store.Admitted)
 	take(t, b, store.Ticket{ID: 1}, store.Queued)
 	_, _ = b.Leave(tctx(t), store.Ticket{ID: 1})
@@ -1276,8 +1352,8 @@ func TestRedisFleetRoundTrips(t *testing.T) {
 	r.ResetStats()
 	take(t, a, store.Ticket{ID: 2}, store.Admitted)
 	give(t, a, "")
-	if got := r.CommandStats()["evalsha"]; got != 2 {
-		t.Errorf("admitted at once: %d scripts, want 2", got)
+	if got := r.CommandStats()["fcall"]; got != 2 {
+		t.Errorf("admitted at once: %d functions called, want 2", got)
 	}
 
 	take(t, a, store.Ticket{ID: 3}, store.Admitted) // the holder
@@ -1288,11 +1364,11 @@ func TestRedisFleetRoundTrips(t *testing.T) {
 	give(t, b, "")
 	time.Sleep(50 * time.Millisecond) // the BRPOPLPUSH re-armed
 	st := r.CommandStats()
-	// B: take, give (evalsha) and the BRPOPLPUSH that delivered its grant; the
+	// B: take, give (fcall) and the BRPOPLPUSH that delivered its grant; the
 	// holder's give is the holder's own. BRPOPLPUSH: counted when served, the
 	// re-armed one not yet.
-	if st["evalsha"] != 3 || st["brpoplpush"] != 1 {
-		t.Errorf("one that waited: %v, want 3 evalsha (2 of its own) and 1 brpoplpush", st)
+	if st["fcall"] != 3 || st["brpoplpush"] != 1 {
+		t.Errorf("one that waited: %v, want 3 fcall (2 of its own) and 1 brpoplpush", st)
 	}
 }
 

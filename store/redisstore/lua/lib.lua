@@ -1,5 +1,6 @@
--- connlimit fleet zone: the functions every script shares. Each script is
--- this file followed by its own part, run with EVALSHA.
+-- connlimit fleet zone: the functions every operation shares. The store
+-- loads this file and every operation's file as one Redis Functions
+-- library (FUNCTION LOAD, once), each operation a function run by FCALL.
 --
 -- KEYS[1] is the zone's base key "<prefix>:{<zone>}". Every key a script
 -- touches is KEYS[1] .. ":" .. suffix, so it carries the base key's Cluster
@@ -25,11 +26,18 @@
 --   inflight:<node> list  where it stays until the node acknowledges it
 --   prios:<key>    zset   that key value's priorities that have waiters
 --   q:<prio>:<key> zset   "<ticket id>\n<node id>" -> place (seq)
-local B = KEYS[1]
-local K_CFG, K_SEQ, K_NODES = B .. ':cfg', B .. ':seq', B .. ':nodes'
-local K_INFO, K_EPOCHS, K_TOT = B .. ':info', B .. ':epochs', B .. ':tot'
-local K_ACTIVE, K_WAITING, K_WKEYS = B .. ':active', B .. ':waiting', B .. ':wkeys'
-local K_GEN = B .. ':gen'
+local B, K_CFG, K_SEQ, K_NODES, K_INFO, K_EPOCHS, K_TOT, K_ACTIVE, K_WAITING, K_WKEYS, K_GEN
+
+-- sets the zone every function of this call works on: KEYS[1]. The names
+-- are made again only when the zone is not the last call's.
+local function zone(b)
+	if b == B then return end
+	B = b
+	K_CFG, K_SEQ, K_NODES = b .. ':cfg', b .. ':seq', b .. ':nodes'
+	K_INFO, K_EPOCHS, K_TOT = b .. ':info', b .. ':epochs', b .. ':tot'
+	K_ACTIVE, K_WAITING, K_WKEYS = b .. ':active', b .. ':waiting', b .. ':wkeys'
+	K_GEN = b .. ':gen'
+end
 local function k_held(node) return B .. ':held:' .. node end
 local function k_tickets(node) return B .. ':tickets:' .. node end
 local function k_grants(node) return B .. ':grants:' .. node end
