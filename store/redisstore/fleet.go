@@ -141,6 +141,11 @@ type redisFleet struct {
 	loadMu sync.Mutex
 	loads  atomic.Uint64
 
+	// the calls in flight, and those that wait for one to end (fcall)
+	bmu      sync.Mutex
+	inflight int
+	pending  []*fcallReq
+
 	pumpOnce  sync.Once
 	evictOnce sync.Once
 	evictWarn func(policy string) // says that Redis may evict the zone's keys
@@ -299,20 +304,20 @@ func (s *redisFleet) run(ctx context.Context, op string, idempotent bool, args .
 	}
 	fn := fleetLib.fn[op]
 	loads := s.loads.Load()
-	v, err := s.c.FCall(ctx, fn, s.keys, args...).Result()
+	v, err := s.fcall(ctx, fn, args)
 	if err != nil && notLoaded(err) && ctx.Err() == nil {
 		if err = s.load(ctx, loads); err == nil {
-			v, err = s.c.FCall(ctx, fn, s.keys, args...).Result()
+			v, err = s.fcall(ctx, fn, args)
 		}
 	}
 	if err != nil && (notRun(err) || idempotent && retryable(err)) && ctx.Err() == nil {
 		t := time.NewTimer(s.retryPause)
 		select {
 		case <-t.C:
-			v, err = s.c.FCall(ctx, fn, s.keys, args...).Result()
+			v, err = s.fcall(ctx, fn, args)
 			if err != nil && notLoaded(err) && ctx.Err() == nil {
 				if err = s.load(ctx, s.loads.Load()); err == nil {
-					v, err = s.c.FCall(ctx, fn, s.keys, args...).Result()
+					v, err = s.fcall(ctx, fn, args)
 				}
 			}
 		case <-ctx.Done():
@@ -325,6 +330,98 @@ func (s *redisFleet) run(ctx context.Context, op string, idempotent bool, args .
 		return nil, s.failCall(op, err)
 	}
 	return v, nil
+}
+
+// fleetPipelines is how many of a store's calls are in flight at once:
+// the calls that come while they are wait, and go together as one
+// pipeline when one of those ends.
+const fleetPipelines = 2
+
+// fcallReq is a call waiting for a pipeline.
+type fcallReq struct {
+	ctx  context.Context
+	fn   string
+	args []any
+	v    any
+	err  error
+	done chan struct{}
+}
+
+// fcall calls function fn once. A call that finds fewer than
+// fleetPipelines calls in flight goes at once, alone, as it would without
+// this; the others queue and go as one pipeline, so that under load Redis
+// reads and answers many calls with one system call each way (most of
+// its CPU per call otherwise). Each call's round trip stays one.
+func (s *redisFleet) fcall(ctx context.Context, fn string, args []any) (any, error) {
+	s.bmu.Lock()
+	if s.inflight < fleetPipelines {
+		s.inflight++
+		s.bmu.Unlock()
+		v, err := s.c.FCall(ctx, fn, s.keys, args...).Result()
+		s.next()
+		return v, err
+	}
+	r := &fcallReq{ctx: ctx, fn: fn, args: args, done: make(chan struct{})}
+	s.pending = append(s.pending, r)
+	s.bmu.Unlock()
+	select {
+	case <-r.done:
+		return r.v, r.err
+	case <-ctx.Done():
+		// the call may still go (uncertain, as any call its ctx ended)
+		return nil, ctx.Err()
+	}
+}
+
+// next ends a call or pipeline in flight: the calls that queued meanwhile
+// go next, as one pipeline, in its place.
+func (s *redisFleet) next() {
+	s.bmu.Lock()
+	if len(s.pending) == 0 {
+		s.inflight--
+		s.bmu.Unlock()
+		return
+	}
+	batch := s.pending
+	s.pending = nil
+	s.bmu.Unlock()
+	go s.pipeline(batch)
+}
+
+// pipeline sends the calls of batch whose callers still wait, in one
+// pipeline, and hands each its reply.
+func (s *redisFleet) pipeline(batch []*fcallReq) {
+	defer s.next()
+	live := batch[:0]
+	for _, r := range batch {
+		if r.ctx.Err() != nil { // its caller is gone: not sent
+			close(r.done)
+			continue
+		}
+		live = append(live, r)
+	}
+	if len(live) == 0 {
+		return
+	}
+	// each caller waits for its own ctx; the pipeline is bounded by the
+	// client's read and write timeouts
+	ctx := context.Background()
+	if len(live) == 1 {
+		r := live[0]
+		r.v, r.err = s.c.FCall(ctx, r.fn, s.keys, r.args...).Result()
+		close(r.done)
+		return
+	}
+	p := s.c.Pipeline()
+	cmds := make([]*redis.Cmd, len(live))
+	for i, r := range live {
+		cmds[i] = p.FCall(ctx, r.fn, s.keys, r.args...)
+	}
+	_, _ = p.Exec(ctx)
+	for i, r := range live {
+		r.v, r.err = cmds[i].Result()
+		close(r.done)
+	}
 }
 
 // notLoaded: the server does not have this build's library.

@@ -6,9 +6,11 @@ import (
 	"fmt"
 	"net"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -1288,6 +1290,87 @@ func TestRedisFleetLibrary(t *testing.T) {
 		t.Errorf("the other build's library: %v %v", v, err)
 	}
 	checkStore(t, r, testZone)
+}
+
+// Calls of one store at once go together, as pipelines: Redis reads far
+// fewer times than it is called, each call runs once, and the counts come
+// out right. A call whose ctx ended while it waited for a pipeline is not
+// sent.
+func TestRedisFleetPipelines(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	mustRegister(t, a, store.NodeState{Limits: fifo(1000, 0)})
+	reads := func() int64 {
+		s, err := r.Str("INFO", "stats")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range strings.Split(s, "\r\n") {
+			if v, ok := strings.CutPrefix(l, "total_reads_processed:"); ok {
+				n, _ := strconv.ParseInt(v, 10, 64)
+				return n
+			}
+		}
+		t.Fatal("no total_reads_processed in INFO stats")
+		return 0
+	}
+	r.ResetStats()
+	before := reads()
+	const goroutines, pairs = 64, 20
+	var wg sync.WaitGroup
+	var ids atomic.Uint64
+	for range goroutines {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range pairs {
+				take(t, a, store.Ticket{ID: ids.Add(1)}, store.Admitted)
+				give(t, a, "")
+			}
+		}()
+	}
+	wg.Wait()
+	calls, got := r.CommandStats()["fcall"], reads()-before
+	if calls != 2*goroutines*pairs {
+		t.Errorf("%d calls of functions, want %d", calls, 2*goroutines*pairs)
+	}
+	if got > calls*3/4 {
+		t.Errorf("Redis read %d times for %d calls: no pipelines", got, calls)
+	}
+	t.Logf("%d calls in %d reads", calls, got)
+	wantCounts(t, a, 0, 0)
+
+	// calls that wait for a pipeline, then give up
+	r.ResetStats()
+	if err := r.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errs := make(chan error, 10)
+	for i := range 10 {
+		go func() {
+			_, _, err := a.Take(ctx, store.Ticket{ID: uint64(10000 + i)})
+			errs <- err
+		}()
+	}
+	time.Sleep(100 * time.Millisecond)
+	cancel()
+	for range 10 {
+		if err := <-errs; err == nil {
+			t.Error("a take whose ctx ended: no error")
+		}
+	}
+	if err := r.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if n := r.CommandStats()["fcall"]; n > 2 {
+		t.Errorf("%d of 10 takes whose ctx ended were sent, want at most the 2 in flight", n)
+	}
+	take(t, a, store.Ticket{ID: 20000}, store.Admitted)
+	give(t, a, "")
+	mustRegister(t, a, store.NodeState{})
+	wantCounts(t, a, 0, 0)
 }
 
 // In a Redis Cluster (of one node serving every slot), through a Cluster
