@@ -475,9 +475,10 @@ func retryable(err error) bool {
 		!(errors.As(err, &nerr) && nerr.Timeout())
 }
 
-// seenArg is what a call says of the store's state it saw.
-func (s *redisFleet) seenArg() string {
-	return strconv.FormatUint(s.seen.Load(), 10) + " " + strconv.FormatInt(s.lease.Milliseconds(), 10)
+// seenArgs are what a call says of the store's state it saw: the highest
+// sequence, and the lease (ms) the store learns for if it went back.
+func (s *redisFleet) seenArgs() (string, string) {
+	return strconv.FormatUint(s.seen.Load(), 10), strconv.FormatInt(s.lease.Milliseconds(), 10)
 }
 
 // saw notes the sequence a reply showed.
@@ -491,13 +492,17 @@ func (s *redisFleet) saw(seq uint64) {
 }
 
 func (s *redisFleet) Take(ctx context.Context, t store.Ticket) (store.Outcome, store.Reason, error) {
+	seen, lease := s.seenArgs()
 	v, err := s.run(ctx, "take", false,
-		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key, s.seenArg())
+		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key, seen, lease)
 	if err != nil {
 		return store.Rejected, store.ReasonNone, err
 	}
 	r, ok := v.([]any)
-	if !ok || len(r) == 0 {
+	if !ok {
+		r = []any{v} // a bare status: a table costs the function more
+	}
+	if len(r) == 0 {
 		return store.Rejected, store.ReasonNone, s.fail("take", fmt.Errorf("unexpected reply %v", v))
 	}
 	switch r[0] {
@@ -523,7 +528,8 @@ func (s *redisFleet) Take(ctx context.Context, t store.Ticket) (store.Outcome, s
 }
 
 func (s *redisFleet) Give(ctx context.Context, key string) error {
-	v, err := s.run(ctx, "give", false, s.node, key, s.seenArg())
+	seen, lease := s.seenArgs()
+	v, err := s.run(ctx, "give", false, s.node, key, seen, lease)
 	if err == nil && v == int64(-1) {
 		return s.fail("give", store.ErrLapsed)
 	}
@@ -531,8 +537,9 @@ func (s *redisFleet) Give(ctx context.Context, key string) error {
 }
 
 func (s *redisFleet) Leave(ctx context.Context, t store.Ticket) (bool, error) {
+	seen, lease := s.seenArgs()
 	v, err := s.run(ctx, "leave", false,
-		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key, s.seenArg())
+		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key, seen, lease)
 	if err != nil {
 		return false, err
 	}

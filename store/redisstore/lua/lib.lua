@@ -62,11 +62,11 @@ end
 -- an integer read from Redis (false: absent, 0); errors if garbled
 local function int(v, where)
 	if not v then return 0 end
-	if type(v) == 'number' then return v end
-	if not string.match(v, '^%-?%d+$') then
+	local n = tonumber(v)
+	if not n or n % 1 ~= 0 then
 		fail('garbled value in ' .. where .. ': ' .. quote(v))
 	end
-	return tonumber(v)
+	return n
 end
 
 -- an integer read from Redis, or nil if garbled (false: absent, 0)
@@ -79,21 +79,28 @@ end
 -- adds d to field f of hash h; a garbled value counts as 0 (this is how
 -- the repairing paths reset it); a result <= 0 deletes the field.
 local function add(h, f, d)
-	local n = (lint(redis.call('HGET', h, f)) or 0) + d
-	if n <= 0 then
-		redis.call('HDEL', h, f)
-	else
-		redis.call('HSET', h, f, n)
+	local n = redis.pcall('HINCRBY', h, f, d)
+	if type(n) ~= 'number' then
+		-- not an integer (or h not a hash: HSET says so)
+		n = d
+		if n > 0 then redis.call('HSET', h, f, n) end
 	end
+	if n <= 0 then redis.call('HDEL', h, f) end
 	return n
 end
 
--- the zone's settings; c.max is nil if none were set
-local function cfg()
-	local v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'wait_ms', 'order', 'paused', 'set_at', 'learn')
+-- the zone's settings; c.max is nil if none were set. c.wait and c.set_at
+-- only if full (state() reports them; taking and giving need neither).
+local function cfg(full)
+	local v
+	if full then
+		v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'learn', 'order', 'paused', 'wait_ms', 'set_at')
+	else
+		v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'learn', 'order', 'paused')
+	end
 	local c = {paused = false, maxw = 0, wait = 0, order = 'fifo', set_at = 0, learning = false, learn = 0}
-	if v[7] then
-		c.learn = int(v[7], 'cfg.learn')
+	if v[3] then
+		c.learn = int(v[3], 'cfg.learn')
 		c.learning = true
 	end
 	if v[5] then
@@ -104,8 +111,10 @@ local function cfg()
 	c.max = int(v[1], 'cfg.max')
 	if c.max < 1 then fail('garbled value in cfg.max: ' .. quote(v[1])) end
 	c.maxw = int(v[2], 'cfg.maxw')
-	c.wait = int(v[3], 'cfg.wait_ms')
-	c.set_at = int(v[6], 'cfg.set_at')
+	if full then
+		c.wait = int(v[6], 'cfg.wait_ms')
+		c.set_at = int(v[7], 'cfg.set_at')
+	end
 	if v[4] then
 		if v[4] ~= 'fifo' and v[4] ~= 'lifo' then fail('garbled value in cfg.order: ' .. quote(v[4])) end
 		c.order = v[4]
@@ -245,15 +254,15 @@ end
 
 -- went_back says whether the store went back in time (restored from an
 -- older snapshot, a failover to a replica that lagged): the caller saw a
--- higher sequence than the store has now ("<seq seen> <lease ms>"). The
--- store then learns for a lease, as after losing its data, and its
--- sequence goes on from what was seen, so that it says so once.
-local function went_back(arg, c)
-	local seen, lease = string.match(arg or '', '^(%d+) (%d+)$')
-	if not seen then return false end
+-- higher sequence than the store has now (seen, a number or its string,
+-- 0 if none). The store then learns for a lease (ms), as after losing its
+-- data, and its sequence goes on from what was seen, so that it says so
+-- once. c is the zone's settings, which it updates, or nil.
+local function went_back(seen, lease, c)
 	seen = tonumber(seen)
-	if seen <= (lint(redis.call('GET', K_SEQ)) or 0) then return false end
+	if not seen or seen <= 0 or seen <= (tonumber(redis.call('GET', K_SEQ)) or 0) then return false end
 	redis.call('SET', K_SEQ, seen)
+	c = c or cfg()
 	if not c.learning then
 		c.learn, c.learning = now_ms() + tonumber(lease), true
 		redis.call('HSET', K_CFG, 'learn', c.learn)

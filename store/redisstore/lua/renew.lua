@@ -8,11 +8,11 @@
 -- (compared only while no grant of the node is on its way).
 local node, lease = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
-local c = cfg()
+local c = cfg(true)
 local epoch, check, held_n, tickets_n, seen = string.match(ARGV[6], '^(%d+) ([01]) (%-?%d+) (%-?%d+) (%d+)$')
 if not epoch then fail('garbled renewal ' .. quote(ARGV[6])) end
 -- a store that went back in time grants nothing before it has learnt
-if went_back(seen .. ' ' .. lease, c) then return state(now, true, node, c, false) end
+if went_back(seen, lease, c) then return state(now, true, node, c, false) end
 local fl = k_inflight(node)
 for j = 7, #ARGV do redis.call('LREM', fl, -1, ARGV[j]) end
 learnt(now, c)
