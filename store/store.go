@@ -88,7 +88,9 @@ type Store interface {
 	// arrival order, oldest first), and its tickets that st.Waiting does
 	// not name leave; then free slots are granted (possibly to its own
 	// tickets). Use it first, after Lapsed or Repair, after the store lost
-	// its data, and to repair after an uncertain error.
+	// its data, and to repair after an uncertain error. A store may take
+	// several calls for many waiters, so that no one call holds it up long;
+	// ctx bounds them all.
 	//
 	// The caller must keep st consistent with the store's view: take st
 	// when none of its Take, Give or Leave calls is in flight and start

@@ -539,8 +539,14 @@ func (n *fleetNode) hold() {
 // call runs one store operation, bounded by storeTimeout, and tells the
 // observer how it went.
 func (n *fleetNode) call(op string, f func(ctx context.Context) error) error {
+	return n.callWithin(op, storeTimeout, f)
+}
+
+// callWithin is call with a timeout of its own: a registration of many
+// waiters takes several calls (store.Store.Register).
+func (n *fleetNode) callWithin(op string, timeout time.Duration, f func(ctx context.Context) error) error {
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(n.ctx, storeTimeout)
+	ctx, cancel := context.WithTimeout(n.ctx, timeout)
 	err := f(ctx)
 	cancel()
 	n.observe(op, start, err)
@@ -841,7 +847,7 @@ func (n *fleetNode) register() (time.Time, store.State, error) {
 
 	var fs store.State
 	started := time.Now()
-	err := n.call("register", func(ctx context.Context) (err error) {
+	err := n.callWithin("register", storeTimeout*time.Duration(1+len(st.Waiting)/1000), func(ctx context.Context) (err error) {
 		fs, err = n.store.Register(ctx, st)
 		return err
 	})

@@ -46,7 +46,8 @@ import (
 var fleetRedisLua embed.FS
 
 // fleetOps are the operations of lua/, each a function of the library.
-var fleetOps = []string{"take", "give", "leave", "renew", "register", "set_limits", "set_paused", "status", "deregister"}
+var fleetOps = []string{"take", "give", "leave", "renew", "register", "register_tickets", "register_sweep",
+	"set_limits", "set_paused", "status", "deregister"}
 
 // fleetLibrary is the store's Redis Functions library: lib.lua, then each
 // operation's file as the body of a function. Its name and its functions'
@@ -299,10 +300,15 @@ func (s *redisFleet) isClosed() bool {
 // restarted or failed over without it, a FUNCTION FLUSH), and an idempotent
 // one also after a connection error.
 func (s *redisFleet) run(ctx context.Context, op string, idempotent bool, args ...any) (any, error) {
+	return s.runFn(ctx, op, op, idempotent, args...)
+}
+
+// runFn is run of the function of operation fnOp, as a step of op.
+func (s *redisFleet) runFn(ctx context.Context, op, fnOp string, idempotent bool, args ...any) (any, error) {
 	if s.isClosed() {
 		return nil, s.fail(op, store.ErrClosed)
 	}
-	fn := fleetLib.fn[op]
+	fn := fleetLib.fn[fnOp]
 	loads := s.loads.Load()
 	v, err := s.fcall(ctx, fn, args)
 	if err != nil && notLoaded(err) && ctx.Err() == nil {
@@ -578,8 +584,22 @@ func (s *redisFleet) Renew(ctx context.Context, counts store.NodeState) (store.S
 	return st, nil
 }
 
+// registerChunk is how many tickets one call of a registration names (or
+// sweeps): a node with tens of thousands of waiters registers in several
+// calls, each of which keeps Redis busy for a few ms, so that other nodes
+// and zones are not held up behind it.
+const registerChunk = 250
+
+// appendTickets appends each ticket's id, priority and key value to args.
+func appendTickets(args []any, ts []store.Ticket) []any {
+	for _, t := range ts {
+		args = append(args, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key)
+	}
+	return args
+}
+
 func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.State, error) {
-	args := make([]any, 0, 11+2*len(st.Held)+3*len(st.Waiting))
+	args := make([]any, 0, 12+2*len(st.Held)+3*min(len(st.Waiting), registerChunk))
 	args = append(args, s.node, s.lease.Milliseconds(), st.Active, st.Waiters, fleetReapLimit)
 	if st.Limits.MaxConnections != 0 {
 		if err := st.Limits.Validate(); err != nil {
@@ -614,16 +634,56 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 			args = append(args, k, c)
 		}
 	}
-	for _, t := range st.Waiting {
-		args = append(args, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key)
+	first := st.Waiting[:min(len(st.Waiting), registerChunk)]
+	more := 0
+	if len(first) < len(st.Waiting) {
+		more = 1
 	}
+	args = appendTickets(append(args, more), first)
 	v, err := s.run(ctx, "register", true, args...)
 	if err != nil {
 		return store.State{}, err
 	}
-	fs, seq, err := parseFleetState(v)
+	r, ok := v.([]any)
+	if !ok || len(r) != 17 {
+		return store.State{}, s.fail("register", fmt.Errorf("unexpected reply %v", v))
+	}
+	fs, seq, err := parseFleetState(r[:16])
 	if err != nil {
 		return store.State{}, s.fail("register", err)
+	}
+	// The tickets the store had for this node and no call named leave:
+	// the sweep runs only if some may be left.
+	stale, _ := replyInt(r[16])
+	epoch := strconv.FormatUint(fs.Epoch, 10)
+	for rest := st.Waiting[len(first):]; len(rest) > 0; {
+		chunk := rest[:min(len(rest), registerChunk)]
+		rest = rest[len(chunk):]
+		last := ""
+		if len(rest) == 0 {
+			last = strconv.FormatInt(stale, 10)
+		}
+		v, err := s.runFn(ctx, "register", "register_tickets", true, appendTickets([]any{s.node, epoch, last}, chunk)...)
+		if err != nil {
+			return store.State{}, err
+		}
+		found, ok := replyInt(v)
+		if !ok {
+			return store.State{}, s.fail("register", fmt.Errorf("unexpected reply %v", v))
+		}
+		stale -= found
+	}
+	for cursor := "0"; stale > 0; {
+		v, err := s.runFn(ctx, "register", "register_sweep", true, s.node, epoch, cursor, registerChunk)
+		if err != nil {
+			return store.State{}, err
+		}
+		if cursor, ok = v.(string); !ok {
+			return store.State{}, s.fail("register", fmt.Errorf("unexpected reply %v", v))
+		}
+		if cursor == "0" {
+			break
+		}
 	}
 	s.saw(seq)
 	s.dmu.Lock() // the in-flight list is gone with the grants it held

@@ -21,6 +21,7 @@
 --   wkeys          set    key values that have waiters
 --   held:<node>    hash   key value -> slots held by that node
 --   tickets:<node> hash   ticket id -> "<priority>\n<key value>"
+--   reg:<node>     set    ticket ids a registration in chunks named so far
 --   grants:<node>  list   "<epoch>\n<ticket id>\n<priority>\n<key value>",
 --                         newest first (LPUSH); the node moves each to
 --   inflight:<node> list  where it stays until the node acknowledges it
@@ -42,6 +43,7 @@ local function k_held(node) return B .. ':held:' .. node end
 local function k_tickets(node) return B .. ':tickets:' .. node end
 local function k_grants(node) return B .. ':grants:' .. node end
 local function k_inflight(node) return B .. ':inflight:' .. node end
+local function k_reg(node) return B .. ':reg:' .. node end
 local function k_prios(key) return B .. ':prios:' .. key end
 local function k_q(prio, key) return B .. ':q:' .. prio .. ':' .. key end
 
@@ -210,6 +212,124 @@ local function drop_tickets(node)
 	redis.call('DEL', tk)
 end
 
+-- takes one ticket of node out of its tickets and its waiting list;
+-- returns its key value if it was queued
+local function drop_ticket(node, id)
+	local tk = k_tickets(node)
+	local v = redis.call('HGET', tk, id)
+	if not v then return nil end
+	redis.call('HDEL', tk, id)
+	local prio, key = string.match(v, '^(%-?%d+)\n(.*)$')
+	if prio and unqueue(node, id, prio, key) then return key end
+	return nil
+end
+
+-- runs cmd on key with args appended, in calls of at most 1000 of them
+-- (unpack has a limit); returns the sum of the integer replies
+local function call_many(cmd, key, args)
+	local n = 0
+	for j = 1, #args, 1000 do
+		n = n + redis.call(cmd, key, unpack(args, j, math.min(j + 999, #args)))
+	end
+	return n
+end
+
+-- takes tickets ids of node out of its tickets and the waiting lists,
+-- with one command per line rather than several per ticket
+local function drop_ticket_ids(node, ids)
+	if #ids == 0 then return end
+	local tk = k_tickets(node)
+	local vs = {}
+	for j = 1, #ids, 1000 do
+		local part = redis.call('HMGET', tk, unpack(ids, j, math.min(j + 999, #ids)))
+		for _, v in ipairs(part) do vs[#vs + 1] = v end
+	end
+	call_many('HDEL', tk, ids)
+	local lines = {}
+	for j, v in ipairs(vs) do
+		local prio, key = string.match(v or '', '^(%-?%d+)\n(.*)$')
+		if prio then
+			local l = lines[v]
+			if not l then
+				l = {prio = prio, key = key, m = {}}
+				lines[v] = l
+			end
+			l.m[#l.m + 1] = ids[j] .. '\n' .. node
+		end
+	end
+	local gone = 0
+	for _, l in pairs(lines) do
+		local q = k_q(l.prio, l.key)
+		local n = call_many('ZREM', q, l.m)
+		if redis.call('EXISTS', q) == 0 then redis.call('ZREM', k_prios(l.key), l.prio) end
+		if n > 0 and add(K_WAITING, l.key, -n) <= 0 then redis.call('SREM', K_WKEYS, l.key) end
+		gone = gone + n
+	end
+	if gone > 0 then add(K_TOT, 'w', -gone) end
+end
+
+-- names tickets of node for its registration: triples (ticket id,
+-- priority, key value) in args from index i on, oldest first. A ticket
+-- the store has queued as given keeps its place; the others join the end
+-- of the line, in the order given. Notes the key values whose lines
+-- changed in touched; returns the ids named, as a set, and how many of
+-- them the store had.
+local function name_tickets(node, args, i, touched)
+	local tk = k_tickets(node)
+	local named, new, found = {}, {}, 0
+	while i + 2 <= #args do
+		local id, prio, key = args[i], args[i + 1], args[i + 2]
+		i = i + 3
+		if not named[id] then
+			named[id] = true
+			local v = prio .. '\n' .. key
+			local had = redis.call('HGET', tk, id)
+			if had then found = found + 1 end
+			if had ~= v or not redis.call('ZSCORE', k_q(prio, key), id .. '\n' .. node) then
+				local old = had and drop_ticket(node, id)
+				if old then touched[old] = true end
+				new[#new + 1] = {id, prio, key, v}
+			end
+		end
+	end
+	if #new == 0 then return named, found end
+	-- one INCRBY, one HSET, and one ZADD and count update per line, not
+	-- one each per ticket
+	local seq = redis.call('INCRBY', K_SEQ, #new) - #new
+	local fields, lines, per = {}, {}, {}
+	for _, t in ipairs(new) do
+		local id, prio, key, v = t[1], t[2], t[3], t[4]
+		seq = seq + 1
+		fields[#fields + 1], fields[#fields + 2] = id, v
+		local l = lines[v]
+		if not l then
+			l = {prio = prio, key = key, m = {}}
+			lines[v] = l
+		end
+		l.m[#l.m + 1], l.m[#l.m + 2] = seq, id .. '\n' .. node
+		per[key] = (per[key] or 0) + 1
+	end
+	call_many('HSET', tk, fields)
+	for _, l in pairs(lines) do
+		call_many('ZADD', k_q(l.prio, l.key), l.m)
+		redis.call('ZADD', k_prios(l.key), l.prio, l.prio)
+	end
+	for key, n in pairs(per) do
+		add(K_WAITING, key, n)
+		redis.call('SADD', K_WKEYS, key)
+		touched[key] = true
+	end
+	add(K_TOT, 'w', #new)
+	return named, found
+end
+
+-- adds the ids of the set named to the set at key rs, in one SADD
+local function add_named(rs, named)
+	local ids = {}
+	for id in pairs(named) do ids[#ids + 1] = id end
+	call_many('SADD', rs, ids)
+end
+
 -- drops node's held slots from the fleet's counts; returns their keys
 local function drop_held(node)
 	local hh = k_held(node)
@@ -232,7 +352,7 @@ end
 local function reap(node)
 	local keys = drop_held(node)
 	drop_tickets(node)
-	redis.call('DEL', k_grants(node), k_inflight(node))
+	redis.call('DEL', k_grants(node), k_inflight(node), k_reg(node))
 	redis.call('ZREM', K_NODES, node)
 	redis.call('HDEL', K_INFO, node)
 	redis.call('HDEL', K_EPOCHS, node)

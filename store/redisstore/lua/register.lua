@@ -3,9 +3,14 @@
 --   "<config max> <maxw> <wait_ms> <order> <paused 0|1>",
 --   the generation the node knew ('' if none),
 --   n held, then n pairs (key value, count),
+--   more (1 if RegisterTickets calls follow),
 --   then triples (ticket id, priority, key value) to the end, oldest first.
--- Reply: state(), with the node's new epoch.
+-- Reply: state(), with the node's new epoch, then how many tickets the
+-- store had for the node that this call did not name: if the
+-- RegisterTickets calls that follow do not name them all, RegisterSweep
+-- must take out the rest.
 local node, lease = ARGV[1], tonumber(ARGV[2])
+local SWEEP_INLINE = 512
 local now = now_ms()
 local gen = redis.call('GET', K_GEN)
 if not gen then
@@ -68,44 +73,32 @@ for _, v in ipairs(redis.call('HVALS', K_ACTIVE)) do total = total + (lint(v) or
 redis.call('HSET', K_TOT, 'a', total)
 -- tickets: those the store still has keep their places; the others
 -- join the end in the node's order; tickets the node no longer names
--- leave. Undelivered grants go: the node re-queued their tickets.
-local tk = k_tickets(node)
-local want, order = {}, {}
-while i + 2 <= #ARGV do
-	local id = ARGV[i]
-	if not want[id] then order[#order + 1] = id end
-	want[id] = ARGV[i + 1] .. '\n' .. ARGV[i + 2]
-	i = i + 3
-end
-local had = redis.call('HGETALL', tk)
-local kept = {}
-for j = 1, #had, 2 do
-	local id, v = had[j], had[j + 1]
-	local prio, key = string.match(v, '^(%-?%d+)\n(.*)$')
-	local queued = prio and redis.call('ZSCORE', k_q(prio, key), id .. '\n' .. node)
-	if queued and want[id] == v then
-		kept[id] = true
-	else
-		if prio and unqueue(node, id, prio, key) then touched[key] = true end
-		redis.call('HDEL', tk, id)
+-- leave. A registration with more tickets than one call should take
+-- names the rest in RegisterTickets calls and ends with RegisterSweep,
+-- which takes out the ones it did not name.
+local more = ARGV[i] == '1'
+local tk, rs = k_tickets(node), k_reg(node)
+local had = redis.call('HLEN', tk)
+local named, found = name_tickets(node, ARGV, i + 1, touched)
+redis.call('UNLINK', rs)
+local stale = 0
+if not more and redis.call('HLEN', tk) <= SWEEP_INLINE then
+	local gone = {}
+	for _, id in ipairs(redis.call('HKEYS', tk)) do
+		if not named[id] then gone[#gone + 1] = id end
 	end
+	drop_ticket_ids(node, gone)
+else
+	add_named(rs, named)
+	stale = had - found
+	if not more and stale <= 0 then redis.call('UNLINK', rs) end
 end
-for _, id in ipairs(order) do
-	if not kept[id] then
-		local prio, key = string.match(want[id], '^(%-?%d+)\n(.*)$')
-		redis.call('HSET', tk, id, want[id])
-		local seq = redis.call('INCR', K_SEQ)
-		redis.call('ZADD', k_q(prio, key), seq, id .. '\n' .. node)
-		redis.call('ZADD', k_prios(key), prio, prio)
-		add(K_WAITING, key, 1)
-		add(K_TOT, 'w', 1)
-		redis.call('SADD', K_WKEYS, key)
-		touched[key] = true
-	end
-end
+-- Undelivered grants go: the node re-queued their tickets.
 redis.call('DEL', k_grants(node), k_inflight(node))
 redis.call('HSET', K_EPOCHS, node, redis.call('INCR', K_SEQ))
 redis.call('ZADD', K_NODES, now + lease, node)
 redis.call('HSET', K_INFO, node, ARGV[3] .. ' ' .. ARGV[4] .. ' ' .. now)
 for key in pairs(touched) do grant(key, c) end
-return state(now, false, node, c, false)
+local r = state(now, false, node, c, false)
+r[#r + 1] = stale
+return r
