@@ -47,7 +47,7 @@ var fleetRedisLua embed.FS
 
 // fleetOps are the operations of lua/, each a function of the library.
 var fleetOps = []string{"take", "give", "leave", "renew", "register", "register_tickets", "register_sweep",
-	"set_limits", "set_paused", "status", "deregister"}
+	"set_limits", "set_paused", "status", "deregister", "grants"}
 
 // fleetLibrary is the store's Redis Functions library: lib.lua, then each
 // operation's file as the body of a function. Its name and its functions'
@@ -761,19 +761,22 @@ func (s *redisFleet) NextGrant(ctx context.Context) (store.Ticket, error) {
 
 // pump keeps one BRPOPLPUSH armed, which moves this node's oldest grant
 // into its in-flight list, with a timeout of one lease (an idle node
-// re-arms it once a lease), and hands what it moves to NextGrant. A grant
-// stays in the in-flight list until a Renew acknowledges it (NodeState.
-// Acks), so a reply lost on the way loses nothing: after an error the pump
-// reads the list again and hands on what it had not delivered. Being a
-// goroutine of its own, it never loses a grant when a NextGrant's ctx
-// ends. A server that does not answer within the lease and the timeout is
-// an error; it backs off after errors (up to a second), until a Register
-// succeeds: the store is back then, and the grants that Register made
-// must not wait out the pause.
+// re-arms it once a lease), and hands what it moves to NextGrant. When
+// grants come faster than one round trip each (the BRPOPLPUSH found one
+// waiting), it moves those queued meanwhile in one call (the grants
+// function) until none is left, then blocks again. A grant stays in the
+// in-flight list until a Renew acknowledges it (NodeState.Acks), so a
+// reply lost on the way loses nothing: after an error the pump reads the
+// list again and hands on what it had not delivered. Being a goroutine of
+// its own, it never loses a grant when a NextGrant's ctx ends. A server
+// that does not answer within the lease and the timeout is an error; it
+// backs off after errors (up to a second), until a Register succeeds: the
+// store is back then, and the grants that Register made must not wait out
+// the pause.
 func (s *redisFleet) pump() {
 	defer close(s.pumpDone)
 	pause := time.Duration(0)
-	reread := false
+	reread, busy := false, false
 	for !s.isClosed() {
 		var batch []grantResult
 		var err error
@@ -781,8 +784,14 @@ func (s *redisFleet) pump() {
 			batch, err = s.rereadInflight()
 			reread = err != nil
 		}
+		if err == nil && len(batch) == 0 && busy {
+			batch, err = s.moveGrants()
+			busy = err == nil && len(batch) > 0
+			reread = err != nil
+		}
 		if err == nil && len(batch) == 0 {
 			ctx, cancel := context.WithTimeout(context.Background(), s.lease+s.timeout)
+			armed := time.Now()
 			var v string
 			v, err = s.c.BRPopLPush(ctx, s.kGrants, s.kInflight, s.lease).Result()
 			cancel()
@@ -791,6 +800,8 @@ func (s *redisFleet) pump() {
 				continue // timed out: re-arm
 			case err == nil:
 				batch = append(batch, s.parseDelivered(v))
+				// it did not wait for this one: more may be queued
+				busy = time.Since(armed) < fleetGrantsBusy
 			default:
 				reread = true // the move may have happened, its reply lost
 			}
@@ -799,7 +810,12 @@ func (s *redisFleet) pump() {
 			if s.isClosed() {
 				return
 			}
-			batch = append(batch, grantResult{err: s.failCall("grant", err)})
+			busy = false
+			var se *store.Error
+			if !errors.As(err, &se) { // the grants function's is one already
+				err = s.failCall("grant", err)
+			}
+			batch = append(batch, grantResult{err: err})
 			pause = min(max(2*pause, 100*time.Millisecond), time.Second)
 			select { // only a Register from now on ends the pause
 			case <-s.rearm:
@@ -827,6 +843,36 @@ func (s *redisFleet) pump() {
 			}
 		}
 	}
+}
+
+const (
+	// fleetGrantsBusy: a BRPOPLPUSH that answered sooner found its grant
+	// waiting, rather than waited for it (a round trip takes well under).
+	fleetGrantsBusy = time.Millisecond
+	// fleetGrantsBatch is how many grants one call of the grants function
+	// moves at most.
+	fleetGrantsBatch = 64
+)
+
+// moveGrants moves the grants queued for this node to its in-flight list
+// in one call, oldest first, and returns them delivered.
+func (s *redisFleet) moveGrants() ([]grantResult, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+	defer cancel()
+	v, err := s.runFn(ctx, "grant", "grants", false, s.node, fleetGrantsBatch)
+	if err != nil {
+		return nil, err
+	}
+	vs, ok := v.([]any)
+	if !ok {
+		return nil, s.fail("grant", fmt.Errorf("unexpected reply %v", v))
+	}
+	out := make([]grantResult, 0, len(vs))
+	for _, e := range vs {
+		g, _ := e.(string)
+		out = append(out, s.parseDelivered(g))
+	}
+	return out, nil
 }
 
 // parseDelivered reads one grant moved to the in-flight list and notes it

@@ -1379,6 +1379,56 @@ func TestRedisFleetPipelines(t *testing.T) {
 	wantCounts(t, a, 0, 0)
 }
 
+// Grants that queued for a node come in few calls, in order: the
+// BRPOPLPUSH that finds one waiting is followed by one call that moves the
+// rest. Each is delivered once, and acknowledged by the next renewal.
+func TestRedisFleetGrantsInBatches(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	const n = 50
+	mustRegister(t, a, store.NodeState{Limits: fifo(n, 0)})
+	fs := mustRegister(t, b, store.NodeState{})
+	for i := range n {
+		take(t, a, store.Ticket{ID: uint64(i + 1)}, store.Admitted)
+	}
+	for i := range n {
+		take(t, b, store.Ticket{ID: uint64(i + 1)}, store.Queued)
+	}
+	// B's grants queue: nothing reads them before the first NextGrant
+	for range n {
+		give(t, a, "")
+	}
+	r.ResetStats()
+	var got []store.Ticket
+	for i := range n {
+		g := nextGrant(t, b, 2*time.Second)
+		if g.ID != uint64(i+1) {
+			t.Fatalf("grant %d: ticket %d, want %d", i, g.ID, i+1)
+		}
+		got = append(got, g)
+	}
+	noGrant(t, b, 100*time.Millisecond)
+	st := r.CommandStats()
+	if st["brpoplpush"] > 2 || st["fcall"] > 3 {
+		t.Errorf("%d grants took %d BRPOPLPUSH and %d FCALL, want at most 2 and 3", n, st["brpoplpush"], st["fcall"])
+	}
+	if l, err := r.Int("LLEN", "connlimit:{db}:inflight:B"); err != nil || l != n {
+		t.Errorf("in flight: %d %v, want %d", l, err, n)
+	}
+	if _, err := b.Renew(tctx(t), store.NodeState{Epoch: fs.Epoch, Acks: got}); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := r.Int("LLEN", "connlimit:{db}:inflight:B"); err != nil || l != 0 {
+		t.Errorf("in flight after the acks: %d %v, want 0", l, err)
+	}
+	for range n {
+		give(t, b, "")
+	}
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
 // In a Redis Cluster (of one node serving every slot), through a Cluster
 // client: every key of a zone is in the slot of its base key.
 func TestRedisFleetCluster(t *testing.T) {
