@@ -218,8 +218,6 @@ type env struct {
 	redis   *redisProc
 	backend *backend
 	nodes   []*node // A, B, C
-	names   map[string]string
-	scripts error // why scripts could not be named, if so
 }
 
 // The zones every node serves, and those node A alone also serves with no
@@ -264,7 +262,6 @@ func run(c *config) error {
 		}
 	}
 	e := &env{cfg: c}
-	e.names, e.scripts = scriptNames(c.repo)
 	e.redis, err = startRedis(c.redisBin, c.workDir)
 	if err != nil {
 		return err
@@ -291,9 +288,9 @@ func run(c *config) error {
 	}
 
 	r := &report{cfg: c, env: e, started: time.Now()}
-	// Warm-up: every script in Redis' cache (the first call of each is an
-	// EVAL), every node's pool dialled; then a renewal period, so that the
-	// idle measurement sees only EVALSHAs.
+	// Warm-up: the library loaded (by the first call that finds it
+	// missing), every node's pool dialled; then a renewal period, so that
+	// the idle measurement sees only FCALLs.
 	if err := warmUp(e); err != nil {
 		return err
 	}
