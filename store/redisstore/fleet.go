@@ -777,6 +777,7 @@ func (s *redisFleet) pump() {
 	defer close(s.pumpDone)
 	pause := time.Duration(0)
 	reread, busy := false, false
+	var last time.Time // when the latest BRPOPLPUSH answered with a grant
 	for !s.isClosed() {
 		var batch []grantResult
 		var err error
@@ -800,8 +801,12 @@ func (s *redisFleet) pump() {
 				continue // timed out: re-arm
 			case err == nil:
 				batch = append(batch, s.parseDelivered(v))
-				// it did not wait for this one: more may be queued
-				busy = time.Since(armed) < fleetGrantsBusy
+				// it did not wait for this one, or grants come often (a
+				// loaded Redis answers slower than fleetGrantsBusy): more
+				// may be queued
+				now := time.Now()
+				busy = now.Sub(armed) < fleetGrantsBusy || now.Sub(last) < fleetGrantsOften
+				last = now
 			default:
 				reread = true // the move may have happened, its reply lost
 			}
@@ -849,6 +854,9 @@ const (
 	// fleetGrantsBusy: a BRPOPLPUSH that answered sooner found its grant
 	// waiting, rather than waited for it (a round trip takes well under).
 	fleetGrantsBusy = time.Millisecond
+	// fleetGrantsOften: grants that come closer than this to one another
+	// queue behind a round trip each, even if the BRPOPLPUSH waited.
+	fleetGrantsOften = 5 * time.Millisecond
 	// fleetGrantsBatch is how many grants one call of the grants function
 	// moves at most.
 	fleetGrantsBatch = 64

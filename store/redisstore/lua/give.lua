@@ -7,8 +7,12 @@ local hh = k_held(node)
 local h = int(redis.call('HGET', hh, key), 'held:' .. node)
 if h <= 0 then return 0 end
 if h == 1 then redis.call('HDEL', hh, key) else redis.call('HINCRBY', hh, key, '-1') end
-add(K_ACTIVE, key, -1)
-add(K_TOT, 'a', -1)
--- only a key with waiters in line has a slot to grant (to read the settings for)
-if redis.call('EXISTS', k_prios(key)) == 1 then grant(key, cfg()) end
+if redis.call('EXISTS', k_prios(key)) == 1 then
+	-- someone waits: the slot goes straight to the next waiter, if the
+	-- limit leaves room for it
+	grant(key, cfg(), 1)
+else
+	add(K_ACTIVE, key, -1)
+	add(K_TOT, 'a', -1)
+end
 return 1

@@ -147,26 +147,34 @@ local function popnext(key, order)
 end
 
 -- grants free slots of key to its next waiters: each one's node now
--- holds the slot, and finds the grant in its grants list. Returns how many.
-local function grant(key, c)
-	if c.paused or c.learning or not c.max then return 0 end
-	local a = int(redis.call('HGET', K_ACTIVE, key), 'active')
+-- holds the slot, and finds the grant in its grants list. freed (if any)
+-- slots of key are given back first: where there is room they go
+-- straight to waiters, and the key's count and the fleet's change only by
+-- what is left over. Returns how many were granted.
+local function grant(key, c, freed)
+	freed = freed or 0
+	local stopped = c.paused or c.learning or not c.max
+	if stopped and freed == 0 then return 0 end
+	local a0 = int(redis.call('HGET', K_ACTIVE, key), 'active')
+	local a = a0 - freed
 	local n, empty = 0, false
-	while a < c.max do
+	while not stopped and a < c.max do
 		local id, node, prio = popnext(key, c.order)
 		if not id then
 			empty = true
 			break
 		end
 		a, n = a + 1, n + 1
-		redis.call('HINCRBY', k_held(node), key, 1)
+		redis.call('HINCRBY', k_held(node), key, '1')
 		redis.call('HDEL', k_tickets(node), id)
 		local ep = redis.call('HGET', K_EPOCHS, node) or '0'
 		redis.call('LPUSH', k_grants(node), ep .. '\n' .. id .. '\n' .. prio .. '\n' .. key)
 	end
+	if a ~= a0 then
+		if a <= 0 then redis.call('HDEL', K_ACTIVE, key) else redis.call('HSET', K_ACTIVE, key, a) end
+		add(K_TOT, 'a', a - a0)
+	end
 	if n > 0 then
-		redis.call('HSET', K_ACTIVE, key, a)
-		add(K_TOT, 'a', n)
 		add(K_TOT, 'w', -n)
 		if add(K_WAITING, key, -n) <= 0 then redis.call('SREM', K_WKEYS, key) end
 	end
