@@ -82,7 +82,7 @@ func main() {
 	flag.StringVar(&c.release, "release", "close_write", "the handlers' release option (return or close_write)")
 	flag.DurationVar(&c.lease, "lease", 5*time.Second, "the store's lease (renewals every min(lease/3, 1s))")
 	flag.IntVar(&c.sources, "sources", 8, "client source addresses 127.0.0.1..127.0.0.N")
-	flag.StringVar(&c.only, "only", "", "run only these parts (comma-separated of rt, handoff, latency, limit, capacity)")
+	flag.StringVar(&c.only, "only", "", "run only these parts (comma-separated of rt, handoff, latency, limit, capacity, split)")
 	flag.Float64Var(&c.loadMax, "load-max", 1.5, "before each measurement, wait until the 1-minute load is below this")
 	flag.DurationVar(&c.loadWait, "load-wait", 10*time.Minute, "the longest wait for the load before one measurement")
 	flag.DurationVar(&c.loadTotal, "load-total", 25*time.Minute, "the longest wait for the load over the whole run")
@@ -308,6 +308,7 @@ func run(c *config) error {
 		{"latency", addedLatency},
 		{"limit", limitBound},
 		{"capacity", capacity},
+		{"split", split},
 	}
 	for _, s := range steps {
 		if !c.runs(s.part) {

@@ -23,6 +23,7 @@ type report struct {
 	latency  *latencyResult
 	limit    *limitResult
 	capacity *capacityResult
+	split    *splitResult
 
 	storeErrors, logErrors int
 
@@ -149,6 +150,9 @@ func (r *report) markdown() string {
 	}
 	if r.capacity != nil || r.limit != nil {
 		r.capacityText(p)
+	}
+	if r.split != nil {
+		r.splitText(p)
 	}
 	return b.String()
 }
