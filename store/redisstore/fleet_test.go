@@ -1410,20 +1410,46 @@ func TestRedisFleetGrantsInBatches(t *testing.T) {
 	}
 	noGrant(t, b, 100*time.Millisecond)
 	st := r.CommandStats()
-	if st["brpoplpush"] > 2 || st["fcall"] > 3 {
-		t.Errorf("%d grants took %d BRPOPLPUSH and %d FCALL, want at most 2 and 3", n, st["brpoplpush"], st["fcall"])
+	// a loaded machine may answer the first BRPOPLPUSHes slower than
+	// fleetGrantsBusy: a few more calls, never one per grant
+	if calls := st["brpoplpush"] + st["fcall"]; calls > 8 {
+		t.Errorf("%d grants took %d BRPOPLPUSH and %d FCALL, want at most 8 calls", n, st["brpoplpush"], st["fcall"])
 	}
 	if l, err := r.Int("LLEN", "connlimit:{db}:inflight:B"); err != nil || l != n {
 		t.Errorf("in flight: %d %v, want %d", l, err, n)
 	}
-	if _, err := b.Renew(tctx(t), store.NodeState{Epoch: fs.Epoch, Acks: got}); err != nil {
-		t.Fatal(err)
+	// acks of all but the oldest (one at a time), then of the oldest (the
+	// tail of the list: at once)
+	for i, acks := range [][]store.Ticket{got[1:], got[:1]} {
+		if _, err := b.Renew(tctx(t), store.NodeState{Epoch: fs.Epoch, Acks: acks}); err != nil {
+			t.Fatal(err)
+		}
+		if l, err := r.Int("LLEN", "connlimit:{db}:inflight:B"); err != nil || l != int64(1-i) {
+			t.Errorf("in flight after the acks: %d %v, want %d", l, err, 1-i)
+		}
 	}
-	if l, err := r.Int("LLEN", "connlimit:{db}:inflight:B"); err != nil || l != 0 {
-		t.Errorf("in flight after the acks: %d %v, want 0", l, err)
-	}
+	// acks in order, of a part of the list
 	for range n {
 		give(t, b, "")
+	}
+	for i := range n {
+		take(t, a, store.Ticket{ID: uint64(200 + i)}, store.Admitted)
+	}
+	take(t, b, store.Ticket{ID: 101}, store.Queued)
+	take(t, b, store.Ticket{ID: 102}, store.Queued)
+	give(t, a, "")
+	give(t, a, "")
+	g1, g2 := nextGrant(t, b, 2*time.Second), nextGrant(t, b, 2*time.Second)
+	if _, err := b.Renew(tctx(t), store.NodeState{Epoch: fs.Epoch, Acks: []store.Ticket{g1}}); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := r.Strings("LRANGE", "connlimit:{db}:inflight:B", 0, -1); err != nil || len(l) != 1 || l[0] != grantString(g2) {
+		t.Errorf("in flight after the ack of the older: %q %v, want the newer", l, err)
+	}
+	give(t, b, "")
+	give(t, b, "")
+	for range n - 2 {
+		give(t, a, "")
 	}
 	wantCounts(t, a, 0, 0)
 	checkStore(t, r, testZone)
