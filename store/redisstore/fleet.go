@@ -333,6 +333,9 @@ func (s *redisFleet) runFn(ctx context.Context, op, fnOp string, idempotent bool
 		}
 	}
 	if err != nil {
+		if redis.HasErrorPrefix(err, "unknown command") {
+			err = fmt.Errorf("%w (Redis 7.0 or later is needed: Redis Functions)", err)
+		}
 		return nil, s.failCall(op, err)
 	}
 	return v, nil

@@ -1455,6 +1455,18 @@ func TestRedisFleetGrantsInBatches(t *testing.T) {
 	checkStore(t, r, testZone)
 }
 
+// A server without Redis Functions (Redis before 7.0; here FCALL renamed
+// away) gives an error that says what is needed.
+func TestRedisFleetNeedsFunctions(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{Args: []string{"--rename-command", "FCALL", ""}})
+	a := newFleet(t, r, testZone, "A")
+	_, err := a.Register(tctx(t), store.NodeState{Limits: fifo(1, 0)})
+	var fe *store.Error
+	if err == nil || !errors.As(err, &fe) || fe.Uncertain || !strings.Contains(err.Error(), "Redis 7.0 or later") {
+		t.Errorf("register: got %v, want a certain store.Error saying Redis 7.0 or later is needed", err)
+	}
+}
+
 // In a Redis Cluster (of one node serving every slot), through a Cluster
 // client: every key of a zone is in the slot of its base key.
 func TestRedisFleetCluster(t *testing.T) {
