@@ -298,7 +298,7 @@ func (r *Redis) CommandStats() map[string]int64 {
 // CommandTime is a command's line of INFO commandstats.
 type CommandTime struct {
 	Calls int64
-	Usec  int64 // the server's time in the command (for FCALL and EVALSHA, with what the script ran)
+	Usec  int64 // the server's time in the command (for FCALL, with what the function ran)
 }
 
 // CommandTimes is CommandStats with the time each command took.

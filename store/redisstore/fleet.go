@@ -142,10 +142,12 @@ type redisFleet struct {
 	loadMu sync.Mutex
 	loads  atomic.Uint64
 
-	// the calls in flight, and those that wait for one to end (fcall)
-	bmu      sync.Mutex
-	inflight int
-	pending  []*fcallReq
+	// the calls in flight, those that wait for one to end, and when they
+	// go anyway (fcall)
+	bmu        sync.Mutex
+	inflight   int
+	pending    []*fcallReq
+	flushTimer *time.Timer
 
 	pumpOnce  sync.Once
 	evictOnce sync.Once
@@ -341,10 +343,14 @@ func (s *redisFleet) runFn(ctx context.Context, op, fnOp string, idempotent bool
 	return v, nil
 }
 
-// fleetPipelines is how many of a store's calls are in flight at once:
-// the calls that come while they are wait, and go together as one
-// pipeline when one of those ends.
-const fleetPipelines = 2
+// fleetPipelines is how many of a store's calls are in flight before
+// others wait: the calls that come meanwhile go together as one pipeline
+// when one of those ends, or after fleetPipelineWait at the latest (a
+// store far away must not make them wait a round trip).
+const (
+	fleetPipelines    = 2
+	fleetPipelineWait = 200 * time.Microsecond
+)
 
 // fcallReq is a call waiting for a pipeline.
 type fcallReq struct {
@@ -358,9 +364,10 @@ type fcallReq struct {
 
 // fcall calls function fn once. A call that finds fewer than
 // fleetPipelines calls in flight goes at once, alone, as it would without
-// this; the others queue and go as one pipeline, so that under load Redis
-// reads and answers many calls with one system call each way (most of
-// its CPU per call otherwise). Each call's round trip stays one.
+// this; the others queue and go as one pipeline (when one in flight ends,
+// within fleetPipelineWait), so that under load Redis reads and answers
+// many calls with one system call each way (most of its CPU per call
+// otherwise). Each call's round trip stays one.
 func (s *redisFleet) fcall(ctx context.Context, fn string, args []any) (any, error) {
 	s.bmu.Lock()
 	if s.inflight < fleetPipelines {
@@ -371,6 +378,13 @@ func (s *redisFleet) fcall(ctx context.Context, fn string, args []any) (any, err
 		return v, err
 	}
 	r := &fcallReq{ctx: ctx, fn: fn, args: args, done: make(chan struct{})}
+	if len(s.pending) == 0 {
+		if s.flushTimer == nil {
+			s.flushTimer = time.AfterFunc(fleetPipelineWait, s.flush)
+		} else {
+			s.flushTimer.Reset(fleetPipelineWait)
+		}
+	}
 	s.pending = append(s.pending, r)
 	s.bmu.Unlock()
 	select {
@@ -393,6 +407,22 @@ func (s *redisFleet) next() {
 	}
 	batch := s.pending
 	s.pending = nil
+	s.flushTimer.Stop()
+	s.bmu.Unlock()
+	go s.pipeline(batch)
+}
+
+// flush sends the calls that waited fleetPipelineWait for one in flight
+// to end as one pipeline of their own, one more in flight.
+func (s *redisFleet) flush() {
+	s.bmu.Lock()
+	if len(s.pending) == 0 {
+		s.bmu.Unlock()
+		return
+	}
+	batch := s.pending
+	s.pending = nil
+	s.inflight++
 	s.bmu.Unlock()
 	go s.pipeline(batch)
 }
