@@ -97,7 +97,11 @@ import (
 //     for the node stopped (SIGSTOP) or cut off (both ways, one way, or
 //     reset) and for every node while Redis is down, when the fault
 //     lasted that long. A fault shorter than that declares no node past
-//     its lease: the bound is exactly max_connections.
+//     its lease: the bound is exactly max_connections. A node is past
+//     its lease also when its lease runs out after the heal but before
+//     its first renewal or registration after it reached the store (read
+//     in Redis: its entry in connlimit:{nm}:info): a node whose renewal
+//     failed tries again only a renewal period later.
 //     K(node) is what the node held when its lease expired: its open
 //     backend connections at the start of that window (the most over its
 //     first nmMargin). A stopped process cannot close them, and the
@@ -453,23 +457,32 @@ func (h *nmHarness) begin(kind, detail string, atRisk ...int) *nmEpisode {
 }
 
 // heal ends an episode: each node at risk was past its lease if the
-// fault outlasted it; meanwhile it may admit share on its own.
+// fault outlasted it, or, after Redis restarted empty, if it registered
+// again only after its lease ran out; meanwhile it may admit share on its
+// own.
 func (h *nmHarness) heal(e *nmEpisode, share int) {
 	e.to = time.Now()
 	e.settle = h.lease + nmRedial
+	var back map[int]time.Time
+	var seen map[int]bool
+	if share > 0 && len(e.expires) > 0 {
+		back, seen = h.rejoined(e)
+	}
 	var lapsed []string
 	for n := range nmNodes {
 		end, ok := e.expires[n]
 		if !ok {
 			continue
 		}
-		from := e.from // not known to the store: at once
-		if !end.IsZero() && end.Add(-nmMargin).After(e.from) {
-			from = end.Add(-nmMargin)
-		}
-		if e.to.After(from) {
+		if from, past := nmLapseFrom(e, end, back[n]); past {
 			e.lapses = append(e.lapses, nmLapse{node: n, from: from, to: e.to.Add(e.settle), share: share})
-			lapsed = append(lapsed, fmt.Sprintf("%s from %s", nmName(n), h.at(from)))
+			again := ""
+			if b, ok := back[n]; ok && seen[n] {
+				again = " (registered again " + h.at(b) + ")"
+			} else if ok {
+				again = " (not registered again by " + h.at(b) + ")"
+			}
+			lapsed = append(lapsed, fmt.Sprintf("%s from %s%s", nmName(n), h.at(from), again))
 		}
 	}
 	lapse := ""
@@ -477,6 +490,85 @@ func (h *nmHarness) heal(e *nmEpisode, share int) {
 		lapse = "; past their lease: " + strings.Join(lapsed, ", ")
 	}
 	h.t.Logf("[%s] %s healed after %s%s", h.at(e.to), e.kind, e.to.Sub(e.from).Round(time.Millisecond), lapse)
+}
+
+// nmLapseFrom is when a node at risk in e is past its lease, given its
+// lease's expiry in the store before the fault (zero: the store did not
+// know it), and whether it is: only if it did not renew before then, which
+// it can from the heal on, or did at back (zero: not looked for), when its
+// registration after the heal reached the store.
+func nmLapseFrom(e *nmEpisode, expiry, back time.Time) (time.Time, bool) {
+	from := e.from // not known to the store: at once
+	if !expiry.IsZero() && expiry.Add(-nmMargin).After(e.from) {
+		from = expiry.Add(-nmMargin)
+	}
+	if back.IsZero() {
+		back = e.to
+	}
+	return from, back.After(from)
+}
+
+// rejoined watches the store from the heal until each node at risk in e
+// has renewed or registered there again or is past its lease: back[n] is
+// when node n's renewal reached the store, by this process's clock
+// (seen[n]), or, if none had by the time its lease ran out (less
+// nmMargin), when the harness stopped waiting for it. A node whose
+// renewal failed just before the heal renews again only a renewal period
+// later, and may find its lease run out meanwhile (it then admits on its
+// share). A renewal counts from the heal on (its time in
+// connlimit:{nm}:info, by Redis' clock, not before the first look), except
+// in a store that Redis restarted empty, where any entry is new.
+func (h *nmHarness) rejoined(e *nmEpisode) (back map[int]time.Time, seen map[int]bool) {
+	info := redisstore.DefaultKeyPrefix + ":{" + nmZone + "}:info"
+	back, seen = map[int]time.Time{}, map[int]bool{}
+	healMs := int64(-1)
+	if e.kind == "redis_restart_empty" {
+		healMs = 0
+	}
+	for len(back) < len(e.expires) {
+		args := []any{"EVAL", `local t = redis.call('TIME')
+local out = {t[1], t[2]}
+for i, id in ipairs(ARGV) do out[i + 2] = redis.call('HGET', KEYS[1], id) or '' end
+return out`, 1, info}
+		var nodes []int
+		for n := range e.expires {
+			if _, ok := back[n]; !ok {
+				nodes = append(nodes, n)
+				args = append(args, h.nodeID[n])
+			}
+		}
+		now := time.Now()
+		v, err := h.r.Strings(args...)
+		if err != nil || len(v) != len(nodes)+2 {
+			h.fail("reading the nodes' registrations after Redis restarted: %v %q", err, v)
+			for _, n := range nodes {
+				back[n] = now // as if not registered: past its lease if it ran out
+			}
+			break
+		}
+		sec, err1 := strconv.ParseInt(v[0], 10, 64)
+		usec, err2 := strconv.ParseInt(v[1], 10, 64)
+		redisNow := time.Duration(sec)*time.Second + time.Duration(usec)*time.Microsecond
+		if healMs < 0 {
+			healMs = redisNow.Milliseconds()
+		}
+		for i, n := range nodes {
+			// "<active> <waiting> <renewed ms>", written by a registration
+			f := strings.Fields(v[i+2])
+			if len(f) == 3 && err1 == nil && err2 == nil {
+				if ms, err := strconv.ParseInt(f[2], 10, 64); err == nil && ms >= healMs {
+					back[n] = now.Add(time.Duration(ms)*time.Millisecond - redisNow)
+					seen[n] = true
+					continue
+				}
+			}
+			if from, _ := nmLapseFrom(e, e.expires[n], time.Time{}); now.After(from) {
+				back[n] = now
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return back, seen
 }
 
 // leaseEnd is when node n's lease in the store runs out, as Redis has
@@ -1779,6 +1871,46 @@ func TestNemesisChecker(t *testing.T) {
 	v = nmJudge([]nmConn{conn("A1", 6.5, 7)}, dialed, nil, []*nmEpisode{cut}, nil, two, at)
 	if v.states["after cut_one +lapse"] == nil {
 		t.Errorf("an accept 0.5 s after the heal, in the lapse: states %v", slices.Collect(maps.Keys(v.states)))
+	}
+
+	// Redis restarted empty (1 s to 1.6 s), node C's lease in the old
+	// store running out at 1.9 s: C is past its lease only if it had not
+	// registered in the new store by 1.8 s (nmMargin), when it may admit
+	// its share on its own beside the 3 that A holds (as seen with seed
+	// 313200229: C's renewal failed 50 ms before the heal, its next came
+	// after its lease ran out).
+	empty := &nmEpisode{kind: "redis_restart_empty", from: sec(1), to: sec(1.6), settle: 2 * time.Second}
+	for _, c := range []struct {
+		back   float64 // 0: not looked for
+		lapsed bool
+		over   int
+	}{{0, false, 1}, {1.7, false, 1}, {2, true, 0}} {
+		e := *empty
+		var back time.Time
+		if c.back > 0 {
+			back = sec(c.back)
+		}
+		from, past := nmLapseFrom(&e, sec(1.9), back)
+		if past != c.lapsed || !from.Equal(sec(1.8)) {
+			t.Errorf("C registered again at %.1fs: past its lease %v from %s; want %v from 1.8s", c.back, past, at(from), c.lapsed)
+		}
+		if past {
+			e.lapses = []nmLapse{{node: 2, from: from, to: e.to.Add(e.settle), share: 2}}
+		}
+		hist := []nmConn{conn("A1", 0.5, 10), conn("A2", 0.6, 10), conn("A3", 0.7, 10), conn("C1", 1.95, 10), conn("C2", 1.96, 10)}
+		v = nmJudge(hist, dialed, nil, []*nmEpisode{&e}, nil, limits(limitChange{sec(-100), 4}), at)
+		label := "after redis_restart_empty"
+		if past {
+			label += " +lapse"
+		}
+		if over(v, label) != c.over {
+			t.Errorf("C registered again at %.1fs, C1 and C2 admitted at 1.95s: worst %d in %q; want +%d", c.back, over(v, label), label, c.over)
+		}
+	}
+	// A store that did not know the node: past its lease from the fault's
+	// start, as before.
+	if from, past := nmLapseFrom(empty, time.Time{}, sec(1.7)); !past || !from.Equal(sec(1)) {
+		t.Errorf("a node the store did not know: past its lease %v from %s; want from 1s", past, at(from))
 	}
 
 	// The latest fault names the state; starvation is the longest time

@@ -322,6 +322,51 @@ func TestFleetNodeStopsCleanly(t *testing.T) {
 	ffDrained(t, []*caddyProc{b})
 }
 
+// 4b. A config without the zone: the node's waiters leave the fleet's
+// line at once, and get the slots its own connections free; the others
+// do not wait behind them. Once drained, the node leaves the store.
+// (Before, its tickets stayed first in line and took the next slot that
+// freed anywhere.)
+func TestFleetConfigWithoutTheZoneLeavesTheLine(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	be := newBackend(t, true)
+	fields := obj{"zone": "db", "max_connections": 2}
+	nodes := startFleet(t, 2, be.addr(), fields, redisStore(r, nil))
+	a, b := nodes[0], nodes[1]
+	aID := a.zone("db").Fleet.Node
+	a0 := takeSlot(t, be, a.listen, "A0")
+	b0 := takeSlot(t, be, b.listen, "B0")
+	a1 := ffQueueAt(t, a, "A1", 1)
+	b1 := ffQueueAt(t, b, "B1", 2)
+
+	cfg := nodeConfigAt(a.admin, a.listen, be.addr(), fields, nil)
+	cfg["apps"] = obj{"layer4": obj{"servers": obj{"test": obj{
+		"listen": []string{a.listen},
+		"routes": []obj{{"handle": []obj{proxyTo(be.addr())}}},
+	}}}}
+	a.load(cfg)
+	waitNodes(t, 5*time.Second, "A1 out of the fleet's line", "db", []*caddyProc{b}, func(vs []zoneDetailJSON) bool {
+		return vs[0].Fleet != nil && vs[0].Fleet.Waiting == 1 && vs[0].Fleet.Active == 2
+	})
+	ffFinish(be, b0)
+	if ids := be.waitArrivals(1, 5*time.Second); ids[0] != "B1" {
+		t.Fatalf("%s admitted when B0 ended, want B1 (A1's config is gone)", ids[0])
+	}
+	ffFinish(be, a0)
+	if ids := be.waitArrivals(1, 5*time.Second); ids[0] != "A1" {
+		t.Fatalf("%s admitted when A0 ended, want A1, with A's own slot", ids[0])
+	}
+	if _, peak, _, _ := be.stats(); peak != 2 {
+		t.Fatalf("backend peak %d, want max 2 throughout", peak)
+	}
+	ffFinish(be, a1)
+	ffFinish(be, b1)
+	testkit.WaitFor(t, 5*time.Second, "A, drained, out of the store", func() bool {
+		return len(ffStoreTraces(t, r, aID)) == 0
+	})
+	ffDrained(t, []*caddyProc{b})
+}
+
 // 6. A reload that changes a store setting (here the lease) moves the
 // zone to the new store settings with its held slots and waiters counted,
 // and never admits on its own past the bound on the way. (Before, the

@@ -126,6 +126,12 @@ type fleetNode struct {
 	limits     *store.Settings // to write to the store: newest wins
 	paused     *bool           // likewise
 	nodesSeen  int
+	// draining: no config uses the zone any more (drainFleet). Its
+	// waiters leave the fleet's line, so that they hold up no other
+	// node's; they get the slots its own connections free, and every
+	// other slot it frees goes back.
+	draining bool
+	left     bool // drained, it deregistered: it renews no more
 }
 
 // joinFleet links z to its fleet and starts the node's loops. The store
@@ -218,6 +224,7 @@ func (z *Zone) setFleet(fleet *Fleet) error {
 	case n == nil && fleet == nil:
 		return nil
 	case n != nil && fleet != nil && n.spec.Differs(fleet) == "":
+		n.undrain()
 		return nil
 	case n != nil && fleet != nil:
 		return z.moveFleet(n, *fleet)
@@ -233,6 +240,38 @@ func (z *Zone) setFleet(fleet *Fleet) error {
 func (z *Zone) node() *fleetNode {
 	n, _ := z.sharedBy().(*fleetNode)
 	return n
+}
+
+// drainFleet is called when no config uses z any more, but it still has
+// connections: the node takes its waiters' tickets out of the fleet's
+// line at once (at the registration it kicks), and serves them with the
+// slots its own connections free. The zone leaves the fleet once drained
+// (Registry.sweep), or undrains if a config uses it again.
+func (z *Zone) drainFleet() {
+	n := z.node()
+	if n == nil {
+		return
+	}
+	z.mu.Lock()
+	defer z.mu.Unlock()
+	if !n.draining {
+		n.draining, n.repair = true, true
+		n.kickNow()
+	}
+}
+
+// undrain puts the node's waiters back in the fleet's line: a config uses
+// the zone again.
+func (n *fleetNode) undrain() {
+	n.z.mu.Lock()
+	defer n.z.mu.Unlock()
+	if n.draining {
+		if n.left {
+			n.mode = fleetJoining
+		}
+		n.draining, n.left, n.repair = false, false, true
+		n.kickNow()
+	}
 }
 
 // leaveFleet unlinks z from its fleet: its loops end and the store is
@@ -301,10 +340,10 @@ func (n *fleetNode) joined() bool { return n.mode == fleetJoined }
 // slots the store counts for it; its share once its lease ran out. Zone
 // lock held.
 func (n *fleetNode) localSlots(ks *keyState) int {
-	switch n.mode {
-	case fleetHolding:
+	switch {
+	case n.mode == fleetHolding, n.mode == fleetJoined && n.draining:
 		return ks.held
-	case fleetUnreachable:
+	case n.mode == fleetUnreachable:
 		return n.spec.Unreachable.Admits(n.z.limits.MaxConnections, n.nodesSeen)
 	}
 	return 0
@@ -329,6 +368,15 @@ func (n *fleetNode) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reas
 	defer z.mu.Unlock()
 	n.lastID++
 	w.ticket = n.lastID
+	if n.draining {
+		// A connection that came in after its config went (a rare race):
+		// the zone is the fleet's again, until the registry sweeps it.
+		if n.left {
+			n.mode = fleetJoining
+		}
+		n.draining, n.left, n.repair = false, false, true
+		n.kickNow()
+	}
 	if n.mode != fleetJoined {
 		return n.acquireHere(w, wake, now)
 	}
@@ -403,11 +451,20 @@ func (n *fleetNode) free(w *Waiter) bool {
 		return false
 	}
 	give := n.giveBack(ks)
+	n.drained()
 	z.mu.Unlock()
 	if give {
 		n.give(w.Key)
 	}
 	return true
+}
+
+// drained kicks the renewals, which deregister a draining node that has
+// no connection left. Zone lock held.
+func (n *fleetNode) drained() {
+	if n.draining && n.z.active == 0 && n.z.waiting == 0 {
+		n.kickNow()
+	}
 }
 
 // giveBack decides what becomes of a slot of ks freed here: registered,
@@ -417,6 +474,9 @@ func (n *fleetNode) free(w *Waiter) bool {
 func (n *fleetNode) giveBack(ks *keyState) bool {
 	switch n.mode {
 	case fleetJoined:
+		if n.draining && ks.active >= ks.held {
+			return false // the zone handed it to a waiter of its own
+		}
 		ks.held--
 		n.z.tidy(ks)
 		n.begin()
@@ -453,6 +513,7 @@ func (n *fleetNode) abandon(w *Waiter) bool {
 		leave = true
 		n.begin()
 	}
+	n.drained()
 	z.mu.Unlock()
 	switch {
 	case leave:
@@ -671,6 +732,18 @@ func (n *fleetNode) sync() {
 		n.mode = fleetUnreachable // the lease ran out: the policy's share
 		z.grantAll()
 	}
+	if n.draining && z.active == 0 && z.waiting == 0 && n.mode == fleetJoined && n.inFlight == 0 {
+		// drained: the others need not wait for its lease to run out
+		left := n.left
+		z.mu.Unlock()
+		if !left {
+			err := n.call("deregister", func(ctx context.Context) error { return n.store.Deregister(ctx) })
+			z.mu.Lock()
+			n.left = err == nil && n.draining
+			z.mu.Unlock()
+		}
+		return
+	}
 	limits, paused := n.limits, n.paused
 	register := n.mode != fleetJoined || n.repair
 	counts := n.counts()
@@ -822,6 +895,7 @@ func (n *fleetNode) register() (time.Time, store.State, error) {
 	z.mu.Lock()
 	st := store.NodeState{Held: map[string]int{}, Active: z.active, Waiters: z.waiting,
 		Limits: z.limits, Config: z.config, Paused: z.paused, Gen: n.gen}
+	draining := n.draining
 	var tickets []*Waiter
 	visit := func(w *Waiter) bool {
 		tickets = append(tickets, w)
@@ -831,7 +905,9 @@ func (n *fleetNode) register() (time.Time, store.State, error) {
 		if ks.active > 0 {
 			st.Held[ks.key] = ks.active
 		}
-		ks.each(z.limits.Order, visit)
+		if !draining {
+			ks.each(z.limits.Order, visit)
+		}
 	}
 	each(&z.def)
 	for _, ks := range z.keys {
@@ -858,13 +934,17 @@ func (n *fleetNode) register() (time.Time, store.State, error) {
 	defer z.mu.Unlock()
 	n.mode = fleetJoined
 	n.epoch = fs.Epoch
-	n.repair = false
+	// undrained meanwhile: the tickets go in at the next one
+	n.repair = draining != n.draining
 	n.acks = nil // the store dropped its grants lists
 	clear(n.early)
 	z.def.held = z.def.active
 	for _, ks := range z.keys {
 		ks.held = ks.active
 		z.tidy(ks)
+	}
+	for _, w := range n.waiting {
+		w.inFleet = false // those it did not name left the fleet's line
 	}
 	for _, w := range tickets {
 		if w.state == stateWaiting {

@@ -358,3 +358,77 @@ func TestFleetNodeRepairsWhenTheRenewalDisagrees(t *testing.T) {
 	s.mu.Unlock()
 	testkit.WaitFor(t, 5*time.Second, "a Register after a renewal's check disagreed", func() bool { _, _, r := s.counts(); return r > regs })
 }
+
+// A zone that no config uses any more takes its waiters out of the
+// fleet's line at its next registration, serves them with the slots its
+// own connections free, gives back the others, and deregisters once
+// drained; a connection that still comes in, or a config that uses the
+// zone again, makes it the fleet's again.
+func TestFleetNodeDrainsWithoutAConfig(t *testing.T) {
+	s := newFakeStore()
+	s.take = func(store.Ticket) (Outcome, Reason, error) { return Admitted, ReasonNone, nil }
+	z := fakeFleetZone(t, s, store.UnreachablePolicy{Refuse: true})
+	a0, a1 := &Waiter{}, &Waiter{}
+	for _, w := range []*Waiter{a0, a1} {
+		if out, _ := z.Acquire(w, NewSignal(), time.Now()); out != Admitted {
+			t.Fatalf("Acquire: %v, want admitted", out)
+		}
+	}
+	s.mu.Lock()
+	s.take = func(store.Ticket) (Outcome, Reason, error) { return Queued, ReasonNone, nil }
+	s.mu.Unlock()
+	w := &Waiter{}
+	if out, _ := z.Acquire(w, NewSignal(), time.Now()); out != Queued {
+		t.Fatalf("Acquire: %v, want queued", out)
+	}
+	waitReg := func(after int, what string, want func(store.NodeState) bool) {
+		t.Helper()
+		testkit.WaitFor(t, 5*time.Second, what, func() bool {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			return len(s.regs) > after && want(s.regs[len(s.regs)-1])
+		})
+	}
+	_, _, regs := s.counts()
+	z.drainFleet()
+	waitReg(regs, "a registration without the waiter's ticket", func(st store.NodeState) bool {
+		return len(st.Waiting) == 0 && st.Held[""] == 2
+	})
+	z.Free(a0)
+	if w.state != stateGranted {
+		t.Fatalf("waiter %v after a slot freed here, want granted the node's own slot", w.state)
+	}
+	if gives, _, _ := s.counts(); gives != 0 {
+		t.Fatalf("%d gives, want none: the slot went to the node's own waiter", gives)
+	}
+	z.Free(a1)
+	if gives, _, _ := s.counts(); gives != 1 {
+		t.Fatalf("%d gives, want 1: a slot nobody here waits for goes back", gives)
+	}
+
+	_, _, regs = s.counts()
+	w2 := &Waiter{}
+	if out, _ := z.Acquire(w2, NewSignal(), time.Now()); out != Queued {
+		t.Fatalf("Acquire: %v, want queued", out)
+	}
+	waitReg(regs, "a registration with the late arrival's ticket", func(st store.NodeState) bool {
+		return len(st.Waiting) == 1 && st.Waiting[0].ID == w2.ticket
+	})
+
+	z.drainFleet()
+	z.Abandon(w2)
+	z.Abandon(w)
+	left := func() bool {
+		z.mu.Lock()
+		defer z.mu.Unlock()
+		n, _ := z.fleet.(*fleetNode)
+		return n != nil && n.left
+	}
+	testkit.WaitFor(t, 5*time.Second, "the drained node to deregister", left)
+	_, _, regs = s.counts()
+	spec := z.node().spec
+	if err := z.setFleet(&spec); err != nil {
+		t.Fatal(err)
+	}
+	waitReg(regs, "a registration once a config uses the zone again", func(store.NodeState) bool { return !left() })
+}

@@ -206,6 +206,9 @@ func (r *Registry) leave(e *zoneEntry, u *zoneUser) {
 			e.zone.SetPaused(false)
 		}
 		r.sweep()
+		if r.named[e.zone.name] == e {
+			e.zone.drainFleet() // its waiters leave the fleet's line
+		}
 		return
 	}
 	if !u.confirmed {
