@@ -333,8 +333,9 @@ func (r *Redis) CommandTimes() map[string]CommandTime {
 	return out
 }
 
-// CPU is the CPU time (user and system) that the running server used so
-// far, from /proc (Linux only: 0 elsewhere), in clock ticks of 10 ms.
+// CPU is the CPU time that the running server's threads used so far, in
+// ns (/proc/<pid>/task/*/schedstat; Linux only: 0 elsewhere): utime and
+// stime come in ticks of 10 ms, too coarse for a short benchmark.
 func (r *Redis) CPU() time.Duration {
 	r.mu.Lock()
 	cmd := r.cmd
@@ -342,19 +343,19 @@ func (r *Redis) CPU() time.Duration {
 	if cmd == nil {
 		return 0
 	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", cmd.Process.Pid))
-	if err != nil {
-		return 0
+	files, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", cmd.Process.Pid))
+	var t time.Duration
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		if fs := strings.Fields(string(b)); len(fs) > 0 {
+			ns, _ := strconv.ParseInt(fs[0], 10, 64)
+			t += time.Duration(ns)
+		}
 	}
-	// the fields after the command's name, which is in parentheses
-	_, rest, _ := strings.Cut(string(b), ") ")
-	f := strings.Fields(rest)
-	if len(f) < 13 {
-		return 0
-	}
-	u, _ := strconv.ParseInt(f[11], 10, 64)
-	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(u+st) * 10 * time.Millisecond
+	return t
 }
 
 // makeCerts writes a CA and a server certificate (127.0.0.1, localhost)
