@@ -328,7 +328,7 @@ func TestFleetOrder(t *testing.T) {
 // (and each node's BRPOPLPUSH on its grants list, armed again once a lease),
 // whatever the number of waiters: 20 waiters spread over three nodes,
 // idle for 3 s, cost no more Redis commands than none (INFO commandstats,
-// which counts the commands a script runs too, so a script whose cost
+// which counts the commands a function runs too, so a function whose cost
 // grew with the waiters would show).
 //
 // The slack: each node renews on its own timer, every lease/3 (333 ms)
@@ -363,9 +363,9 @@ func TestFleetIdleCost(t *testing.T) {
 	busy := measure()
 	t.Logf("commands in %s: no waiters %v; %d waiters %v", window, idle, waiters, busy)
 
-	renewals := idle["evalsha"]
+	renewals := idle["fcall"]
 	if renewals < int64(len(nodes)) {
-		t.Fatalf("only %d scripts ran in %s without waiters: the nodes do not renew (%v)", renewals, window, idle)
+		t.Fatalf("only %d functions ran in %s without waiters: the nodes do not renew (%v)", renewals, window, idle)
 	}
 	for cmd, n := range busy {
 		perRenewal := (idle[cmd] + renewals - 1) / renewals // rounded up; 0 if none idle

@@ -96,7 +96,7 @@ func capacity(e *env, r *report) error {
 		}
 		return st.Give(ctx, "")
 	}
-	for range 100 { // warm-up: scripts cached, pool dialled
+	for range 100 { // warm-up: library loaded, pool dialled
 		if err := pair(); err != nil {
 			return err
 		}

@@ -193,7 +193,8 @@ type profPart struct {
 var profParts = []struct{ name, fn string }{
 	{"a connection's whole handler (caddy-l4 server)", "github.com/mholt/caddy-l4/layer4.(*Server).handle"},
 	{"  of which proxy (dial, copy)", "github.com/mholt/caddy-l4/modules/l4proxy.(*Handler).Handle"},
-	{"  of which take, give, leave (the store's scripts)", "github.com/l4-connlimit/connlimit/store/redisstore.(*redisFleet).run"},
+	{"  of which take, give, leave (the store's functions)", "github.com/l4-connlimit/connlimit/store/redisstore.(*redisFleet).run"},
+	{"take, give, leave sent together (pipelines)", "github.com/l4-connlimit/connlimit/store/redisstore.(*redisFleet).pipeline"},
 	{"grants: the BRPOPLPUSH loop", "github.com/l4-connlimit/connlimit/store/redisstore.(*redisFleet).pump"},
 	{"grants: handing them to waiters", "github.com/l4-connlimit/connlimit/internal/engine.(*fleetNode).grants"},
 	{"renewals", "github.com/l4-connlimit/connlimit/internal/engine.(*fleetNode).renewals"},

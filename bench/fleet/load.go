@@ -116,9 +116,9 @@ func (u usage) nodeCPU() time.Duration {
 	return t
 }
 
-// scripts is the EVALSHA, EVAL and BRPOPLPUSH calls of the window.
+// roundTrips is the FCALL and BRPOPLPUSH calls of the window.
 func (u usage) roundTrips() int64 {
-	return u.cs["evalsha"] + u.cs["eval"] + u.cs["brpoplpush"] + u.cs["blmpop"]
+	return u.cs["fcall"] + u.cs["brpoplpush"]
 }
 
 // ---- added latency of a connection admitted at once ----

@@ -82,7 +82,7 @@ func main() {
 	flag.StringVar(&c.release, "release", "close_write", "the handlers' release option (return or close_write)")
 	flag.DurationVar(&c.lease, "lease", 5*time.Second, "the store's lease (renewals every min(lease/3, 1s))")
 	flag.IntVar(&c.sources, "sources", 8, "client source addresses 127.0.0.1..127.0.0.N")
-	flag.StringVar(&c.only, "only", "", "run only these parts (comma-separated of rt, handoff, latency, limit, capacity)")
+	flag.StringVar(&c.only, "only", "", "run only these parts (comma-separated of rt, handoff, latency, limit, capacity, split)")
 	flag.Float64Var(&c.loadMax, "load-max", 1.5, "before each measurement, wait until the 1-minute load is below this")
 	flag.DurationVar(&c.loadWait, "load-wait", 10*time.Minute, "the longest wait for the load before one measurement")
 	flag.DurationVar(&c.loadTotal, "load-total", 25*time.Minute, "the longest wait for the load over the whole run")
@@ -218,8 +218,6 @@ type env struct {
 	redis   *redisProc
 	backend *backend
 	nodes   []*node // A, B, C
-	names   map[string]string
-	scripts error // why scripts could not be named, if so
 }
 
 // The zones every node serves, and those node A alone also serves with no
@@ -264,7 +262,6 @@ func run(c *config) error {
 		}
 	}
 	e := &env{cfg: c}
-	e.names, e.scripts = scriptNames(c.repo)
 	e.redis, err = startRedis(c.redisBin, c.workDir)
 	if err != nil {
 		return err
@@ -291,9 +288,9 @@ func run(c *config) error {
 	}
 
 	r := &report{cfg: c, env: e, started: time.Now()}
-	// Warm-up: every script in Redis' cache (the first call of each is an
-	// EVAL), every node's pool dialled; then a renewal period, so that the
-	// idle measurement sees only EVALSHAs.
+	// Warm-up: the library loaded (by the first call that finds it
+	// missing), every node's pool dialled; then a renewal period, so that
+	// the idle measurement sees only FCALLs.
 	if err := warmUp(e); err != nil {
 		return err
 	}
@@ -311,6 +308,7 @@ func run(c *config) error {
 		{"latency", addedLatency},
 		{"limit", limitBound},
 		{"capacity", capacity},
+		{"split", split},
 	}
 	for _, s := range steps {
 		if !c.runs(s.part) {

@@ -3,60 +3,41 @@ package main
 import (
 	"bufio"
 	"context"
-	"crypto/sha1"
-	"encoding/hex"
 	"fmt"
 	"net"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
 )
 
-// INFO commandstats counts every EVALSHA alike, whatever the script. To
+// INFO commandstats counts every FCALL alike, whatever the function. To
 // tell a connection's round trips (take, give, leave, the BRPOPLPUSH of its
 // grant) from the nodes' own traffic (renewals, BRPOPLPUSHes re-armed after a
 // timeout), the round-trip measurements also watch Redis' MONITOR feed,
-// which names each EVALSHA's script (by its SHA1, computed here from
-// store/redisstore/lua/*.lua exactly as the store does) and its zone (KEYS[1]).
-// MONITOR costs Redis time, so it runs only in those measurements, never
-// in a timed one.
+// which names each FCALL's function ("connlimit_<hash of the library>_take")
+// and its zone (its one key). MONITOR costs Redis time, so it runs only in
+// those measurements, never in a timed one.
 
-// scriptNames maps the SHA1 of each of the store's scripts to its name.
-func scriptNames(repo string) (map[string]string, error) {
-	dir := filepath.Join(repo, "store", "redisstore", "lua")
-	lib, err := os.ReadFile(filepath.Join(dir, "lib.lua"))
-	if err != nil {
-		return nil, err
+// opOfFunction is the operation of one of the store's functions
+// ("take"), or "" for another function.
+func opOfFunction(fn string) string {
+	rest, ok := strings.CutPrefix(fn, "connlimit_")
+	if !ok {
+		return ""
 	}
-	names := map[string]string{}
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return nil, err
+	_, op, ok := strings.Cut(rest, "_")
+	if !ok {
+		return ""
 	}
-	for _, e := range ents {
-		name, ok := strings.CutSuffix(e.Name(), ".lua")
-		if !ok || name == "lib" {
-			continue
-		}
-		op, err := os.ReadFile(filepath.Join(dir, e.Name()))
-		if err != nil {
-			return nil, err
-		}
-		sum := sha1.Sum([]byte(string(lib) + "\n" + string(op)))
-		names[hex.EncodeToString(sum[:])] = name
-	}
-	return names, nil
+	return op
 }
 
-// monitor counts the commands clients send (not those scripts run), per
-// zone: "take", "give", "renew"... for EVALSHA and EVAL, "brpoplpush", and
-// the command's name for anything else.
+// monitor counts the commands clients send (not those functions run), per
+// zone: "take", "give", "renew"... for FCALL, "brpoplpush", and the
+// command's name for anything else.
 type monitor struct {
 	conn    net.Conn
-	names   map[string]string
 	marker  string
 	mu      sync.Mutex
 	counts  map[string]map[string]int64 // zone -> what -> calls
@@ -64,7 +45,7 @@ type monitor struct {
 	readErr error
 }
 
-func startMonitor(addr string, names map[string]string) (*monitor, error) {
+func startMonitor(addr string) (*monitor, error) {
 	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
 	if err != nil {
 		return nil, err
@@ -80,7 +61,7 @@ func startMonitor(addr string, names map[string]string) (*monitor, error) {
 		c.Close()
 		return nil, fmt.Errorf("MONITOR: %q %v", first, err)
 	}
-	m := &monitor{conn: c, names: names, counts: map[string]map[string]int64{}, done: make(chan struct{}),
+	m := &monitor{conn: c, counts: map[string]map[string]int64{}, done: make(chan struct{}),
 		marker: fmt.Sprintf("connlimit-bench-monitor-end-%d", time.Now().UnixNano())}
 	go m.read(br)
 	return m, nil
@@ -94,14 +75,14 @@ func (m *monitor) read(br *bufio.Reader) {
 			m.readErr = err
 			return
 		}
-		// +1700000000.123456 [0 127.0.0.1:5555] "evalsha" "sha" "1" "key" ...
+		// +1700000000.123456 [0 127.0.0.1:5555] "fcall" "fn" "1" "key" ...
 		_, rest, ok := strings.Cut(line, " [")
 		if !ok {
 			continue
 		}
 		client, args, ok := strings.Cut(rest, "] ")
 		if !ok || strings.HasSuffix(client, " lua") {
-			continue // a command a script ran
+			continue // a command a function ran
 		}
 		f := splitQuoted(strings.TrimSpace(args))
 		if len(f) == 0 {
@@ -113,18 +94,15 @@ func (m *monitor) read(br *bufio.Reader) {
 		}
 		what, zone := cmd, ""
 		switch cmd {
-		case "evalsha", "eval":
+		case "fcall":
 			if len(f) > 3 {
 				zone = zoneOfKey(f[3])
 			}
-			if cmd == "evalsha" && len(f) > 1 {
-				if n, ok := m.names[f[1]]; ok {
-					what = n
-				} else {
-					what = "evalsha(unknown script)"
+			what = "fcall(other function)"
+			if len(f) > 1 {
+				if op := opOfFunction(f[1]); op != "" {
+					what = op
 				}
-			} else {
-				what = "eval(script body)"
 			}
 		case "brpoplpush":
 			if len(f) > 1 {

@@ -23,6 +23,7 @@ type report struct {
 	latency  *latencyResult
 	limit    *limitResult
 	capacity *capacityResult
+	split    *splitResult
 
 	storeErrors, logErrors int
 
@@ -150,13 +151,16 @@ func (r *report) markdown() string {
 	if r.capacity != nil || r.limit != nil {
 		r.capacityText(p)
 	}
+	if r.split != nil {
+		r.splitText(p)
+	}
 	return b.String()
 }
 
 func rates(cs cmdStats, w time.Duration) string {
 	keys := make([]string, 0, len(cs))
 	for k := range cs {
-		if k == "evalsha" || k == "eval" || k == "brpoplpush" {
+		if k == "fcall" || k == "brpoplpush" {
 			keys = append(keys, k)
 		}
 	}
@@ -166,7 +170,7 @@ func rates(cs cmdStats, w time.Duration) string {
 		parts = append(parts, fmt.Sprintf("%s %.1f", strings.ToUpper(k), float64(cs[k])/w.Seconds()))
 	}
 	if len(parts) == 0 {
-		return "no EVALSHA or BRPOPLPUSH"
+		return "no FCALL or BRPOPLPUSH"
 	}
 	return strings.Join(parts, ", ")
 }
@@ -214,10 +218,10 @@ func (r *report) roundTrips(p printer) {
 	rt := r.rt
 	p("### Store round trips per connection\n\n")
 	p("Method: a window of connections of one kind, with `INFO commandstats` read before and after "+
-		"(EVALSHA, EVAL and BRPOPLPUSH are the commands nodes send; the commands scripts run are counted there too) "+
-		"and Redis' `MONITOR` feed over the same window, which names each EVALSHA's script (SHA1 of "+
-		"`store/redisstore/lua/lib.lua` + the script, as the store loads them) and its zone (KEYS[1]). A connection's "+
-		"round trips are its zone's take, give and leave scripts plus the BRPOPLPUSHes that delivered a grant "+
+		"(FCALL and BRPOPLPUSH are the commands nodes send; the commands functions run are counted there too) "+
+		"and Redis' `MONITOR` feed over the same window, which names each FCALL's function "+
+		"(`connlimit_<library hash>_take`...) and its zone (its key). A connection's "+
+		"round trips are its zone's take, give and leave calls plus the BRPOPLPUSHes that delivered a grant "+
 		"(= LPUSHes to the grant lists in the window, from commandstats). The nodes' own traffic (renewals "+
 		"of every zone, BRPOPLPUSHes re-armed after their lease-long timeout) is shown apart, not counted. "+
 		"Admitted at once: %d connections over 6 clients spread over A, B, C (zone `%s`). Waited: %d "+
@@ -225,7 +229,7 @@ func (r *report) roundTrips(p printer) {
 		"max 1), then handed the slot when the holder's backend connection closes; the first holder was "+
 		"admitted before the window, and its give (in the window) is subtracted. %s.\n\n",
 		rt.open.conns, zOpen, rt.waited.conns, zHandoff, rt.load)
-	p("| connection | n | take | give | leave | BRPOPLPUSH with a grant | round trips per connection | target | renewals (apart) | BRPOPLPUSHes with no grant (apart) | commandstats EVALSHA+EVAL | MONITOR scripts | commands scripts ran per connection |\n")
+	p("| connection | n | take | give | leave | BRPOPLPUSH with a grant | round trips per connection | target | renewals (apart) | BRPOPLPUSHes with no grant (apart) | commandstats FCALL | MONITOR FCALLs | commands functions ran per connection |\n")
 	p("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, row := range []struct {
 		name   string
@@ -237,7 +241,7 @@ func (r *report) roundTrips(p printer) {
 		inner := int64(0)
 		for k, v := range row.x.cs {
 			switch k {
-			case "evalsha", "eval", "brpoplpush", "echo", "ping", "monitor", "config|resetstat":
+			case "fcall", "brpoplpush", "echo", "ping", "monitor", "config|resetstat":
 			default:
 				inner += v
 			}
@@ -249,10 +253,7 @@ func (r *report) roundTrips(p printer) {
 		p("| %s | %d | %d | %d | %d | %d | **%.2f** | ≤ %.0f: %s | %s in %.1f s | %d | %d | %d | %.1f |\n",
 			row.name, row.x.conns, z["take"], z["give"], z["leave"], row.x.blpopOK, row.x.perConn(), row.target,
 			met(row.x.perConn() <= row.target+0.005), renewS, row.x.window.Seconds(), idle,
-			row.x.cs["evalsha"]+row.x.cs["eval"], row.x.monScripts(), float64(inner)/float64(row.x.conns))
-	}
-	if r.env.scripts != nil {
-		p("\nScripts could not be named (%v): the per-script columns are empty.\n", r.env.scripts)
+			row.x.cs["fcall"], row.x.monScripts(), float64(inner)/float64(row.x.conns))
 	}
 	for _, x := range []*rtResult{rt.open, rt.waited} {
 		if x.monErr != nil {
@@ -389,7 +390,7 @@ func (r *report) limitBound(p printer) {
 		"answered inside the window; latency is dial → EOF of those. Redis CPU per connection is the "+
 		"`utime+stime` delta of redis-server (`/proc/<pid>/stat`) over the window, minus the idle fleet's "+
 		"rate, divided by the connections the backend served in the window; round trips per connection are "+
-		"the window's EVALSHA+EVAL+BRPOPLPUSH calls (commandstats, renewals included) over the same count; Caddy "+
+		"the window's FCALL+BRPOPLPUSH calls (commandstats, renewals included) over the same count; Caddy "+
 		"CPU per connection sums the three nodes' `utime+stime` likewise. The hand-off gap pairs the "+
 		"backend's k-th close with its (k+max)-th accept (the slot that close freed, refilled), for closes "+
 		"in the window. Store op: every store operation of the zone on the three nodes (take, give, "+
@@ -521,7 +522,7 @@ func (r *report) capacityHeadline() string {
 func (r *report) capacityText(p printer) {
 	p("### What one zone can take before Redis is the bottleneck\n\n")
 	idle := r.idle.cpuPerSec()
-	p("Every operation of a zone is a Lua script on the zone's keys, run by Redis' one command thread: a "+
+	p("Every operation of a zone is a Lua function on the zone's keys, run by Redis' one command thread: a "+
 		"zone's ceiling is one Redis core. Method: Redis CPU (`/proc/<pid>/stat` utime+stime delta, minus "+
 		"the idle fleet's %.1f ms/s) per connection, and the ceiling 1 s ÷ that; and, where the load can "+
 		"be driven high enough, Redis' CPU as a share of one core.", float64(idle)/1e6)
@@ -568,10 +569,10 @@ func (r *report) capacityText(p printer) {
 	} else {
 		p("measured above")
 	}
-	p("), whatever the cluster's size; its scripts must see all of the zone's keys atomically, so it cannot "+
+	p("), whatever the cluster's size; its functions must see all of the zone's keys atomically, so it cannot "+
 		"be split. Separate zones are independent: with Z zones spread over S shards (CRC16 of the zone "+
 		"name picks the slot; name zones so that they land on different shards, or move slots), the fleet's "+
 		"total is about min(Z, S) × that ceiling, less only what a shard spends on the nodes' renewals "+
-		"(one script per node per zone per %s) and idle BRPOPLPUSHes (one per node per zone per lease). Redis' I/O "+
-		"threads do not help: the scripts run on the command thread.\n\n", min(r.cfg.lease/3, time.Second))
+		"(one call per node per zone per %s) and idle BRPOPLPUSHes (one per node per zone per lease). Redis' I/O "+
+		"threads do not help: the functions run on the command thread.\n\n", min(r.cfg.lease/3, time.Second))
 }

@@ -15,10 +15,10 @@ type rtResult struct {
 	// its give is in the window).
 	extraGives int
 	// From INFO commandstats over the window (every zone, and the
-	// commands scripts run too).
+	// commands functions run too).
 	cs cmdStats
 	// From MONITOR over the same window: commands clients sent, per zone
-	// and per script.
+	// and per function.
 	mon     map[string]map[string]int64
 	monErr  error
 	window  time.Duration
@@ -26,13 +26,12 @@ type rtResult struct {
 	blpopOK int64 // BRPOPLPUSHes that delivered a grant: LPUSHes in the window
 }
 
-// perConn is the zone's round trips per measured connection: its scripts
-// take, give and leave (and EVAL, should a script have left the cache),
-// and the BRPOPLPUSHes that delivered a grant; renewals and re-armed BRPOPLPUSHes are
+// perConn is the zone's round trips per measured connection: its calls
+// of take, give and leave, and the BRPOPLPUSHes that delivered a grant; renewals and re-armed BRPOPLPUSHes are
 // the nodes' own, shown apart.
 func (r *rtResult) perConn() float64 {
 	z := r.mon[r.zone]
-	n := z["take"] + z["give"] + z["leave"] + z["eval(script body)"] + r.blpopOK - int64(r.extraGives)
+	n := z["take"] + z["give"] + z["leave"] + r.blpopOK - int64(r.extraGives)
 	return float64(n) / float64(r.conns)
 }
 
@@ -47,7 +46,7 @@ func (r *rtResult) own() (renew, other, blpopIdle int64) {
 	return
 }
 
-// monScripts is the number of EVALSHA and EVAL that MONITOR saw.
+// monScripts is the number of FCALLs that MONITOR saw.
 func (r *rtResult) monScripts() int64 {
 	var n int64
 	for _, z := range r.mon {
@@ -68,7 +67,7 @@ type rtResults struct {
 // window runs f between two commandstats snapshots, with MONITOR on.
 func window(e *env, zone string, f func() error) (*rtResult, error) {
 	res := &rtResult{zone: zone}
-	mon, err := startMonitor(e.redis.addr, e.names)
+	mon, err := startMonitor(e.redis.addr)
 	if err != nil {
 		return nil, err
 	}
@@ -169,7 +168,7 @@ func openConns(e *env, n, workers int) error {
 }
 
 // warmUp runs connections admitted at once through every node, and a few
-// hand-offs between A and B: every script is then in Redis' cache and
+// hand-offs between A and B: the library is then loaded and
 // every node's connections to Redis are dialled.
 func warmUp(e *env) error {
 	if err := openConns(e, 60, 6); err != nil {

@@ -284,15 +284,31 @@ func (r *Redis) ResetStats() {
 }
 
 // CommandStats returns the calls of each command since the last
-// ResetStats (lower case names, "evalsha", "blpop", ...), not counting
+// ResetStats (lower case names, "fcall", "blpop", ...), not counting
 // the INFO and CONFIG commands of the harness itself.
 func (r *Redis) CommandStats() map[string]int64 {
+	r.t.Helper()
+	calls := make(map[string]int64)
+	for name, s := range r.CommandTimes() {
+		calls[name] = s.Calls
+	}
+	return calls
+}
+
+// CommandTime is a command's line of INFO commandstats.
+type CommandTime struct {
+	Calls int64
+	Usec  int64 // the server's time in the command (for FCALL, with what the function ran)
+}
+
+// CommandTimes is CommandStats with the time each command took.
+func (r *Redis) CommandTimes() map[string]CommandTime {
 	r.t.Helper()
 	s, err := r.Str("INFO", "commandstats")
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	calls := make(map[string]int64)
+	out := make(map[string]CommandTime)
 	sc := bufio.NewScanner(strings.NewReader(s))
 	for sc.Scan() {
 		line := strings.TrimSpace(sc.Text())
@@ -304,14 +320,42 @@ func (r *Redis) CommandStats() map[string]int64 {
 		if name == "info" || strings.HasPrefix(name, "config") {
 			continue
 		}
+		var ct CommandTime
 		for _, f := range strings.Split(rest, ",") {
 			if v, ok := strings.CutPrefix(f, "calls="); ok {
-				n, _ := strconv.ParseInt(v, 10, 64)
-				calls[name] = n
+				ct.Calls, _ = strconv.ParseInt(v, 10, 64)
+			} else if v, ok := strings.CutPrefix(f, "usec="); ok {
+				ct.Usec, _ = strconv.ParseInt(v, 10, 64)
 			}
 		}
+		out[name] = ct
 	}
-	return calls
+	return out
+}
+
+// CPU is the CPU time that the running server's threads used so far, in
+// ns (/proc/<pid>/task/*/schedstat; Linux only: 0 elsewhere): utime and
+// stime come in ticks of 10 ms, too coarse for a short benchmark.
+func (r *Redis) CPU() time.Duration {
+	r.mu.Lock()
+	cmd := r.cmd
+	r.mu.Unlock()
+	if cmd == nil {
+		return 0
+	}
+	files, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", cmd.Process.Pid))
+	var t time.Duration
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		if fs := strings.Fields(string(b)); len(fs) > 0 {
+			ns, _ := strconv.ParseInt(fs[0], 10, 64)
+			t += time.Duration(ns)
+		}
+	}
+	return t
 }
 
 // makeCerts writes a CA and a server certificate (127.0.0.1, localhost)

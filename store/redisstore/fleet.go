@@ -2,8 +2,10 @@ package redisstore
 
 import (
 	"context"
+	"crypto/sha1"
 	"crypto/tls"
 	"embed"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -19,51 +21,71 @@ import (
 	"github.com/l4-connlimit/connlimit/store"
 )
 
-// This file is store.Store in Redis (or any server that speaks its
-// protocol and runs its Lua scripts: Valkey, KeyDB). Every
-// operation is one Lua script, run with EVALSHA (EVAL once after the server
-// lost its script cache), so each is atomic and one round trip. Times
+// This file is store.Store in Redis 7.0 or later (or any server that speaks
+// its protocol and runs Redis Functions in Lua: Valkey). Every operation is
+// one function of one library (lua/), called with FCALL, so each is atomic
+// and one round trip; the library is loaded (FUNCTION LOAD) by the first
+// call that finds the server without it. Unlike a script run with EVALSHA,
+// it is not defined anew on every call: lib.lua's functions cost Redis
+// nothing per call. Times
 // (leases, when limits were set) are Redis' own clock (TIME), never a
-// node's. The key layout and what each script does are in lua/.
+// node's. The key layout and what each operation does are in lua/.
 //
 // Redis Cluster: every key of a zone is "<prefix>:{<zone>}:<what>", so they
-// share the hash tag {<zone>} and one zone lives in one slot. A script is
-// given the zone's base key "<prefix>:{<zone>}" as KEYS[1] (the client
+// share the hash tag {<zone>} and one zone lives in one slot. A function is
+// given the zone's base key "<prefix>:{<zone>}" as its one key (the client
 // routes it by that key's slot) and derives the others from it, per node
 // and per key value, which it cannot know beforehand; they are in the same
 // slot by their hash tag. Zone names and the prefix may not contain '{' or
 // '}', which would move the tag. With Options.Cluster the client is a
-// Cluster client that routes each script (and the BRPOPLPUSH of a node's
-// grants) to the shard of the zone's slot.
+// Cluster client that routes each call (and the BRPOPLPUSH of a node's
+// grants) to the shard of the zone's slot; the library is loaded on every
+// master.
 
 //go:embed lua/*.lua
 var fleetRedisLua embed.FS
 
-func fleetRedisScript(name string) *redis.Script {
+// fleetOps are the operations of lua/, each a function of the library.
+var fleetOps = []string{"take", "give", "leave", "renew", "register", "register_tickets", "register_sweep",
+	"set_limits", "set_paused", "status", "deregister", "grants"}
+
+// fleetLibrary is the store's Redis Functions library: lib.lua, then each
+// operation's file as the body of a function. Its name and its functions'
+// names carry a hash of its code, so that nodes of different builds each
+// load their own and never replace another's.
+type fleetLibrary struct {
+	name string
+	code string            // FUNCTION LOAD's argument
+	fn   map[string]string // operation -> function name
+}
+
+var fleetLib = buildFleetLibrary()
+
+func buildFleetLibrary() fleetLibrary {
 	lib, err := fleetRedisLua.ReadFile("lua/lib.lua")
 	if err != nil {
 		panic(err)
 	}
-	op, err := fleetRedisLua.ReadFile("lua/" + name + ".lua")
-	if err != nil {
-		panic(err)
+	var body strings.Builder
+	body.Write(lib)
+	for _, op := range fleetOps {
+		src, err := fleetRedisLua.ReadFile("lua/" + op + ".lua")
+		if err != nil {
+			panic(err)
+		}
+		// the operation's file runs as it would as a script of its own,
+		// with KEYS and ARGV
+		fmt.Fprintf(&body, "\nredis.register_function('%%s_%s', function(KEYS, ARGV)\nzone(KEYS[1])\n%s\nend)\n", op, src)
 	}
-	return redis.NewScript(string(lib) + "\n" + string(op))
+	sum := sha1.Sum([]byte(body.String()))
+	name := "connlimit_" + hex.EncodeToString(sum[:6])
+	l := fleetLibrary{name: name, fn: map[string]string{},
+		code: "#!lua name=" + name + "\n" + strings.ReplaceAll(body.String(), "'%s_", "'"+name+"_")}
+	for _, op := range fleetOps {
+		l.fn[op] = name + "_" + op
+	}
+	return l
 }
-
-var (
-	fleetTake       = fleetRedisScript("take")
-	fleetGive       = fleetRedisScript("give")
-	fleetLeave      = fleetRedisScript("leave")
-	fleetRenew      = fleetRedisScript("renew")
-	fleetRegister   = fleetRedisScript("register")
-	fleetRegTickets = fleetRedisScript("register_tickets")
-	fleetRegSweep   = fleetRedisScript("register_sweep")
-	fleetSetLimits  = fleetRedisScript("set_limits")
-	fleetSetPaused  = fleetRedisScript("set_paused")
-	fleetStatus     = fleetRedisScript("status")
-	fleetDeregister = fleetRedisScript("deregister")
-)
 
 // Options say how to reach Redis and how to keep a fleet zone there.
 type Options struct {
@@ -102,7 +124,7 @@ const (
 
 type redisFleet struct {
 	zone, node string
-	keys       []string // {base}: every script's KEYS
+	keys       []string // {base}: every call's keys
 	kGrants    string
 	kInflight  string
 	lease      time.Duration
@@ -114,6 +136,18 @@ type redisFleet struct {
 	// every call sends it, so that a store that went back in time (an
 	// older snapshot, a lagging replica) says so before it grants.
 	seen atomic.Uint64
+
+	// loads counts the library's loads by this store; loadMu makes them
+	// one at a time.
+	loadMu sync.Mutex
+	loads  atomic.Uint64
+
+	// the calls in flight, those that wait for one to end, and when they
+	// go anyway (fcall)
+	bmu        sync.Mutex
+	inflight   int
+	pending    []*fcallReq
+	flushTimer *time.Timer
 
 	pumpOnce  sync.Once
 	evictOnce sync.Once
@@ -172,8 +206,8 @@ func New(opts Options, zone, nodeID string) (store.Store, error) {
 	}
 	base := opts.KeyPrefix + ":{" + zone + "}"
 	// RESP2, no CLIENT SETINFO, no maintenance notifications: a
-	// connection costs AUTH/SELECT at most, and any Redis >= 5 (or
-	// Valkey, KeyDB) serves it. Take, Give and Leave must not run twice:
+	// connection costs AUTH/SELECT at most, and any Redis >= 7.0 (or
+	// Valkey) serves it. Take, Give and Leave must not run twice:
 	// no automatic retry (nor redirect: a Cluster client would resend on
 	// a connection error while following one); run retries itself where
 	// that is safe.
@@ -262,19 +296,38 @@ func (s *redisFleet) isClosed() bool {
 	}
 }
 
-// run runs one script. It is tried once more after a Cluster's redirect
-// or refusal (it did not run), and an idempotent one also after a
-// connection error.
-func (s *redisFleet) run(ctx context.Context, op string, sc *redis.Script, idempotent bool, args ...any) (any, error) {
+// run runs one operation's function. It is tried once more after a
+// Cluster's redirect or refusal (it did not run), after loading the library
+// if the server did not have it (it did not run either: a server that
+// restarted or failed over without it, a FUNCTION FLUSH), and an idempotent
+// one also after a connection error.
+func (s *redisFleet) run(ctx context.Context, op string, idempotent bool, args ...any) (any, error) {
+	return s.runFn(ctx, op, op, idempotent, args...)
+}
+
+// runFn is run of the function of operation fnOp, as a step of op.
+func (s *redisFleet) runFn(ctx context.Context, op, fnOp string, idempotent bool, args ...any) (any, error) {
 	if s.isClosed() {
 		return nil, s.fail(op, store.ErrClosed)
 	}
-	v, err := sc.Run(ctx, s.c, s.keys, args...).Result()
+	fn := fleetLib.fn[fnOp]
+	loads := s.loads.Load()
+	v, err := s.fcall(ctx, fn, args)
+	if err != nil && notLoaded(err) && ctx.Err() == nil {
+		if err = s.load(ctx, loads); err == nil {
+			v, err = s.fcall(ctx, fn, args)
+		}
+	}
 	if err != nil && (notRun(err) || idempotent && retryable(err)) && ctx.Err() == nil {
 		t := time.NewTimer(s.retryPause)
 		select {
 		case <-t.C:
-			v, err = sc.Run(ctx, s.c, s.keys, args...).Result()
+			v, err = s.fcall(ctx, fn, args)
+			if err != nil && notLoaded(err) && ctx.Err() == nil {
+				if err = s.load(ctx, s.loads.Load()); err == nil {
+					v, err = s.fcall(ctx, fn, args)
+				}
+			}
 		case <-ctx.Done():
 			t.Stop()
 		case <-s.closed:
@@ -282,12 +335,164 @@ func (s *redisFleet) run(ctx context.Context, op string, sc *redis.Script, idemp
 		}
 	}
 	if err != nil {
+		if redis.HasErrorPrefix(err, "unknown command") {
+			err = fmt.Errorf("%w (Redis 7.0 or later is needed: Redis Functions)", err)
+		}
 		return nil, s.failCall(op, err)
 	}
 	return v, nil
 }
 
-// notRun: a Cluster's reply that the script did not run there (the slot
+// fleetPipelines is how many of a store's calls are in flight before
+// others wait: the calls that come meanwhile go together as one pipeline
+// when one of those ends, or after fleetPipelineWait at the latest (a
+// store far away must not make them wait a round trip).
+const (
+	fleetPipelines    = 2
+	fleetPipelineWait = 200 * time.Microsecond
+)
+
+// fcallReq is a call waiting for a pipeline.
+type fcallReq struct {
+	ctx  context.Context
+	fn   string
+	args []any
+	v    any
+	err  error
+	done chan struct{}
+}
+
+// fcall calls function fn once. A call that finds fewer than
+// fleetPipelines calls in flight goes at once, alone, as it would without
+// this; the others queue and go as one pipeline (when one in flight ends,
+// within fleetPipelineWait), so that under load Redis reads and answers
+// many calls with one system call each way (most of its CPU per call
+// otherwise). Each call's round trip stays one.
+func (s *redisFleet) fcall(ctx context.Context, fn string, args []any) (any, error) {
+	s.bmu.Lock()
+	if s.inflight < fleetPipelines {
+		s.inflight++
+		s.bmu.Unlock()
+		v, err := s.c.FCall(ctx, fn, s.keys, args...).Result()
+		s.next()
+		return v, err
+	}
+	r := &fcallReq{ctx: ctx, fn: fn, args: args, done: make(chan struct{})}
+	if len(s.pending) == 0 {
+		if s.flushTimer == nil {
+			s.flushTimer = time.AfterFunc(fleetPipelineWait, s.flush)
+		} else {
+			s.flushTimer.Reset(fleetPipelineWait)
+		}
+	}
+	s.pending = append(s.pending, r)
+	s.bmu.Unlock()
+	select {
+	case <-r.done:
+		return r.v, r.err
+	case <-ctx.Done():
+		// the call may still go (uncertain, as any call its ctx ended)
+		return nil, ctx.Err()
+	}
+}
+
+// next ends a call or pipeline in flight: the calls that queued meanwhile
+// go next, as one pipeline, in its place.
+func (s *redisFleet) next() {
+	s.bmu.Lock()
+	if len(s.pending) == 0 {
+		s.inflight--
+		s.bmu.Unlock()
+		return
+	}
+	batch := s.pending
+	s.pending = nil
+	s.flushTimer.Stop()
+	s.bmu.Unlock()
+	go s.pipeline(batch)
+}
+
+// flush sends the calls that waited fleetPipelineWait for one in flight
+// to end as one pipeline of their own, one more in flight.
+func (s *redisFleet) flush() {
+	s.bmu.Lock()
+	if len(s.pending) == 0 {
+		s.bmu.Unlock()
+		return
+	}
+	batch := s.pending
+	s.pending = nil
+	s.inflight++
+	s.bmu.Unlock()
+	go s.pipeline(batch)
+}
+
+// pipeline sends the calls of batch whose callers still wait, in one
+// pipeline, and hands each its reply.
+func (s *redisFleet) pipeline(batch []*fcallReq) {
+	defer s.next()
+	live := batch[:0]
+	for _, r := range batch {
+		if err := r.ctx.Err(); err != nil { // its caller is gone: not sent
+			r.err = err
+			close(r.done)
+			continue
+		}
+		live = append(live, r)
+	}
+	if len(live) == 0 {
+		return
+	}
+	// each caller waits for its own ctx; the pipeline is bounded by the
+	// client's read and write timeouts
+	ctx := context.Background()
+	if len(live) == 1 {
+		r := live[0]
+		r.v, r.err = s.c.FCall(ctx, r.fn, s.keys, r.args...).Result()
+		close(r.done)
+		return
+	}
+	p := s.c.Pipeline()
+	cmds := make([]*redis.Cmd, len(live))
+	for i, r := range live {
+		cmds[i] = p.FCall(ctx, r.fn, s.keys, r.args...)
+	}
+	_, _ = p.Exec(ctx)
+	for i, r := range live {
+		r.v, r.err = cmds[i].Result()
+		close(r.done)
+	}
+}
+
+// notLoaded: the server does not have this build's library.
+func notLoaded(err error) bool {
+	return redis.HasErrorPrefix(err, "Function not found")
+}
+
+// load loads the library (on every master of a Cluster: the zone's may
+// have changed), unless another call did so since it saw loads: calls
+// that all found it missing load it once.
+func (s *redisFleet) load(ctx context.Context, loads uint64) error {
+	s.loadMu.Lock()
+	defer s.loadMu.Unlock()
+	if s.loads.Load() != loads {
+		return nil
+	}
+	var err error
+	if cc, ok := s.c.(*redis.ClusterClient); ok {
+		err = cc.ForEachMaster(ctx, func(ctx context.Context, c *redis.Client) error {
+			return c.FunctionLoadReplace(ctx, fleetLib.code).Err()
+		})
+	} else {
+		err = s.c.FunctionLoadReplace(ctx, fleetLib.code).Err()
+	}
+	if err == nil {
+		s.loads.Add(1)
+	}
+	return err
+}
+
+// notRun: a Cluster's reply that the call did not run there (the slot
 // moved, is moving, or the cluster is down).
 func notRun(err error) bool {
 	for _, p := range []string{"MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN"} {
@@ -310,9 +515,10 @@ func retryable(err error) bool {
 		!(errors.As(err, &nerr) && nerr.Timeout())
 }
 
-// seenArg is what a call says of the store's state it saw.
-func (s *redisFleet) seenArg() string {
-	return strconv.FormatUint(s.seen.Load(), 10) + " " + strconv.FormatInt(s.lease.Milliseconds(), 10)
+// seenArgs are what a call says of the store's state it saw: the highest
+// sequence, and the lease (ms) the store learns for if it went back.
+func (s *redisFleet) seenArgs() (string, string) {
+	return strconv.FormatUint(s.seen.Load(), 10), strconv.FormatInt(s.lease.Milliseconds(), 10)
 }
 
 // saw notes the sequence a reply showed.
@@ -326,13 +532,17 @@ func (s *redisFleet) saw(seq uint64) {
 }
 
 func (s *redisFleet) Take(ctx context.Context, t store.Ticket) (store.Outcome, store.Reason, error) {
-	v, err := s.run(ctx, "take", fleetTake, false,
-		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key, s.seenArg())
+	seen, lease := s.seenArgs()
+	v, err := s.run(ctx, "take", false,
+		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key, seen, lease)
 	if err != nil {
 		return store.Rejected, store.ReasonNone, err
 	}
 	r, ok := v.([]any)
-	if !ok || len(r) == 0 {
+	if !ok {
+		r = []any{v} // a bare status: a table costs the function more
+	}
+	if len(r) == 0 {
 		return store.Rejected, store.ReasonNone, s.fail("take", fmt.Errorf("unexpected reply %v", v))
 	}
 	switch r[0] {
@@ -358,7 +568,8 @@ func (s *redisFleet) Take(ctx context.Context, t store.Ticket) (store.Outcome, s
 }
 
 func (s *redisFleet) Give(ctx context.Context, key string) error {
-	v, err := s.run(ctx, "give", fleetGive, false, s.node, key, s.seenArg())
+	seen, lease := s.seenArgs()
+	v, err := s.run(ctx, "give", false, s.node, key, seen, lease)
 	if err == nil && v == int64(-1) {
 		return s.fail("give", store.ErrLapsed)
 	}
@@ -366,8 +577,9 @@ func (s *redisFleet) Give(ctx context.Context, key string) error {
 }
 
 func (s *redisFleet) Leave(ctx context.Context, t store.Ticket) (bool, error) {
-	v, err := s.run(ctx, "leave", fleetLeave, false,
-		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key, s.seenArg())
+	seen, lease := s.seenArgs()
+	v, err := s.run(ctx, "leave", false,
+		s.node, strconv.FormatUint(t.ID, 10), strconv.Itoa(t.Priority), t.Key, seen, lease)
 	if err != nil {
 		return false, err
 	}
@@ -387,7 +599,7 @@ func (s *redisFleet) Renew(ctx context.Context, counts store.NodeState) (store.S
 	for _, t := range counts.Acks {
 		args = append(args, grantString(t))
 	}
-	v, err := s.run(ctx, "renew", fleetRenew, true, args...)
+	v, err := s.run(ctx, "renew", true, args...)
 	if err != nil {
 		return store.State{}, err
 	}
@@ -462,7 +674,7 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 		more = 1
 	}
 	args = appendTickets(append(args, more), first)
-	v, err := s.run(ctx, "register", fleetRegister, true, args...)
+	v, err := s.run(ctx, "register", true, args...)
 	if err != nil {
 		return store.State{}, err
 	}
@@ -485,7 +697,7 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 		if len(rest) == 0 {
 			last = strconv.FormatInt(stale, 10)
 		}
-		v, err := s.run(ctx, "register", fleetRegTickets, true, appendTickets([]any{s.node, epoch, last}, chunk)...)
+		v, err := s.runFn(ctx, "register", "register_tickets", true, appendTickets([]any{s.node, epoch, last}, chunk)...)
 		if err != nil {
 			return store.State{}, err
 		}
@@ -496,7 +708,7 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 		stale -= found
 	}
 	for cursor := "0"; stale > 0; {
-		v, err := s.run(ctx, "register", fleetRegSweep, true, s.node, epoch, cursor, registerChunk)
+		v, err := s.runFn(ctx, "register", "register_sweep", true, s.node, epoch, cursor, registerChunk)
 		if err != nil {
 			return store.State{}, err
 		}
@@ -534,7 +746,7 @@ func (s *redisFleet) SetLimits(ctx context.Context, st store.Settings) error {
 	if st.FromConfig {
 		from = 1
 	}
-	_, err := s.run(ctx, "set_limits", fleetSetLimits, true, from,
+	_, err := s.run(ctx, "set_limits", true, from,
 		l.MaxConnections, l.MaxWaiting, l.WaitTimeout.Milliseconds(), l.Order.String(),
 		c.MaxConnections, c.MaxWaiting, c.WaitTimeout.Milliseconds(), c.Order.String())
 	return err
@@ -545,12 +757,12 @@ func (s *redisFleet) SetPaused(ctx context.Context, paused bool) error {
 	if paused {
 		p = 1
 	}
-	_, err := s.run(ctx, "set_paused", fleetSetPaused, true, p)
+	_, err := s.run(ctx, "set_paused", true, p)
 	return err
 }
 
 func (s *redisFleet) Status(ctx context.Context) (store.Status, error) {
-	v, err := s.run(ctx, "status", fleetStatus, true, s.node)
+	v, err := s.run(ctx, "status", true, s.node)
 	if err != nil {
 		return store.Status{}, err
 	}
@@ -562,7 +774,7 @@ func (s *redisFleet) Status(ctx context.Context) (store.Status, error) {
 }
 
 func (s *redisFleet) Deregister(ctx context.Context) error {
-	_, err := s.run(ctx, "deregister", fleetDeregister, true, s.node)
+	_, err := s.run(ctx, "deregister", true, s.node)
 	return err
 }
 
@@ -583,19 +795,23 @@ func (s *redisFleet) NextGrant(ctx context.Context) (store.Ticket, error) {
 
 // pump keeps one BRPOPLPUSH armed, which moves this node's oldest grant
 // into its in-flight list, with a timeout of one lease (an idle node
-// re-arms it once a lease), and hands what it moves to NextGrant. A grant
-// stays in the in-flight list until a Renew acknowledges it (NodeState.
-// Acks), so a reply lost on the way loses nothing: after an error the pump
-// reads the list again and hands on what it had not delivered. Being a
-// goroutine of its own, it never loses a grant when a NextGrant's ctx
-// ends. A server that does not answer within the lease and the timeout is
-// an error; it backs off after errors (up to a second), until a Register
-// succeeds: the store is back then, and the grants that Register made
-// must not wait out the pause.
+// re-arms it once a lease), and hands what it moves to NextGrant. When
+// grants come faster than one round trip each (the BRPOPLPUSH found one
+// waiting), it moves those queued meanwhile in one call (the grants
+// function) until none is left, then blocks again. A grant stays in the
+// in-flight list until a Renew acknowledges it (NodeState.Acks), so a
+// reply lost on the way loses nothing: after an error the pump reads the
+// list again and hands on what it had not delivered. Being a goroutine of
+// its own, it never loses a grant when a NextGrant's ctx ends. A server
+// that does not answer within the lease and the timeout is an error; it
+// backs off after errors (up to a second), until a Register succeeds: the
+// store is back then, and the grants that Register made must not wait out
+// the pause.
 func (s *redisFleet) pump() {
 	defer close(s.pumpDone)
 	pause := time.Duration(0)
-	reread := false
+	reread, busy := false, false
+	var last time.Time // when the latest BRPOPLPUSH answered with a grant
 	for !s.isClosed() {
 		var batch []grantResult
 		var err error
@@ -603,8 +819,14 @@ func (s *redisFleet) pump() {
 			batch, err = s.rereadInflight()
 			reread = err != nil
 		}
+		if err == nil && len(batch) == 0 && busy {
+			batch, err = s.moveGrants()
+			busy = err == nil && len(batch) > 0
+			reread = err != nil
+		}
 		if err == nil && len(batch) == 0 {
 			ctx, cancel := context.WithTimeout(context.Background(), s.lease+s.timeout)
+			armed := time.Now()
 			var v string
 			v, err = s.c.BRPopLPush(ctx, s.kGrants, s.kInflight, s.lease).Result()
 			cancel()
@@ -613,6 +835,12 @@ func (s *redisFleet) pump() {
 				continue // timed out: re-arm
 			case err == nil:
 				batch = append(batch, s.parseDelivered(v))
+				// it did not wait for this one, or grants come often (a
+				// loaded Redis answers slower than fleetGrantsBusy): more
+				// may be queued
+				now := time.Now()
+				busy = now.Sub(armed) < fleetGrantsBusy || now.Sub(last) < fleetGrantsOften
+				last = now
 			default:
 				reread = true // the move may have happened, its reply lost
 			}
@@ -621,7 +849,12 @@ func (s *redisFleet) pump() {
 			if s.isClosed() {
 				return
 			}
-			batch = append(batch, grantResult{err: s.failCall("grant", err)})
+			busy = false
+			var se *store.Error
+			if !errors.As(err, &se) { // the grants function's is one already
+				err = s.failCall("grant", err)
+			}
+			batch = append(batch, grantResult{err: err})
 			pause = min(max(2*pause, 100*time.Millisecond), time.Second)
 			select { // only a Register from now on ends the pause
 			case <-s.rearm:
@@ -649,6 +882,39 @@ func (s *redisFleet) pump() {
 			}
 		}
 	}
+}
+
+const (
+	// fleetGrantsBusy: a BRPOPLPUSH that answered sooner found its grant
+	// waiting, rather than waited for it (a round trip takes well under).
+	fleetGrantsBusy = time.Millisecond
+	// fleetGrantsOften: grants that come closer than this to one another
+	// queue behind a round trip each, even if the BRPOPLPUSH waited.
+	fleetGrantsOften = 5 * time.Millisecond
+	// fleetGrantsBatch is how many grants one call of the grants function
+	// moves at most.
+	fleetGrantsBatch = 64
+)
+
+// moveGrants moves the grants queued for this node to its in-flight list
+// in one call, oldest first, and returns them delivered.
+func (s *redisFleet) moveGrants() ([]grantResult, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+	defer cancel()
+	v, err := s.runFn(ctx, "grant", "grants", false, s.node, fleetGrantsBatch)
+	if err != nil {
+		return nil, err
+	}
+	vs, ok := v.([]any)
+	if !ok {
+		return nil, s.fail("grant", fmt.Errorf("unexpected reply %v", v))
+	}
+	out := make([]grantResult, 0, len(vs))
+	for _, e := range vs {
+		g, _ := e.(string)
+		out = append(out, s.parseDelivered(g))
+	}
+	return out, nil
 }
 
 // parseDelivered reads one grant moved to the in-flight list and notes it

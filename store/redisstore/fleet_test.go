@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -755,17 +756,22 @@ func TestRedisFleetBadData(t *testing.T) {
 
 	// garbled values
 	mustRegister(t, a, store.NodeState{Held: map[string]int{"": 1}, Limits: fifo(1, 0)})
-	for _, tc := range []struct{ field, value, want string }{
-		{"max", "many", "garbled value in cfg.max"},
-		{"max", "0", "garbled value in cfg.max"},
-		{"order", "random", "garbled value in cfg.order"},
-		{"paused", "yes", "garbled value in cfg.paused"},
-		{"wait_ms", "1.5", "garbled value in cfg.wait_ms"},
+	for _, tc := range []struct {
+		field, value, want string
+		take               bool // a take reads the field too
+	}{
+		{"max", "many", "garbled value in cfg.max", true},
+		{"max", "0", "garbled value in cfg.max", true},
+		{"order", "random", "garbled value in cfg.order", true},
+		{"paused", "yes", "garbled value in cfg.paused", true},
+		{"wait_ms", "1.5", "garbled value in cfg.wait_ms", false},
 	} {
 		old := adm.HGet(ctx, base+":cfg", tc.field).Val()
 		adm.HSet(ctx, base+":cfg", tc.field, tc.value)
-		_, _, err := a.Take(ctx, store.Ticket{ID: 2})
-		check("take, cfg."+tc.field+" "+tc.value, err, tc.want)
+		if tc.take {
+			_, _, err := a.Take(ctx, store.Ticket{ID: 2})
+			check("take, cfg."+tc.field+" "+tc.value, err, tc.want)
+		}
 		_, err = a.Renew(ctx, store.NodeState{})
 		check("renew, cfg."+tc.field+" "+tc.value, err, tc.want)
 		if old == "" {
@@ -1028,7 +1034,7 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 			}()
 		}
 		// warm up: the BRPOPLPUSHes armed, the renewals' connections made and
-		// their script loaded
+		// the library loaded
 		time.Sleep(store.RenewEvery(a.Lease()) + 200*time.Millisecond)
 		r.ResetStats()
 		time.Sleep(3 * time.Second)
@@ -1041,10 +1047,10 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 	}
 	none := idle("idle-none", 0)
 	twenty := idle("idle-twenty", 20)
-	// what the clients sent: the commands that scripts run are counted
-	// too, by name, and told apart by the fleet's own scripts' use
-	sent := map[string]bool{"evalsha": true, "eval": true, "brpoplpush": true, "hello": true,
-		"auth": true, "select": true, "ping": true, "script|load": true}
+	// what the clients sent: the commands that functions run are counted
+	// too, by name, and told apart by the fleet's own functions' use
+	sent := map[string]bool{"fcall": true, "brpoplpush": true, "hello": true,
+		"auth": true, "select": true, "ping": true, "function|load": true}
 	total := func(m map[string]int64) (n int64) {
 		for c, v := range m {
 			if sent[c] {
@@ -1064,7 +1070,7 @@ func TestRedisFleetIdleCommandCost(t *testing.T) {
 		t.Errorf("20 waiters cost %d commands in 3 s, want at most %d", total(twenty), max)
 	}
 	for cmd, n := range twenty {
-		if sent[cmd] && cmd != "evalsha" && cmd != "brpoplpush" {
+		if sent[cmd] && cmd != "fcall" && cmd != "brpoplpush" {
 			t.Errorf("an idle node sent %s %d times", cmd, n)
 		}
 	}
@@ -1189,6 +1195,10 @@ func TestRedisFleetConcurrent(t *testing.T) {
 
 // Take and give of a connection admitted at once: two round trips, one
 // after the other (serial), or from many connections at once (parallel).
+// Besides the time a pair takes it reports what it cost Redis: its CPU
+// (user and system, of the whole process: reading and writing the
+// connections too) per pair and pairs per second of one core, and the
+// time INFO commandstats gives the functions (FCALL: what they ran).
 func BenchmarkRedisFleetTakeGive(b *testing.B) {
 	r := testkit.StartRedis(b, testkit.RedisConfig{})
 	s := newFleet(b, r, testZone, "A")
@@ -1209,11 +1219,256 @@ func BenchmarkRedisFleetTakeGive(b *testing.B) {
 			}
 		}
 	}
-	b.Run("serial", func(b *testing.B) { loop(b, b.Loop) })
+	measure := func(b *testing.B, run func()) {
+		r.ResetStats()
+		cpu := r.CPU()
+		start := ids.Load()
+		run()
+		pairs := float64(ids.Load() - start)
+		used := r.CPU() - cpu
+		cts := r.CommandTimes()
+		ct := cts["fcall"]
+		if pairs == 0 || used == 0 {
+			return
+		}
+		b.ReportMetric(float64(used.Microseconds())/pairs, "redis-cpu-µs/pair")
+		b.ReportMetric(pairs/used.Seconds(), "pairs/redis-core-s")
+		b.ReportMetric(float64(ct.Usec)/pairs, "fcall-µs/pair")
+	}
+	b.Run("serial", func(b *testing.B) { measure(b, func() { loop(b, b.Loop) }) })
 	b.Run("parallel", func(b *testing.B) {
-		b.SetParallelism(8)
-		b.RunParallel(func(pb *testing.PB) { loop(b, pb.Next) })
+		b.SetParallelism(16)
+		measure(b, func() { b.RunParallel(func(pb *testing.PB) { loop(b, pb.Next) }) })
 	})
+}
+
+// The library is loaded once, by the first call that finds it missing
+// (many at once load it once), again after the server lost it (FUNCTION
+// FLUSH, a restart), and beside another build's library, which it leaves
+// alone.
+func TestRedisFleetLibrary(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	ctx := tctx(t)
+	adm := admin(t, r)
+	other := "#!lua name=connlimit_000000000000\n" +
+		"redis.register_function('connlimit_000000000000_take', function() return 'other' end)"
+	if err := adm.FunctionLoad(ctx, other).Err(); err != nil {
+		t.Fatal(err)
+	}
+	a := newFleet(t, r, testZone, "A")
+	r.ResetStats()
+	mustRegister(t, a, store.NodeState{Limits: fifo(100, 0)})
+	var wg sync.WaitGroup
+	for i := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			take(t, a, store.Ticket{ID: uint64(i + 1)}, store.Admitted)
+		}()
+	}
+	wg.Wait()
+	if n := r.CommandStats()["function|load"]; n != 1 {
+		t.Errorf("library loaded %d times, want 1", n)
+	}
+	if err := adm.FunctionFlush(ctx).Err(); err != nil {
+		t.Fatal(err)
+	}
+	give(t, a, "")
+	wantCounts(t, a, 19, 0)
+	if err := adm.FunctionLoad(ctx, other).Err(); err != nil {
+		t.Fatal(err)
+	}
+	r.Kill()
+	r.Restart()
+	mustRegister(t, a, store.NodeState{Held: map[string]int{"": 19}, Limits: fifo(100, 0)})
+	take(t, a, store.Ticket{ID: 100}, store.Admitted)
+	libs, err := adm.FunctionList(ctx, redis.FunctionListQuery{}).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(libs) != 1 || libs[0].Name != fleetLib.name {
+		t.Errorf("libraries after a restart: %+v, want only %s", libs, fleetLib.name)
+	}
+	if err := adm.FunctionLoad(ctx, other).Err(); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := adm.FCall(ctx, "connlimit_000000000000_take", nil).Result(); v != "other" {
+		t.Errorf("the other build's library: %v %v", v, err)
+	}
+	checkStore(t, r, testZone)
+}
+
+// Calls of one store at once go together, as pipelines: Redis reads far
+// fewer times than it is called, each call runs once, and the counts come
+// out right. A call whose ctx ended while it waited for a pipeline is not
+// sent.
+func TestRedisFleetPipelines(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	mustRegister(t, a, store.NodeState{Limits: fifo(1000, 0)})
+	reads := func() int64 {
+		s, err := r.Str("INFO", "stats")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, l := range strings.Split(s, "\r\n") {
+			if v, ok := strings.CutPrefix(l, "total_reads_processed:"); ok {
+				n, _ := strconv.ParseInt(v, 10, 64)
+				return n
+			}
+		}
+		t.Fatal("no total_reads_processed in INFO stats")
+		return 0
+	}
+	r.ResetStats()
+	before := reads()
+	const goroutines, pairs = 64, 20
+	var wg sync.WaitGroup
+	var ids atomic.Uint64
+	for range goroutines {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range pairs {
+				take(t, a, store.Ticket{ID: ids.Add(1)}, store.Admitted)
+				give(t, a, "")
+			}
+		}()
+	}
+	wg.Wait()
+	calls, got := r.CommandStats()["fcall"], reads()-before
+	if calls != 2*goroutines*pairs {
+		t.Errorf("%d calls of functions, want %d", calls, 2*goroutines*pairs)
+	}
+	if got > calls*3/4 {
+		t.Errorf("Redis read %d times for %d calls: no pipelines", got, calls)
+	}
+	t.Logf("%d calls in %d reads", calls, got)
+	wantCounts(t, a, 0, 0)
+
+	// two calls in flight to a server that does not answer; the calls
+	// that come meanwhile wait, but those whose ctx ended are not sent
+	r.ResetStats()
+	if err := r.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 12)
+	for i := range 2 {
+		go func() {
+			_, _, err := a.Take(context.Background(), store.Ticket{ID: uint64(10000 + i)})
+			errs <- err
+		}()
+	}
+	time.Sleep(50 * time.Millisecond)
+	ended, cancel := context.WithCancel(context.Background())
+	cancel()
+	for i := range 10 {
+		if _, _, err := a.Take(ended, store.Ticket{ID: uint64(10010 + i)}); err == nil {
+			t.Error("a take whose ctx had ended: no error")
+		}
+	}
+	time.Sleep(50 * time.Millisecond) // past fleetPipelineWait
+	if err := r.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		<-errs
+	}
+	if n := r.CommandStats()["fcall"]; n != 2 {
+		t.Errorf("%d calls ran, want the 2 in flight (none whose ctx had ended)", n)
+	}
+	take(t, a, store.Ticket{ID: 20000}, store.Admitted)
+	give(t, a, "")
+	mustRegister(t, a, store.NodeState{})
+	wantCounts(t, a, 0, 0)
+}
+
+// Grants that queued for a node come in few calls, in order: the
+// BRPOPLPUSH that finds one waiting is followed by one call that moves the
+// rest. Each is delivered once, and acknowledged by the next renewal.
+func TestRedisFleetGrantsInBatches(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	const n = 50
+	mustRegister(t, a, store.NodeState{Limits: fifo(n, 0)})
+	fs := mustRegister(t, b, store.NodeState{})
+	for i := range n {
+		take(t, a, store.Ticket{ID: uint64(i + 1)}, store.Admitted)
+	}
+	for i := range n {
+		take(t, b, store.Ticket{ID: uint64(i + 1)}, store.Queued)
+	}
+	// B's grants queue: nothing reads them before the first NextGrant
+	for range n {
+		give(t, a, "")
+	}
+	r.ResetStats()
+	var got []store.Ticket
+	for i := range n {
+		g := nextGrant(t, b, 2*time.Second)
+		if g.ID != uint64(i+1) {
+			t.Fatalf("grant %d: ticket %d, want %d", i, g.ID, i+1)
+		}
+		got = append(got, g)
+	}
+	noGrant(t, b, 100*time.Millisecond)
+	st := r.CommandStats()
+	// a loaded machine may answer the first BRPOPLPUSHes slower than
+	// fleetGrantsBusy: a few more calls, never one per grant
+	if calls := st["brpoplpush"] + st["fcall"]; calls > 8 {
+		t.Errorf("%d grants took %d BRPOPLPUSH and %d FCALL, want at most 8 calls", n, st["brpoplpush"], st["fcall"])
+	}
+	if l, err := r.Int("LLEN", "connlimit:{db}:inflight:B"); err != nil || l != n {
+		t.Errorf("in flight: %d %v, want %d", l, err, n)
+	}
+	// acks of all but the oldest (one at a time), then of the oldest (the
+	// tail of the list: at once)
+	for i, acks := range [][]store.Ticket{got[1:], got[:1]} {
+		if _, err := b.Renew(tctx(t), store.NodeState{Epoch: fs.Epoch, Acks: acks}); err != nil {
+			t.Fatal(err)
+		}
+		if l, err := r.Int("LLEN", "connlimit:{db}:inflight:B"); err != nil || l != int64(1-i) {
+			t.Errorf("in flight after the acks: %d %v, want %d", l, err, 1-i)
+		}
+	}
+	// acks in order, of a part of the list
+	for range n {
+		give(t, b, "")
+	}
+	for i := range n {
+		take(t, a, store.Ticket{ID: uint64(200 + i)}, store.Admitted)
+	}
+	take(t, b, store.Ticket{ID: 101}, store.Queued)
+	take(t, b, store.Ticket{ID: 102}, store.Queued)
+	give(t, a, "")
+	give(t, a, "")
+	g1, g2 := nextGrant(t, b, 2*time.Second), nextGrant(t, b, 2*time.Second)
+	if _, err := b.Renew(tctx(t), store.NodeState{Epoch: fs.Epoch, Acks: []store.Ticket{g1}}); err != nil {
+		t.Fatal(err)
+	}
+	if l, err := r.Strings("LRANGE", "connlimit:{db}:inflight:B", 0, -1); err != nil || len(l) != 1 || l[0] != grantString(g2) {
+		t.Errorf("in flight after the ack of the older: %q %v, want the newer", l, err)
+	}
+	give(t, b, "")
+	give(t, b, "")
+	for range n - 2 {
+		give(t, a, "")
+	}
+	wantCounts(t, a, 0, 0)
+	checkStore(t, r, testZone)
+}
+
+// A server without Redis Functions (Redis before 7.0; here FCALL renamed
+// away) gives an error that says what is needed.
+func TestRedisFleetNeedsFunctions(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{Args: []string{"--rename-command", "FCALL", ""}})
+	a := newFleet(t, r, testZone, "A")
+	_, err := a.Register(tctx(t), store.NodeState{Limits: fifo(1, 0)})
+	var fe *store.Error
+	if err == nil || !errors.As(err, &fe) || fe.Uncertain || !strings.Contains(err.Error(), "Redis 7.0 or later") {
+		t.Errorf("register: got %v, want a certain store.Error saying Redis 7.0 or later is needed", err)
+	}
 }
 
 // In a Redis Cluster (of one node serving every slot), through a Cluster
@@ -1267,7 +1522,7 @@ func TestRedisFleetRoundTrips(t *testing.T) {
 	b := newFleet(t, r, testZone, "B")
 	mustRegister(t, a, store.NodeState{Limits: fifo(1, 0)})
 	mustRegister(t, b, store.NodeState{})
-	// load the scripts
+	// load the library
 	take(t, a, store.Ticket{ID: 1}, store.Admitted)
 	take(t, b, store.Ticket{ID: 1}, store.Queued)
 	_, _ = b.Leave(tctx(t), store.Ticket{ID: 1})
@@ -1278,8 +1533,8 @@ func TestRedisFleetRoundTrips(t *testing.T) {
 	r.ResetStats()
 	take(t, a, store.Ticket{ID: 2}, store.Admitted)
 	give(t, a, "")
-	if got := r.CommandStats()["evalsha"]; got != 2 {
-		t.Errorf("admitted at once: %d scripts, want 2", got)
+	if got := r.CommandStats()["fcall"]; got != 2 {
+		t.Errorf("admitted at once: %d functions called, want 2", got)
 	}
 
 	take(t, a, store.Ticket{ID: 3}, store.Admitted) // the holder
@@ -1290,11 +1545,11 @@ func TestRedisFleetRoundTrips(t *testing.T) {
 	give(t, b, "")
 	time.Sleep(50 * time.Millisecond) // the BRPOPLPUSH re-armed
 	st := r.CommandStats()
-	// B: take, give (evalsha) and the BRPOPLPUSH that delivered its grant; the
+	// B: take, give (fcall) and the BRPOPLPUSH that delivered its grant; the
 	// holder's give is the holder's own. BRPOPLPUSH: counted when served, the
 	// re-armed one not yet.
-	if st["evalsha"] != 3 || st["brpoplpush"] != 1 {
-		t.Errorf("one that waited: %v, want 3 evalsha (2 of its own) and 1 brpoplpush", st)
+	if st["fcall"] != 3 || st["brpoplpush"] != 1 {
+		t.Errorf("one that waited: %v, want 3 fcall (2 of its own) and 1 brpoplpush", st)
 	}
 }
 
@@ -1571,7 +1826,7 @@ func TestRedisFleetRegisterInChunks(t *testing.T) {
 	}
 	wantCounts(t, a, 1, n+bWaiting)
 	checkStore(t, r, testZone)
-	// Each script's time as Redis logged it: wall time, and a busy machine
+	// Each function call's time as Redis logged it: wall time, and a busy machine
 	// preempts redis-server in some of them, so the bound is on the 90th
 	// percentile, with a far one on the longest (one script for all takes
 	// 60-450 ms).
@@ -1583,7 +1838,7 @@ func TestRedisFleetRegisterInChunks(t *testing.T) {
 		var d []time.Duration
 		for _, e := range v {
 			f := e.([]any)
-			if cmd := strings.ToUpper(fmt.Sprint(f[3].([]any)[0])); cmd == "EVALSHA" || cmd == "EVAL" {
+			if cmd := strings.ToUpper(fmt.Sprint(f[3].([]any)[0])); cmd == "FCALL" {
 				d = append(d, time.Duration(f[2].(int64))*time.Microsecond)
 			}
 		}

@@ -40,9 +40,9 @@ const (
 	onUnreachableRefuse     = "refuse"
 )
 
-// Module keeps a fleet zone's shared state in Redis (version 5 or
-// newer, or a server that speaks its protocol and runs its Lua scripts:
-// Valkey, KeyDB). Every key of a zone is "<key_prefix>:{<zone>}:...": one
+// Module keeps a fleet zone's shared state in Redis (version 7.0 or
+// newer, for Redis Functions, or a server that speaks its protocol and
+// runs them: Valkey). Every key of a zone is "<key_prefix>:{<zone>}:...": one
 // zone is one Redis Cluster slot.
 //
 // Caddyfile (in a connection_limit block):

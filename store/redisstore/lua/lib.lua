@@ -1,5 +1,6 @@
--- connlimit fleet zone: the functions every script shares. Each script is
--- this file followed by its own part, run with EVALSHA.
+-- connlimit fleet zone: the functions every operation shares. The store
+-- loads this file and every operation's file as one Redis Functions
+-- library (FUNCTION LOAD, once), each operation a function run by FCALL.
 --
 -- KEYS[1] is the zone's base key "<prefix>:{<zone>}". Every key a script
 -- touches is KEYS[1] .. ":" .. suffix, so it carries the base key's Cluster
@@ -26,11 +27,18 @@
 --   inflight:<node> list  where it stays until the node acknowledges it
 --   prios:<key>    zset   that key value's priorities that have waiters
 --   q:<prio>:<key> zset   "<ticket id>\n<node id>" -> place (seq)
-local B = KEYS[1]
-local K_CFG, K_SEQ, K_NODES = B .. ':cfg', B .. ':seq', B .. ':nodes'
-local K_INFO, K_EPOCHS, K_TOT = B .. ':info', B .. ':epochs', B .. ':tot'
-local K_ACTIVE, K_WAITING, K_WKEYS = B .. ':active', B .. ':waiting', B .. ':wkeys'
-local K_GEN = B .. ':gen'
+local B, K_CFG, K_SEQ, K_NODES, K_INFO, K_EPOCHS, K_TOT, K_ACTIVE, K_WAITING, K_WKEYS, K_GEN
+
+-- sets the zone every function of this call works on: KEYS[1]. The names
+-- are made again only when the zone is not the last call's.
+local function zone(b)
+	if b == B then return end
+	B = b
+	K_CFG, K_SEQ, K_NODES = b .. ':cfg', b .. ':seq', b .. ':nodes'
+	K_INFO, K_EPOCHS, K_TOT = b .. ':info', b .. ':epochs', b .. ':tot'
+	K_ACTIVE, K_WAITING, K_WKEYS = b .. ':active', b .. ':waiting', b .. ':wkeys'
+	K_GEN = b .. ':gen'
+end
 local function k_held(node) return B .. ':held:' .. node end
 local function k_tickets(node) return B .. ':tickets:' .. node end
 local function k_grants(node) return B .. ':grants:' .. node end
@@ -56,11 +64,11 @@ end
 -- an integer read from Redis (false: absent, 0); errors if garbled
 local function int(v, where)
 	if not v then return 0 end
-	if type(v) == 'number' then return v end
-	if not string.match(v, '^%-?%d+$') then
+	local n = tonumber(v)
+	if not n or n % 1 ~= 0 then
 		fail('garbled value in ' .. where .. ': ' .. quote(v))
 	end
-	return tonumber(v)
+	return n
 end
 
 -- an integer read from Redis, or nil if garbled (false: absent, 0)
@@ -73,21 +81,28 @@ end
 -- adds d to field f of hash h; a garbled value counts as 0 (this is how
 -- the repairing paths reset it); a result <= 0 deletes the field.
 local function add(h, f, d)
-	local n = (lint(redis.call('HGET', h, f)) or 0) + d
-	if n <= 0 then
-		redis.call('HDEL', h, f)
-	else
-		redis.call('HSET', h, f, n)
+	local n = redis.pcall('HINCRBY', h, f, d)
+	if type(n) ~= 'number' then
+		-- not an integer (or h not a hash: HSET says so)
+		n = d
+		if n > 0 then redis.call('HSET', h, f, n) end
 	end
+	if n <= 0 then redis.call('HDEL', h, f) end
 	return n
 end
 
--- the zone's settings; c.max is nil if none were set
-local function cfg()
-	local v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'wait_ms', 'order', 'paused', 'set_at', 'learn')
+-- the zone's settings; c.max is nil if none were set. c.wait and c.set_at
+-- only if full (state() reports them; taking and giving need neither).
+local function cfg(full)
+	local v
+	if full then
+		v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'learn', 'order', 'paused', 'wait_ms', 'set_at')
+	else
+		v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'learn', 'order', 'paused')
+	end
 	local c = {paused = false, maxw = 0, wait = 0, order = 'fifo', set_at = 0, learning = false, learn = 0}
-	if v[7] then
-		c.learn = int(v[7], 'cfg.learn')
+	if v[3] then
+		c.learn = int(v[3], 'cfg.learn')
 		c.learning = true
 	end
 	if v[5] then
@@ -98,8 +113,10 @@ local function cfg()
 	c.max = int(v[1], 'cfg.max')
 	if c.max < 1 then fail('garbled value in cfg.max: ' .. quote(v[1])) end
 	c.maxw = int(v[2], 'cfg.maxw')
-	c.wait = int(v[3], 'cfg.wait_ms')
-	c.set_at = int(v[6], 'cfg.set_at')
+	if full then
+		c.wait = int(v[6], 'cfg.wait_ms')
+		c.set_at = int(v[7], 'cfg.set_at')
+	end
 	if v[4] then
 		if v[4] ~= 'fifo' and v[4] ~= 'lifo' then fail('garbled value in cfg.order: ' .. quote(v[4])) end
 		c.order = v[4]
@@ -130,26 +147,34 @@ local function popnext(key, order)
 end
 
 -- grants free slots of key to its next waiters: each one's node now
--- holds the slot, and finds the grant in its grants list. Returns how many.
-local function grant(key, c)
-	if c.paused or c.learning or not c.max then return 0 end
-	local a = int(redis.call('HGET', K_ACTIVE, key), 'active')
+-- holds the slot, and finds the grant in its grants list. freed (if any)
+-- slots of key are given back first: where there is room they go
+-- straight to waiters, and the key's count and the fleet's change only by
+-- what is left over. Returns how many were granted.
+local function grant(key, c, freed)
+	freed = freed or 0
+	local stopped = c.paused or c.learning or not c.max
+	if stopped and freed == 0 then return 0 end
+	local a0 = int(redis.call('HGET', K_ACTIVE, key), 'active')
+	local a = a0 - freed
 	local n, empty = 0, false
-	while a < c.max do
+	while not stopped and a < c.max do
 		local id, node, prio = popnext(key, c.order)
 		if not id then
 			empty = true
 			break
 		end
 		a, n = a + 1, n + 1
-		redis.call('HINCRBY', k_held(node), key, 1)
+		redis.call('HINCRBY', k_held(node), key, '1')
 		redis.call('HDEL', k_tickets(node), id)
 		local ep = redis.call('HGET', K_EPOCHS, node) or '0'
 		redis.call('LPUSH', k_grants(node), ep .. '\n' .. id .. '\n' .. prio .. '\n' .. key)
 	end
+	if a ~= a0 then
+		if a <= 0 then redis.call('HDEL', K_ACTIVE, key) else redis.call('HSET', K_ACTIVE, key, a) end
+		add(K_TOT, 'a', a - a0)
+	end
 	if n > 0 then
-		redis.call('HSET', K_ACTIVE, key, a)
-		add(K_TOT, 'a', n)
 		add(K_TOT, 'w', -n)
 		if add(K_WAITING, key, -n) <= 0 then redis.call('SREM', K_WKEYS, key) end
 	end
@@ -357,15 +382,15 @@ end
 
 -- went_back says whether the store went back in time (restored from an
 -- older snapshot, a failover to a replica that lagged): the caller saw a
--- higher sequence than the store has now ("<seq seen> <lease ms>"). The
--- store then learns for a lease, as after losing its data, and its
--- sequence goes on from what was seen, so that it says so once.
-local function went_back(arg, c)
-	local seen, lease = string.match(arg or '', '^(%d+) (%d+)$')
-	if not seen then return false end
+-- higher sequence than the store has now (seen, a number or its string,
+-- 0 if none). The store then learns for a lease (ms), as after losing its
+-- data, and its sequence goes on from what was seen, so that it says so
+-- once. c is the zone's settings, which it updates, or nil.
+local function went_back(seen, lease, c)
 	seen = tonumber(seen)
-	if seen <= (lint(redis.call('GET', K_SEQ)) or 0) then return false end
+	if not seen or seen <= 0 or seen <= (tonumber(redis.call('GET', K_SEQ)) or 0) then return false end
 	redis.call('SET', K_SEQ, seen)
+	c = c or cfg()
 	if not c.learning then
 		c.learn, c.learning = now_ms() + tonumber(lease), true
 		redis.call('HSET', K_CFG, 'learn', c.learn)

@@ -28,7 +28,7 @@ if known ~= '' and known ~= gen then
 		if born + lease > cur then redis.call('HSET', K_CFG, 'learn', born + lease) end
 	end
 end
-local c = cfg()
+local c = cfg(true)
 if ARGV[6] == '1' and not c.max then
 	-- a new fleet, or a store that lost its data: the node's word, its
 	-- config's limits and the operator's override and pause over them
@@ -37,7 +37,7 @@ if ARGV[6] == '1' and not c.max then
 	redis.call('HSET', K_CFG, 'max', ARGV[7], 'maxw', ARGV[8], 'wait_ms', ARGV[9],
 		'order', ARGV[10], 'set_at', now, 'cmax', cmax, 'cmaxw', cmaxw, 'cwait_ms', cwait, 'corder', corder)
 	if paused == '1' then redis.call('HSET', K_CFG, 'paused', '1') end
-	c = cfg()
+	c = cfg(true)
 end
 learnt(now, c)
 reap_expired(now, tonumber(ARGV[5]), c)

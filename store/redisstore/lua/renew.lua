@@ -8,13 +8,28 @@
 -- (compared only while no grant of the node is on its way).
 local node, lease = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
-local c = cfg()
+local c = cfg(true)
 local epoch, check, held_n, tickets_n, seen = string.match(ARGV[6], '^(%d+) ([01]) (%-?%d+) (%-?%d+) (%d+)$')
 if not epoch then fail('garbled renewal ' .. quote(ARGV[6])) end
 -- a store that went back in time grants nothing before it has learnt
-if went_back(seen .. ' ' .. lease, c) then return state(now, true, node, c, false) end
+if went_back(seen, lease, c) then return state(now, true, node, c, false) end
 local fl = k_inflight(node)
-for j = 7, #ARGV do redis.call('LREM', fl, -1, ARGV[j]) end
+local k = #ARGV - 6
+if k > 0 then
+	-- acks come oldest first, and are most often the oldest k in flight
+	-- (its tail): then one LTRIM takes them all out
+	local tail = redis.call('LRANGE', fl, -k, -1)
+	local inorder = #tail == k
+	for j = 1, k do
+		if not inorder then break end
+		inorder = tail[k + 1 - j] == ARGV[6 + j]
+	end
+	if inorder then
+		redis.call('LTRIM', fl, 0, -k - 1)
+	else
+		for j = 7, #ARGV do redis.call('LREM', fl, -1, ARGV[j]) end
+	end
+end
 learnt(now, c)
 reap_expired(now, tonumber(ARGV[5]), c)
 local exp = redis.call('ZSCORE', K_NODES, node)

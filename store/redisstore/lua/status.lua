@@ -2,7 +2,7 @@
 -- Read only; costs O(nodes).
 local node = ARGV[1]
 local now = now_ms()
-local c = cfg()
+local c = cfg(true)
 local exp = redis.call('ZSCORE', K_NODES, node)
 local st = state(now, not exp or tonumber(exp) <= now, node, c, false)
 local ns = redis.call('ZRANGE', K_NODES, 0, -1, 'WITHSCORES')

@@ -1,20 +1,19 @@
--- Take: ARGV node, ticket id, priority, key value, "<seq seen> <lease ms>".
--- Reply: {'admitted'} | {'queued'} | {'rejected', reason} | {'lapsed'} | {'nolimits'}
+-- Take: ARGV node, ticket id, priority, key value, seq seen, lease ms.
+-- Reply: 'admitted' | 'queued' | {'rejected', reason} | 'lapsed' | 'nolimits'
 -- Everything is read (and checked) before anything is written.
 local node, id, prio, key = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local now = now_ms()
 local exp = redis.call('ZSCORE', K_NODES, node)
-if not exp or tonumber(exp) <= now then return {'lapsed'} end
+if not exp or tonumber(exp) <= now_ms() then return 'lapsed' end
 local c = cfg()
-if went_back(ARGV[5], c) then return {'lapsed'} end
-if not c.max then return {'nolimits'} end
+if went_back(ARGV[5], ARGV[6], c) then return 'lapsed' end
+if not c.max then return 'nolimits' end
 local a = int(redis.call('HGET', K_ACTIVE, key), 'active')
 local w = int(redis.call('HGET', K_WAITING, key), 'waiting')
 if not c.paused and not c.learning and a < c.max and w <= 0 then
-	redis.call('HINCRBY', k_held(node), key, 1)
-	redis.call('HSET', K_ACTIVE, key, a + 1)
-	redis.call('HINCRBY', K_TOT, 'a', 1)
-	return {'admitted'}
+	redis.call('HINCRBY', k_held(node), key, '1')
+	redis.call('HINCRBY', K_ACTIVE, key, '1')
+	redis.call('HINCRBY', K_TOT, 'a', '1')
+	return 'admitted'
 end
 if c.maxw < 0 then return {'rejected', 'no_waiting'} end
 if c.maxw > 0 and w >= c.maxw then return {'rejected', 'queue_full'} end
@@ -25,7 +24,8 @@ end
 local seq = redis.call('INCR', K_SEQ)
 redis.call('ZADD', k_q(prio, key), seq, id .. '\n' .. node)
 redis.call('ZADD', k_prios(key), prio, prio)
-redis.call('HSET', K_WAITING, key, w + 1)
-redis.call('HINCRBY', K_TOT, 'w', 1)
-redis.call('SADD', K_WKEYS, key)
-return {'queued'}
+redis.call('HINCRBY', K_WAITING, key, '1')
+redis.call('HINCRBY', K_TOT, 'w', '1')
+-- a key with waiters is in wkeys already
+if w <= 0 then redis.call('SADD', K_WKEYS, key) end
+return 'queued'
