@@ -481,3 +481,24 @@ func TestFairWaits(t *testing.T) {
 		t.Errorf("no samples: %v, want ErrNoData", err)
 	}
 }
+
+func TestFleetCost(t *testing.T) {
+	c := FleetCostChart{Title: "Fleet zone: Redis CPU per connection", Caption: []string{"Run: connlimit abc1234."},
+		Panels: []FleetCostPanel{
+			{Name: "admitted at once", Goal: 15, Bars: []FleetCostBar{{Label: "before", US: 76.1}, {Label: "after", US: 43.6, After: true}}},
+			{Name: "waited", Goal: 35, Bars: []FleetCostBar{{Label: "before", US: 156.5}, {Label: "after", US: 113.4, After: true}}},
+		}}
+	b, err := FleetCost(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := parseSVG(t, b)
+	for _, want := range []string{"Fleet zone: Redis CPU per connection", "admitted at once", "waited", "76 µs", "44 µs", "113 µs", "goal", "Run: connlimit abc1234."} {
+		if !d.hasText(want) {
+			t.Errorf("no text %q; texts: %q", want, d.texts)
+		}
+	}
+	if _, err := FleetCost(FleetCostChart{}); !errors.Is(err, ErrNoData) {
+		t.Errorf("no bars: %v, want ErrNoData", err)
+	}
+}
