@@ -195,8 +195,6 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return d.Err("connection_limit: option 'fair_max' needs fair_share, which names each connection's tenant")
 	case h.FairShare != "" && h.Key != "":
 		return d.Err("connection_limit: options 'fair_share' and 'key' cannot be used together: key gives each key value a max_connections of its own, fair_share shares one between tenants")
-	case h.FairShare != "" && h.StoreRaw != nil:
-		return d.Err("connection_limit: option 'fair_share' is not yet supported on a fleet zone (store)")
 	}
 	return nil
 }

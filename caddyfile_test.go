@@ -220,13 +220,6 @@ func TestCaddyfileErrors(t *testing.T) {
 		{`connection_limit 1 {
 					fair_max 3
 				}`, "'fair_max' needs fair_share"},
-		{`connection_limit 1 {
-					zone fleet
-					fair_share {l4.conn.remote_ip}
-					store redis {
-						address 127.0.0.1:1
-					}
-				}`, "option 'fair_share' is not yet supported on a fleet zone (store)"},
 	} {
 		_, err := adaptCaddyfile(t, caddyfileFor("", "127.0.0.1:5000", tc.route))
 		if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "Caddyfile:") {

@@ -304,8 +304,6 @@ func TestFairShareConfigErrors(t *testing.T) {
 		{obj{"weights": obj{"a": 2}}, "weights: needs fair_share"},
 		{obj{"fair_max": 2}, "fair_max: needs fair_share"},
 		{obj{"fair_share": byIP, "key": byIP}, "fair_share and key cannot be used together"},
-		{obj{"fair_share": byIP, "zone": "fleet", "store": obj{"backend": "redis", "address": "127.0.0.1:1"}},
-			"fair_share is not yet supported on a fleet zone (store)"},
 	} {
 		fields := obj{"max_connections": 2}
 		for k, v := range tc.fields {
@@ -351,4 +349,46 @@ func mustConfig(t *testing.T, raw []byte) *caddy.Config {
 		t.Fatal(err)
 	}
 	return &cfg
+}
+
+// A fleet zone is fair across nodes: the store picks the tenant
+// fleet-wide, so a light tenant waiting on one node is admitted ahead of a
+// heavy tenant's backlog on every node, and the heavy tenant's waiters
+// keep their order among themselves.
+func TestFairShareFleetZoneAcrossNodes(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	be := newBackend(t, true)
+	nodes := startFleet(t, 2, be.addr(), obj{"max_connections": 2, "fair_share": byIP}, redisStore(r, nil))
+	a, b := nodes[0], nodes[1]
+	h1 := holdFrom(t, be, "127.0.0.2", a.listen, "H1")
+	h2 := holdFrom(t, be, "127.0.0.2", b.listen, "H2")
+	queue := func(n *caddyProc, ip, id string, want int) *client {
+		c := dialFrom(t, ip, n.listen, id)
+		c.hello("")
+		waitNodes(t, 10*time.Second, fmt.Sprintf("%s queued in the store (fleet waiting %d)", id, want), "db", []*caddyProc{n}, func(vs []zoneDetailJSON) bool {
+			return vs[0].Fleet != nil && vs[0].Fleet.StoreError == "" && vs[0].Fleet.Waiting == want
+		})
+		return c
+	}
+	h3 := queue(a, "127.0.0.2", "H3", 1)
+	h4 := queue(b, "127.0.0.2", "H4", 2)
+	l1 := queue(b, "127.0.0.3", "L1", 3)
+	next := func(c *client) string {
+		t.Helper()
+		ffFinish(be, c)
+		return be.waitArrivals(1, 5*time.Second)[0]
+	}
+	var got []string
+	got = append(got, next(h1)) // H holds 1, L 0: L1, from node B, ahead of H3 and H4
+	got = append(got, next(h2)) // H 0, L 1: H's first waiter, on node A
+	got = append(got, next(l1)) // H 1, L 0 and nobody of L waits: H4
+	if want := "L1 H3 H4"; strings.Join(got, " ") != want {
+		t.Fatalf("admitted %s, want %s: the light tenant first, then H's waiters in their order", strings.Join(got, " "), want)
+	}
+	if _, peak, _, _ := be.stats(); peak != 2 {
+		t.Fatalf("backend peak %d, want max 2 throughout", peak)
+	}
+	ffFinish(be, h3)
+	ffFinish(be, h4)
+	ffDrained(t, nodes)
 }

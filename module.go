@@ -250,9 +250,6 @@ func (h *Handler) fair() (engine.Fair, error) {
 	if h.FairShare != "" && h.Key != "" {
 		return f, fmt.Errorf("fair_share and key cannot be used together: key gives each key value a max_connections of its own, fair_share shares one max_connections between tenants")
 	}
-	if h.FairShare != "" && h.StoreRaw != nil {
-		return f, fmt.Errorf("fair_share is not yet supported on a fleet zone (store)")
-	}
 	return f, nil
 }
 

@@ -47,6 +47,24 @@ type Settings struct {
 	// FromConfig: Limits are the config's (a node joins, or a config load
 	// changed them), not an operator's override.
 	FromConfig bool
+	// Fair is the config's fair share; only a config's word (FromConfig)
+	// changes the store's.
+	Fair FairShare
+}
+
+// FairShare is a fleet zone's fair share between tenants (the handlers'
+// fair_share, weights and fair_max); its zero value is off. With it on,
+// the key values of Ticket.Key, Give and NodeState.Held name tenants:
+// max_connections and max_waiting count the zone as a whole, and a slot
+// that frees goes to the waiting tenant below Max with the fewest slots
+// for its weight (a higher priority first; on a tie, the tenant whose
+// next waiter comes first in the zone's order).
+type FairShare struct {
+	On bool
+	// Weights of tenants by value; every other tenant weighs 1.
+	Weights map[string]int `json:",omitempty"`
+	// Max is the most slots one tenant may hold at once; 0 is no cap.
+	Max int
 }
 
 // Order is the order in which waiters of equal priority are admitted.

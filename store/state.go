@@ -59,6 +59,9 @@ type NodeState struct {
 	Limits Limits
 	Config Limits
 	Paused bool
+	// Fair (Register, with Limits) is the config's fair share, put in
+	// force with them in a store that has none.
+	Fair FairShare
 }
 
 // State is what a renewal (or a registration) learns of the fleet.

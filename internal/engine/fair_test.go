@@ -604,9 +604,6 @@ func TestRegistryFairSettings(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "fair_max") {
 		t.Errorf("bad fair_max: %v", err)
 	}
-	if _, _, err := r.UseFair("f", "cfg1", l, Fair{Tenant: "{t}"}, &Fleet{}); err == nil || err.Error() != "fair_share is not yet supported on a fleet zone (store)" {
-		t.Errorf("fleet: %v", err)
-	}
 	// A newer config's settings take hold once the old one is gone.
 	_, leave2, err := r.UseFair("z", "cfg2", l, Fair{}, nil)
 	if err != nil {

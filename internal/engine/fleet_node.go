@@ -384,13 +384,23 @@ func (n *fleetNode) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reas
 		panic("connlimit: Waiter reused")
 	}
 	ks := z.keyState(w.Key, true)
+	if z.fair != nil {
+		ks, w.tn = &z.def, z.fair.tenant(w.Tenant)
+	}
 	ks.asking++
 	n.asking[w.ticket] = struct{}{}
 	n.begin()
+	key := z.storeKey(w)
 	z.mu.Unlock()
-	out, r, err := n.take(store.Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
+	out, r, err := n.take(store.Ticket{ID: w.ticket, Key: key, Priority: w.Priority})
 	z.mu.Lock()
 	n.end()
+	if w.tn != nil && w.tn.fq != z.fair { // the fair share changed meanwhile
+		w.tn = nil
+		if z.fair != nil {
+			w.tn = z.fair.tenant(w.Tenant)
+		}
+	}
 	ks.asking--
 	delete(n.asking, w.ticket)
 	_, granted := n.early[w.ticket]
@@ -445,7 +455,7 @@ func (n *fleetNode) free(w *Waiter) bool {
 		z.mu.Unlock()
 		return z.Free(w)
 	}
-	ks := w.ks
+	ks, key := w.ks, z.storeKey(w)
 	if !z.free(w) {
 		z.mu.Unlock()
 		return false
@@ -454,9 +464,19 @@ func (n *fleetNode) free(w *Waiter) bool {
 	n.drained()
 	z.mu.Unlock()
 	if give {
-		n.give(w.Key)
+		n.give(key)
 	}
 	return true
+}
+
+// storeKey is the key value the fleet's store counts w under: its tenant
+// in a zone with a fair share (the store shares the zone's slots between
+// tenants fleet-wide), else its key value. Zone lock held.
+func (z *Zone) storeKey(w *Waiter) string {
+	if w.tn != nil && z.fair != nil && w.tn.fq == z.fair {
+		return w.tn.name
+	}
+	return w.Key
 }
 
 // drained kicks the renewals, which deregister a draining node that has
@@ -498,7 +518,7 @@ func (n *fleetNode) abandon(w *Waiter) bool {
 		z.mu.Unlock()
 		return z.Abandon(w)
 	}
-	state, inFleet, ks := w.state, w.inFleet, w.ks
+	state, inFleet, ks, key := w.state, w.inFleet, w.ks, z.storeKey(w)
 	if !z.abandon(w) {
 		z.mu.Unlock()
 		return false
@@ -517,9 +537,9 @@ func (n *fleetNode) abandon(w *Waiter) bool {
 	z.mu.Unlock()
 	switch {
 	case leave:
-		n.leaveLocked(w)
+		n.leaveLocked(w, key)
 	case give:
-		n.give(w.Key)
+		n.give(key)
 	}
 	return true
 }
@@ -530,15 +550,16 @@ func (n *fleetNode) leave(w *Waiter) {
 	defer n.gate.RUnlock()
 	n.z.mu.Lock()
 	n.begin()
+	key := n.z.storeKey(w)
 	n.z.mu.Unlock()
-	n.leaveLocked(w)
+	n.leaveLocked(w, key)
 }
 
 // leaveLocked: gate held, and begin called. If the ticket was granted
 // meanwhile, its grant is on its way, and grant gives it back.
-func (n *fleetNode) leaveLocked(w *Waiter) {
+func (n *fleetNode) leaveLocked(w *Waiter, key string) {
 	err := n.call("leave", func(ctx context.Context) error {
-		_, err := n.store.Leave(ctx, store.Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
+		_, err := n.store.Leave(ctx, store.Ticket{ID: w.ticket, Key: key, Priority: w.Priority})
 		return err
 	})
 	n.z.mu.Lock()
@@ -894,7 +915,7 @@ func (n *fleetNode) register() (time.Time, store.State, error) {
 	defer n.gate.Unlock()
 	z.mu.Lock()
 	st := store.NodeState{Held: map[string]int{}, Active: z.active, Waiters: z.waiting,
-		Limits: z.limits, Config: z.config, Paused: z.paused, Gen: n.gen}
+		Limits: z.limits, Config: z.config, Paused: z.paused, Gen: n.gen, Fair: z.fairShare()}
 	draining := n.draining
 	var tickets []*Waiter
 	visit := func(w *Waiter) bool {
@@ -902,6 +923,24 @@ func (n *fleetNode) register() (time.Time, store.State, error) {
 		return true
 	}
 	each := func(ks *keyState) {
+		if fq := z.fair; fq != nil && ks == &z.def {
+			// by tenant, as the store counts them (storeKey); those
+			// admitted before the fair share began count under ""
+			rest := ks.active
+			for _, t := range fq.tenants {
+				if t.active > 0 {
+					st.Held[t.name] += t.active
+					rest -= t.active
+				}
+			}
+			if rest > 0 {
+				st.Held[ks.key] += rest
+			}
+			if !draining {
+				fq.each(visit)
+			}
+			return
+		}
 		if ks.active > 0 {
 			st.Held[ks.key] = ks.active
 		}
@@ -917,7 +956,7 @@ func (n *fleetNode) register() (time.Time, store.State, error) {
 	// the end keep the zone's order (FIFO or LIFO) among themselves.
 	slices.SortFunc(tickets, func(a, b *Waiter) int { return cmp.Compare(a.ticket, b.ticket) })
 	for _, w := range tickets {
-		st.Waiting = append(st.Waiting, store.Ticket{ID: w.ticket, Key: w.Key, Priority: w.Priority})
+		st.Waiting = append(st.Waiting, store.Ticket{ID: w.ticket, Key: z.storeKey(w), Priority: w.Priority})
 	}
 	z.mu.Unlock()
 

@@ -82,9 +82,6 @@ func (r *Registry) UseFair(name string, owner any, l Limits, fair Fair, fleet *F
 	if fleet != nil && name == "" {
 		return nil, nil, fmt.Errorf("store: needs a zone: its name names the fleet's shared state")
 	}
-	if fleet != nil && fair.On() {
-		return nil, nil, errFairFleet
-	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.sweep()
@@ -135,9 +132,6 @@ func (r *Registry) UseFair(name string, owner any, l Limits, fair Fair, fleet *F
 
 // sameSettings ends the error of a zone configured twice in one config.
 const sameSettings = "every handler of a zone must have the same max_connections, max_waiting, wait_timeout, order, fair_share, weights and fair_max"
-
-// errFairFleet: the fleet's store does not share tenants yet.
-var errFairFleet = fmt.Errorf("fair_share is not yet supported on a fleet zone (store)")
 
 // settle puts a config's fleet and fair share in force: a fair share is
 // turned off before the zone joins a fleet, and on after it left one.

@@ -707,7 +707,16 @@ func (z *Zone) apply(l Limits, fromConfig bool) {
 
 // settings are the zone's word on a fleet's limits. Lock held.
 func (z *Zone) settings(fromConfig bool) *store.Settings {
-	return &store.Settings{Limits: z.limits, Config: z.config, FromConfig: fromConfig}
+	return &store.Settings{Limits: z.limits, Config: z.config, FromConfig: fromConfig, Fair: z.fairShare()}
+}
+
+// fairShare is the zone's fair share as the fleet's store takes it. Lock
+// held.
+func (z *Zone) fairShare() store.FairShare {
+	if z.fair == nil {
+		return store.FairShare{}
+	}
+	return store.FairShare{On: true, Weights: maps.Clone(z.fair.cfg.Weights), Max: z.fair.cfg.Max}
 }
 
 // inForce puts l in force here (see apply). Lock held.
@@ -756,8 +765,10 @@ func (z *Zone) setPaused(p bool) {
 // every waiter back in one line per priority, in arrival order.
 // Connections that hold a slot when it is turned on count in the zone but
 // for no tenant. A fair share counts every connection in the default key,
-// whatever its Key; the handler never gives both. It must not be set on a
-// fleet zone. f must be valid (Fair.Validate).
+// whatever its Key; the handler never gives both. On a fleet zone, the
+// fleet's store shares the slots between tenants: the node
+// registers again with its slots by tenant, and the config's fair share
+// goes to the store. f must be valid (Fair.Validate).
 func (z *Zone) SetFair(f Fair) {
 	f.Weights = maps.Clone(f.Weights) // the caller keeps its own
 	z.mu.Lock()
@@ -775,6 +786,10 @@ func (z *Zone) SetFair(f Fair) {
 	}
 	z.fairChanged()
 	z.grantAll() // a higher fair_max, or waiters that were not eligible
+	if n, ok := z.fleet.(*fleetNode); ok {
+		n.repair = true
+		n.pushLimits(true)
+	}
 }
 
 // fairOn moves the waiters of ks into a new fair queue. Lock held.

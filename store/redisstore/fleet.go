@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"embed"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -75,7 +76,8 @@ func buildFleetLibrary() fleetLibrary {
 		}
 		// the operation's file runs as it would as a script of its own,
 		// with KEYS and ARGV
-		fmt.Fprintf(&body, "\nredis.register_function('%%s_%s', function(KEYS, ARGV)\nzone(KEYS[1])\n%s\nend)\n", op, src)
+		// and then settle() does what it left to do (a fair share's grants)
+		fmt.Fprintf(&body, "\nredis.register_function('%%s_%s', function(KEYS, ARGV)\nzone(KEYS[1])\nDIRTY, FORCE = {}, false\nlocal r = (function()\n%s\nend)()\nsettle()\nreturn r\nend)\n", op, src)
 	}
 	sum := sha1.Sum([]byte(body.String()))
 	name := "connlimit_" + hex.EncodeToString(sum[:6])
@@ -618,6 +620,24 @@ func (s *redisFleet) Renew(ctx context.Context, counts store.NodeState) (store.S
 	return st, nil
 }
 
+// fairArg is a fair share as the functions take it: JSON ("" when off),
+// the same for the same settings (its map's keys sorted), so that the store
+// can tell a config's unchanged word.
+func fairArg(f store.FairShare) string {
+	if !f.On {
+		return ""
+	}
+	b, err := json.Marshal(struct {
+		On      int            `json:"on"`
+		Max     int            `json:"max"`
+		Weights map[string]int `json:"weights,omitempty"`
+	}{1, f.Max, f.Weights})
+	if err != nil {
+		panic(err) // a map of strings to ints always marshals
+	}
+	return string(b)
+}
+
 // registerChunk is how many tickets one call of a registration names (or
 // sweeps): a node with tens of thousands of waiters registers in several
 // calls, each of which keeps Redis busy for a few ms, so that other nodes
@@ -655,7 +675,7 @@ func (s *redisFleet) Register(ctx context.Context, st store.NodeState) (store.St
 	} else {
 		args = append(args, 0, 0, 0, 0, "fifo", "")
 	}
-	args = append(args, st.Gen)
+	args = append(args, st.Gen, fairArg(st.Fair))
 	n := 0
 	for _, c := range st.Held {
 		if c > 0 {
@@ -748,7 +768,7 @@ func (s *redisFleet) SetLimits(ctx context.Context, st store.Settings) error {
 	}
 	_, err := s.run(ctx, "set_limits", true, from,
 		l.MaxConnections, l.MaxWaiting, l.WaitTimeout.Milliseconds(), l.Order.String(),
-		c.MaxConnections, c.MaxWaiting, c.WaitTimeout.Milliseconds(), c.Order.String())
+		c.MaxConnections, c.MaxWaiting, c.WaitTimeout.Milliseconds(), c.Order.String(), fairArg(st.Fair))
 	return err
 }
 

@@ -1897,3 +1897,51 @@ func TestRedisFleetRegisterInChunks(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// With a fair share the key values name tenants: max counts the zone as
+// a whole, and a freed slot goes to the eligible tenant with the fewest
+// slots for its weight, whichever node it waits on; fair_max caps one
+// tenant even alone; a higher priority still comes first.
+func TestRedisFleetFairShare(t *testing.T) {
+	r := testkit.StartRedis(t, testkit.RedisConfig{})
+	a := newFleet(t, r, testZone, "A")
+	b := newFleet(t, r, testZone, "B")
+	fair := store.FairShare{On: true, Weights: map[string]int{"w3": 3}, Max: 3}
+	mustRegister(t, a, store.NodeState{Limits: fifo(4, 0), Fair: fair})
+	mustRegister(t, b, store.NodeState{})
+	ch := grantsOf(t, a, b)
+	// H takes every slot; H and then L and W3 (weight 3) wait
+	for id := uint64(1); id <= 3; id++ {
+		take(t, a, store.Ticket{ID: id, Key: "H"}, store.Admitted)
+	}
+	take(t, a, store.Ticket{ID: 4, Key: "H"}, store.Queued) // fair_max 3
+	take(t, b, store.Ticket{ID: 1, Key: "L"}, store.Admitted)
+	take(t, a, store.Ticket{ID: 5, Key: "H"}, store.Queued)
+	take(t, b, store.Ticket{ID: 2, Key: "L"}, store.Queued)
+	take(t, b, store.Ticket{ID: 3, Key: "w3"}, store.Queued)
+	take(t, b, store.Ticket{ID: 4, Key: "w3"}, store.Queued)
+	take(t, b, store.Ticket{ID: 5, Key: "L", Priority: 1}, store.Queued)
+	wantCounts(t, a, 4, 6)
+	checkStore(t, r, testZone)
+	var got []string
+	holder := map[string]store.Store{"A": a, "B": b}
+	free := func(n store.Store, tenant string) {
+		give(t, n, tenant)
+		g := recvGrant(t, ch, 2*time.Second)
+		got = append(got, fmt.Sprintf("%s%d:%s", g.node, g.t.ID, g.t.Key))
+	}
+	// Active H 3, L 1. H frees: L's priority 1 first (L 2); H frees
+	// again: w3 (0 ÷ 3 < H 1, L 2); L frees: w3 again (1 ÷ 3 < 1 ÷ 1);
+	// w3 frees: H and L tie at 1 ÷ 1, and H's next waiter came first; w3
+	// frees: L (1 < H's 2).
+	free(a, "H")
+	free(a, "H")
+	free(holder["B"], "L")
+	free(holder["B"], "w3")
+	free(holder["B"], "w3")
+	if want := "B5:L B3:w3 B4:w3 A4:H B2:L"; strings.Join(got, " ") != want {
+		t.Fatalf("fleet-wide fair share granted %s, want %s", strings.Join(got, " "), want)
+	}
+	wantCounts(t, a, 4, 1)
+	checkStore(t, r, testZone)
+}

@@ -7,7 +7,12 @@ local hh = k_held(node)
 local h = int(redis.call('HGET', hh, key), 'held:' .. node)
 if h <= 0 then return 0 end
 if h == 1 then redis.call('HDEL', hh, key) else redis.call('HINCRBY', hh, key, '-1') end
-if redis.call('EXISTS', k_prios(key)) == 1 then
+if redis.call('HGET', K_CFG, 'fair') == '1' then
+	-- a fair share: settle() grants the slot to the tenant whose turn it is
+	add(K_ACTIVE, key, -1)
+	add(K_TOT, 'a', -1)
+	mark(key)
+elseif redis.call('EXISTS', k_prios(key)) == 1 then
 	-- someone waits: the slot goes straight to the next waiter, if the
 	-- limit leaves room for it
 	grant(key, cfg(), 1)

@@ -27,6 +27,16 @@
 --   inflight:<node> list  where it stays until the node acknowledges it
 --   prios:<key>    zset   that key value's priorities that have waiters
 --   q:<prio>:<key> zset   "<ticket id>\n<node id>" -> place (seq)
+--
+-- With a fair share (cfg fair = 1), key values name tenants: the zone's
+-- max and maxw count tot, and a freed slot goes to the eligible tenant
+-- (below cfg fmax) with the fewest slots for its weight:
+--   weights        hash   tenant -> weight (others weigh 1)
+--   fr:<prio>      zset   eligible tenants waiting at prio: "<head>\n<tenant>"
+--                         -> active ÷ weight; <head> (16 digits) orders ties
+--                         by the tenant's next waiter in the zone's order
+--   fready         zset   the priorities whose fr is not empty
+--   fp:<tenant>    hash   prio -> the tenant's member in fr:<prio>
 local B, K_CFG, K_SEQ, K_NODES, K_INFO, K_EPOCHS, K_TOT, K_ACTIVE, K_WAITING, K_WKEYS, K_GEN
 
 -- sets the zone every function of this call works on: KEYS[1]. The names
@@ -46,6 +56,16 @@ local function k_inflight(node) return B .. ':inflight:' .. node end
 local function k_reg(node) return B .. ':reg:' .. node end
 local function k_prios(key) return B .. ':prios:' .. key end
 local function k_q(prio, key) return B .. ':q:' .. prio .. ':' .. key end
+local function k_fr(prio) return B .. ':fr:' .. prio end
+local function k_fp(tenant) return B .. ':fp:' .. tenant end
+local function k_weights() return B .. ':weights' end
+local function k_fready() return B .. ':fready' end
+
+-- DIRTY: the tenants whose place among the eligible may have changed in
+-- this call (their active count or their lines); FORCE: grant even if
+-- none did. settle() puts them right and grants, after every operation.
+local DIRTY, FORCE = {}, false
+local function mark(key) DIRTY[key] = true end
 
 -- now in ms, by Redis' clock
 local function now_ms()
@@ -96,11 +116,12 @@ end
 local function cfg(full)
 	local v
 	if full then
-		v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'learn', 'order', 'paused', 'wait_ms', 'set_at')
+		v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'learn', 'order', 'paused', 'fair', 'fmax', 'wait_ms', 'set_at')
 	else
-		v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'learn', 'order', 'paused')
+		v = redis.call('HMGET', K_CFG, 'max', 'maxw', 'learn', 'order', 'paused', 'fair', 'fmax')
 	end
-	local c = {paused = false, maxw = 0, wait = 0, order = 'fifo', set_at = 0, learning = false, learn = 0}
+	local c = {paused = false, maxw = 0, wait = 0, order = 'fifo', set_at = 0, learning = false, learn = 0,
+		fair = v[6] == '1', fmax = lint(v[7]) or 0}
 	if v[3] then
 		c.learn = int(v[3], 'cfg.learn')
 		c.learning = true
@@ -114,8 +135,8 @@ local function cfg(full)
 	if c.max < 1 then fail('garbled value in cfg.max: ' .. quote(v[1])) end
 	c.maxw = int(v[2], 'cfg.maxw')
 	if full then
-		c.wait = int(v[6], 'cfg.wait_ms')
-		c.set_at = int(v[7], 'cfg.set_at')
+		c.wait = int(v[8], 'cfg.wait_ms')
+		c.set_at = int(v[9], 'cfg.set_at')
 	end
 	if v[4] then
 		if v[4] ~= 'fifo' and v[4] ~= 'lifo' then fail('garbled value in cfg.order: ' .. quote(v[4])) end
@@ -153,6 +174,15 @@ end
 -- what is left over. Returns how many were granted.
 local function grant(key, c, freed)
 	freed = freed or 0
+	if c.fair then
+		-- settle() grants, to the tenant whose turn it is
+		if freed > 0 then
+			add(K_ACTIVE, key, -freed)
+			add(K_TOT, 'a', -freed)
+		end
+		mark(key)
+		return 0
+	end
 	local stopped = c.paused or c.learning or not c.max
 	if stopped and freed == 0 then return 0 end
 	local a0 = int(redis.call('HGET', K_ACTIVE, key), 'active')
@@ -191,6 +221,10 @@ local function grant(key, c, freed)
 end
 
 local function grant_all(c)
+	if c.fair then
+		FORCE = true
+		return 0
+	end
 	if c.paused or c.learning or not c.max then return 0 end
 	local n = 0
 	for _, key in ipairs(redis.call('SMEMBERS', K_WKEYS)) do
@@ -206,6 +240,7 @@ local function unqueue(node, id, prio, key)
 	if redis.call('EXISTS', q) == 0 then redis.call('ZREM', k_prios(key), prio) end
 	if add(K_WAITING, key, -1) <= 0 then redis.call('SREM', K_WKEYS, key) end
 	add(K_TOT, 'w', -1)
+	mark(key)
 	return true
 end
 
@@ -271,6 +306,7 @@ local function drop_ticket_ids(node, ids)
 		local n = call_many('ZREM', q, l.m)
 		if redis.call('EXISTS', q) == 0 then redis.call('ZREM', k_prios(l.key), l.prio) end
 		if n > 0 and add(K_WAITING, l.key, -n) <= 0 then redis.call('SREM', K_WKEYS, l.key) end
+		mark(l.key)
 		gone = gone + n
 	end
 	if gone > 0 then add(K_TOT, 'w', -gone) end
@@ -326,6 +362,7 @@ local function name_tickets(node, args, i, touched)
 		add(K_WAITING, key, n)
 		redis.call('SADD', K_WKEYS, key)
 		touched[key] = true
+		mark(key)
 	end
 	add(K_TOT, 'w', #new)
 	return named, found
@@ -349,6 +386,7 @@ local function drop_held(node)
 			add(K_ACTIVE, held[i], -n)
 			add(K_TOT, 'a', -n)
 		end
+		mark(held[i])
 		keys[#keys + 1] = held[i]
 	end
 	redis.call('DEL', hh)
@@ -418,4 +456,117 @@ local function state(now, lapsed, node, c, repair)
 		math.max(lint(t[1]) or 0, 0), math.max(lint(t[2]) or 0, 0),
 		redis.call('ZCARD', K_NODES), ep, now, redis.call('GET', K_GEN) or '',
 		c.learning and 1 or 0, repair and 1 or 0, lint(redis.call('GET', K_SEQ)) or 0}
+end
+
+-- fair share ---------------------------------------------------------------
+
+-- refresh puts tenant t's entries among the eligible right: one per
+-- priority it waits at, while it is below fair_max. O(priorities × log
+-- tenants).
+local function refresh(t, c)
+	local fp = k_fp(t)
+	local old = redis.call('HGETALL', fp)
+	for j = 1, #old, 2 do
+		local fr = k_fr(old[j])
+		redis.call('ZREM', fr, old[j + 1])
+		if redis.call('EXISTS', fr) == 0 then redis.call('ZREM', k_fready(), old[j]) end
+	end
+	if #old > 0 then redis.call('DEL', fp) end
+	local a = lint(redis.call('HGET', K_ACTIVE, t)) or 0
+	if c.fmax > 0 and a >= c.fmax then return end
+	local w = lint(redis.call('HGET', k_weights(), t)) or 1
+	if w < 1 then w = 1 end
+	for _, p in ipairs(redis.call('ZRANGE', k_prios(t), 0, -1)) do
+		local head
+		if c.order == 'lifo' then
+			head = redis.call('ZRANGE', k_q(p, t), -1, -1, 'WITHSCORES')[2]
+		else
+			head = redis.call('ZRANGE', k_q(p, t), 0, 0, 'WITHSCORES')[2]
+		end
+		if head then
+			local seq = tonumber(head)
+			if c.order == 'lifo' then seq = 9007199254740991 - seq end -- the newest first
+			local m = string.format('%016.0f', seq) .. '\n' .. t
+			redis.call('ZADD', k_fr(p), a / w, m)
+			redis.call('HSET', fp, p, m)
+			redis.call('ZADD', k_fready(), p, p)
+		end
+	end
+end
+
+-- grant_fair hands free slots to the eligible tenants in turn: the
+-- highest priority first, then the smallest active ÷ weight, then the
+-- tenant whose next waiter comes first in the zone's order.
+local function grant_fair(c)
+	if c.paused or c.learning or not c.max then return 0 end
+	local ta = lint(redis.call('HGET', K_TOT, 'a')) or 0
+	local n = 0
+	while ta < c.max do
+		local p = redis.call('ZREVRANGE', k_fready(), 0, 0)[1]
+		if not p then break end
+		local m = redis.call('ZRANGE', k_fr(p), 0, 0)[1]
+		if not m then
+			redis.call('ZREM', k_fready(), p)
+		else
+			redis.call('ZREM', k_fr(p), m) -- refresh puts it back if it still waits
+			local t = string.match(m, '^%d+\n(.*)$') or ''
+			local q = k_q(p, t)
+			local r
+			if c.order == 'lifo' then r = redis.call('ZPOPMAX', q) else r = redis.call('ZPOPMIN', q) end
+			if redis.call('EXISTS', q) == 0 then redis.call('ZREM', k_prios(t), p) end
+			local id, node
+			if r[1] then id, node = string.match(r[1], '^(%d+)\n(.*)$') end
+			if r[1] then
+				if add(K_WAITING, t, -1) <= 0 then redis.call('SREM', K_WKEYS, t) end
+				add(K_TOT, 'w', -1)
+			end
+			if id then
+				ta, n = ta + 1, n + 1
+				redis.call('HINCRBY', k_held(node), t, '1')
+				redis.call('HINCRBY', K_ACTIVE, t, '1')
+				redis.call('HINCRBY', K_TOT, 'a', '1')
+				redis.call('HDEL', k_tickets(node), id)
+				local ep = redis.call('HGET', K_EPOCHS, node) or '0'
+				redis.call('LPUSH', k_grants(node), ep .. '\n' .. id .. '\n' .. p .. '\n' .. t)
+			end
+			refresh(t, c)
+		end
+	end
+	return n
+end
+
+-- settle runs after every operation: with a fair share, the tenants it
+-- changed take their places among the eligible again, and free slots are
+-- granted.
+local function settle()
+	if next(DIRTY) == nil and not FORCE then return end
+	local dirty = DIRTY
+	DIRTY, FORCE = {}, false
+	if redis.call('HGET', K_CFG, 'fair') ~= '1' then return end
+	local c = cfg()
+	for t in pairs(dirty) do refresh(t, c) end
+	grant_fair(c)
+end
+
+-- set_fair puts a config's fair share in force (js: JSON, {"on":1,
+-- "max":n,"weights":{...}}; '' or on 0: off), every waiting tenant's
+-- place anew.
+local function set_fair(js)
+	local f = {}
+	if js ~= '' then f = cjson.decode(js) end
+	local wk = k_weights()
+	redis.call('DEL', wk)
+	if f.on == 1 then
+		redis.call('HSET', K_CFG, 'fair', '1', 'fmax', tostring(f.max or 0))
+		local ws = {}
+		for t, w in pairs(f.weights or {}) do
+			ws[#ws + 1] = t
+			ws[#ws + 1] = tostring(w)
+		end
+		if #ws > 0 then call_many('HSET', wk, ws) end
+	else
+		redis.call('HDEL', K_CFG, 'fair', 'fmax')
+	end
+	for _, t in ipairs(redis.call('SMEMBERS', K_WKEYS)) do mark(t) end
+	FORCE = true
 end

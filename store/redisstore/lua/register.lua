@@ -2,6 +2,7 @@
 --   limits: has (0|1), max, maxw, wait_ms, order,
 --   "<config max> <maxw> <wait_ms> <order> <paused 0|1>",
 --   the generation the node knew ('' if none),
+--   the config's fair share (JSON, see set_fair; '' off),
 --   n held, then n pairs (key value, count),
 --   more (1 if RegisterTickets calls follow),
 --   then triples (ticket id, priority, key value) to the end, oldest first.
@@ -37,6 +38,8 @@ if ARGV[6] == '1' and not c.max then
 	redis.call('HSET', K_CFG, 'max', ARGV[7], 'maxw', ARGV[8], 'wait_ms', ARGV[9],
 		'order', ARGV[10], 'set_at', now, 'cmax', cmax, 'cmaxw', cmaxw, 'cwait_ms', cwait, 'corder', corder)
 	if paused == '1' then redis.call('HSET', K_CFG, 'paused', '1') end
+	redis.call('HSET', K_CFG, 'cfair', ARGV[13])
+	set_fair(ARGV[13])
 	c = cfg(true)
 end
 learnt(now, c)
@@ -47,8 +50,8 @@ local hh = k_held(node)
 local keys = {}
 for _, key in ipairs(redis.call('HKEYS', hh)) do keys[key] = true end
 redis.call('DEL', hh)
-local nheld = tonumber(ARGV[13])
-local i = 14
+local nheld = tonumber(ARGV[14])
+local i = 15
 for _ = 1, nheld do
 	local key, n = ARGV[i], tonumber(ARGV[i + 1])
 	i = i + 2
