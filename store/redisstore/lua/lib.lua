@@ -461,35 +461,48 @@ end
 -- fair share ---------------------------------------------------------------
 
 -- refresh puts tenant t's entries among the eligible right: one per
--- priority it waits at, while it is below fair_max. O(priorities × log
--- tenants).
+-- priority it waits at, while it is below fair_max; an entry that stays
+-- only has its score set. O(priorities × log tenants).
 local function refresh(t, c)
 	local fp = k_fp(t)
-	local old = redis.call('HGETALL', fp)
-	for j = 1, #old, 2 do
-		local fr = k_fr(old[j])
-		redis.call('ZREM', fr, old[j + 1])
-		if redis.call('EXISTS', fr) == 0 then redis.call('ZREM', k_fready(), old[j]) end
-	end
-	if #old > 0 then redis.call('DEL', fp) end
+	local old = {}
+	local kv = redis.call('HGETALL', fp)
+	for j = 1, #kv, 2 do old[kv[j]] = kv[j + 1] end
+	local new = {}
 	local a = lint(redis.call('HGET', K_ACTIVE, t)) or 0
-	if c.fmax > 0 and a >= c.fmax then return end
+	if c.fmax == 0 or a < c.fmax then
+		for _, p in ipairs(redis.call('ZRANGE', k_prios(t), 0, -1)) do
+			local head
+			if c.order == 'lifo' then
+				head = redis.call('ZRANGE', k_q(p, t), -1, -1, 'WITHSCORES')[2]
+			else
+				head = redis.call('ZRANGE', k_q(p, t), 0, 0, 'WITHSCORES')[2]
+			end
+			if head then
+				local seq = tonumber(head)
+				if c.order == 'lifo' then seq = 9007199254740991 - seq end -- the newest first
+				new[p] = string.format('%016.0f', seq) .. '\n' .. t
+			end
+		end
+	end
+	for p, m in pairs(old) do
+		if new[p] ~= m then
+			local fr = k_fr(p)
+			redis.call('ZREM', fr, m)
+			if not new[p] then
+				redis.call('HDEL', fp, p)
+				if redis.call('EXISTS', fr) == 0 then redis.call('ZREM', k_fready(), p) end
+			end
+		end
+	end
+	if next(new) == nil then return end
 	local w = lint(redis.call('HGET', k_weights(), t)) or 1
 	if w < 1 then w = 1 end
-	for _, p in ipairs(redis.call('ZRANGE', k_prios(t), 0, -1)) do
-		local head
-		if c.order == 'lifo' then
-			head = redis.call('ZRANGE', k_q(p, t), -1, -1, 'WITHSCORES')[2]
-		else
-			head = redis.call('ZRANGE', k_q(p, t), 0, 0, 'WITHSCORES')[2]
-		end
-		if head then
-			local seq = tonumber(head)
-			if c.order == 'lifo' then seq = 9007199254740991 - seq end -- the newest first
-			local m = string.format('%016.0f', seq) .. '\n' .. t
-			redis.call('ZADD', k_fr(p), a / w, m)
+	for p, m in pairs(new) do
+		redis.call('ZADD', k_fr(p), a / w, m)
+		if old[p] ~= m then
 			redis.call('HSET', fp, p, m)
-			redis.call('ZADD', k_fready(), p, p)
+			if not old[p] then redis.call('ZADD', k_fready(), p, p) end
 		end
 	end
 end
