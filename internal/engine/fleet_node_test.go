@@ -432,3 +432,60 @@ func TestFleetNodeDrainsWithoutAConfig(t *testing.T) {
 	}
 	waitReg(regs, "a registration once a config uses the zone again", func(store.NodeState) bool { return !left() })
 }
+
+// A fleet zone with a fair share asks the store by tenant: its Take, Give
+// and Leave name the connection's tenant, and a registration counts its
+// slots and waiters by tenant.
+func TestFleetNodeFairShareByTenant(t *testing.T) {
+	s := newFakeStore()
+	var took []store.Ticket
+	s.take = func(tk store.Ticket) (Outcome, Reason, error) {
+		took = append(took, tk)
+		if len(took) <= 2 {
+			return Admitted, ReasonNone, nil
+		}
+		return Queued, ReasonNone, nil
+	}
+	z := fakeFleetZone(t, s, store.UnreachablePolicy{Refuse: true})
+	z.SetFair(Fair{Tenant: "{t}", Weights: map[string]int{"h": 2}})
+	h, l, q := &Waiter{Tenant: "h"}, &Waiter{Tenant: "l"}, &Waiter{Tenant: "l", Priority: 1}
+	for _, w := range []*Waiter{h, l} {
+		if out, _ := z.Acquire(w, NewSignal(), time.Now()); out != Admitted {
+			t.Fatalf("Acquire: %v, want admitted", out)
+		}
+	}
+	if out, _ := z.Acquire(q, NewSignal(), time.Now()); out != Queued {
+		t.Fatalf("Acquire: %v, want queued", out)
+	}
+	s.mu.Lock()
+	if len(took) != 3 || took[0].Key != "h" || took[1].Key != "l" || took[2].Key != "l" {
+		t.Errorf("takes %+v, want keys h, l, l: the tenants", took)
+	}
+	regs := len(s.regs)
+	s.mu.Unlock()
+	z.mu.Lock()
+	n := z.fleet.(*fleetNode)
+	n.repair = true
+	n.kickNow()
+	z.mu.Unlock()
+	testkit.WaitFor(t, 5*time.Second, "a registration by tenant", func() bool {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if len(s.regs) <= regs {
+			return false
+		}
+		st := s.regs[len(s.regs)-1]
+		return st.Held["h"] == 1 && st.Held["l"] == 1 && len(st.Waiting) == 1 && st.Waiting[0].Key == "l" &&
+			st.Fair.On && st.Fair.Weights["h"] == 2
+	})
+	z.Free(h)
+	z.Abandon(q)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.gives) != 1 || s.gives[0] != "h" {
+		t.Errorf("gives %q, want h", s.gives)
+	}
+	if len(s.leaves) != 1 {
+		t.Errorf("leaves %v, want the queued waiter's", s.leaves)
+	}
+}
