@@ -373,15 +373,10 @@ func TestFairShareFleetZoneAcrossNodes(t *testing.T) {
 	h3 := queue(a, "127.0.0.2", "H3", 1)
 	h4 := queue(b, "127.0.0.2", "H4", 2)
 	l1 := queue(b, "127.0.0.3", "L1", 3)
-	next := func(c *client) string {
-		t.Helper()
-		ffFinish(be, c)
-		return be.waitArrivals(1, 5*time.Second)[0]
-	}
 	var got []string
-	got = append(got, next(h1)) // H holds 1, L 0: L1, from node B, ahead of H3 and H4
-	got = append(got, next(h2)) // H 0, L 1: H's first waiter, on node A
-	got = append(got, next(l1)) // H 1, L 0 and nobody of L waits: H4
+	got = append(got, ffNext(t, be, h1)) // H holds 1, L 0: L1, from node B, ahead of H3 and H4
+	got = append(got, ffNext(t, be, h2)) // H 0, L 1: H's first waiter, on node A
+	got = append(got, ffNext(t, be, l1)) // H 1, L 0 and nobody of L waits: H4
 	if want := "L1 H3 H4"; strings.Join(got, " ") != want {
 		t.Fatalf("admitted %s, want %s: the light tenant first, then H's waiters in their order", strings.Join(got, " "), want)
 	}

@@ -37,6 +37,14 @@ func ffFinish(b *backend, c *client) {
 	_ = c.conn.Close()
 }
 
+// ffNext finishes c and returns who reaches the backend next: the
+// waiter given the slot c freed.
+func ffNext(t *testing.T, b *backend, c *client) string {
+	t.Helper()
+	ffFinish(b, c)
+	return b.waitArrivals(1, 5*time.Second)[0]
+}
+
 // waiter dials addr as id and sends its line: it waits at the node (or is
 // admitted: the caller says which it expects).
 func ffWaiter(t *testing.T, addr, id string) *client {

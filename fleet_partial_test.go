@@ -348,13 +348,11 @@ func TestFleetConfigWithoutTheZoneLeavesTheLine(t *testing.T) {
 	waitNodes(t, 5*time.Second, "A1 out of the fleet's line", "db", []*caddyProc{b}, func(vs []zoneDetailJSON) bool {
 		return vs[0].Fleet != nil && vs[0].Fleet.Waiting == 1 && vs[0].Fleet.Active == 2
 	})
-	ffFinish(be, b0)
-	if ids := be.waitArrivals(1, 5*time.Second); ids[0] != "B1" {
-		t.Fatalf("%s admitted when B0 ended, want B1 (A1's config is gone)", ids[0])
+	if id := ffNext(t, be, b0); id != "B1" {
+		t.Fatalf("%s admitted when B0 ended, want B1 (A1's config is gone)", id)
 	}
-	ffFinish(be, a0)
-	if ids := be.waitArrivals(1, 5*time.Second); ids[0] != "A1" {
-		t.Fatalf("%s admitted when A0 ended, want A1, with A's own slot", ids[0])
+	if id := ffNext(t, be, a0); id != "A1" {
+		t.Fatalf("%s admitted when A0 ended, want A1, with A's own slot", id)
 	}
 	if _, peak, _, _ := be.stats(); peak != 2 {
 		t.Fatalf("backend peak %d, want max 2 throughout", peak)
