@@ -265,6 +265,12 @@ func (z *Zone) drainFleet() {
 func (n *fleetNode) undrain() {
 	n.z.mu.Lock()
 	defer n.z.mu.Unlock()
+	n.undrainLocked()
+}
+
+// undrainLocked is undrain with the zone's lock held: a node that had left
+// registers again. Zone lock held.
+func (n *fleetNode) undrainLocked() {
 	if n.draining {
 		if n.left {
 			n.mode = fleetJoining
@@ -368,15 +374,9 @@ func (n *fleetNode) acquire(w *Waiter, wake Waker, now time.Time) (Outcome, Reas
 	defer z.mu.Unlock()
 	n.lastID++
 	w.ticket = n.lastID
-	if n.draining {
-		// A connection that came in after its config went (a rare race):
-		// the zone is the fleet's again, until the registry sweeps it.
-		if n.left {
-			n.mode = fleetJoining
-		}
-		n.draining, n.left, n.repair = false, false, true
-		n.kickNow()
-	}
+	// A connection that came in after its config went (a rare race): the
+	// zone is the fleet's again, until the registry sweeps it.
+	n.undrainLocked()
 	if n.mode != fleetJoined {
 		return n.acquireHere(w, wake, now)
 	}
@@ -473,7 +473,7 @@ func (n *fleetNode) free(w *Waiter) bool {
 // in a zone with a fair share (the store shares the zone's slots between
 // tenants fleet-wide), else its key value. Zone lock held.
 func (z *Zone) storeKey(w *Waiter) string {
-	if w.tn != nil && z.fair != nil && w.tn.fq == z.fair {
+	if w.tn != nil && w.tn.fq == z.fair { // a tenant of the fair share in force
 		return w.tn.name
 	}
 	return w.Key
