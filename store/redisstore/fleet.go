@@ -313,23 +313,23 @@ func (s *redisFleet) runFn(ctx context.Context, op, fnOp string, idempotent bool
 		return nil, s.fail(op, store.ErrClosed)
 	}
 	fn := fleetLib.fn[fnOp]
-	loads := s.loads.Load()
-	v, err := s.fcall(ctx, fn, args)
-	if err != nil && notLoaded(err) && ctx.Err() == nil {
-		if err = s.load(ctx, loads); err == nil {
-			v, err = s.fcall(ctx, fn, args)
+	// once, and again after loading the library if the server lacked it
+	call := func() (any, error) {
+		loads := s.loads.Load()
+		v, err := s.fcall(ctx, fn, args)
+		if err != nil && notLoaded(err) && ctx.Err() == nil {
+			if err = s.load(ctx, loads); err == nil {
+				v, err = s.fcall(ctx, fn, args)
+			}
 		}
+		return v, err
 	}
+	v, err := call()
 	if err != nil && (notRun(err) || idempotent && retryable(err)) && ctx.Err() == nil {
 		t := time.NewTimer(s.retryPause)
 		select {
 		case <-t.C:
-			v, err = s.fcall(ctx, fn, args)
-			if err != nil && notLoaded(err) && ctx.Err() == nil {
-				if err = s.load(ctx, s.loads.Load()); err == nil {
-					v, err = s.fcall(ctx, fn, args)
-				}
-			}
+			v, err = call()
 		case <-ctx.Done():
 			t.Stop()
 		case <-s.closed:

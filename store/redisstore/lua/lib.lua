@@ -244,17 +244,6 @@ local function unqueue(node, id, prio, key)
 	return true
 end
 
--- drops every ticket of node from the waiting lists
-local function drop_tickets(node)
-	local tk = k_tickets(node)
-	local ts = redis.call('HGETALL', tk)
-	for i = 1, #ts, 2 do
-		local prio, key = string.match(ts[i + 1], '^(%-?%d+)\n(.*)$')
-		if prio then unqueue(node, ts[i], prio, key) end
-	end
-	redis.call('DEL', tk)
-end
-
 -- takes one ticket of node out of its tickets and its waiting list;
 -- returns its key value if it was queued
 local function drop_ticket(node, id)
@@ -397,8 +386,8 @@ end
 -- returns the keys whose slots it held
 local function reap(node)
 	local keys = drop_held(node)
-	drop_tickets(node)
-	redis.call('DEL', k_grants(node), k_inflight(node), k_reg(node))
+	drop_ticket_ids(node, redis.call('HKEYS', k_tickets(node)))
+	redis.call('DEL', k_tickets(node), k_grants(node), k_inflight(node), k_reg(node))
 	redis.call('ZREM', K_NODES, node)
 	redis.call('HDEL', K_INFO, node)
 	redis.call('HDEL', K_EPOCHS, node)
